@@ -1,0 +1,1 @@
+"""Alert thresholds from normal video, and event-level evaluation."""

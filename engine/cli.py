@@ -1,0 +1,123 @@
+"""`cemd` subcommands of the engine: synth, synth-video, train, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from engine.config import ModelConfig, TrainConfig
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a bundle (stage 1 teacher on paired images, stage 2 students on unpaired images)",
+        description="Train the CEMD teacher and the WLI/NBI student branches into a bundle directory.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="dataset root (layout: docs/DATA.md)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--stage", choices=("teacher", "students", "all"), default="all")
+    p.add_argument("--epochs", type=int, help="epochs for both stages (overrides the two below)")
+    p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs)
+    p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--modalities", default="wli,nbi", help="comma list of modalities to train")
+    p.add_argument("--input-size", type=int, default=ModelConfig.input_size)
+    p.add_argument("--paired-fraction", type=float, default=TrainConfig.paired_fraction)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")
+    abl.add_argument("--no-teacher-training", action="store_true", help="plain reverse distillation: teacher = frozen encoder")
+    abl.add_argument("--no-fusion", action="store_true", help="no cross attention between modalities in stage 1")
+    abl.add_argument("--mask-mode", choices=("complementary", "independent"), default=ModelConfig.mask_mode)
+    abl.add_argument("--student-loss", choices=("global", "pixel"), default=ModelConfig.student_loss)
+    abl.add_argument("--hard-mining", action="store_true", help="hard-mining global cosine (ReContrast)")
+    abl.add_argument("--score-reduction", choices=("max", "mean", "topk"), default=ModelConfig.score_reduction)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from engine.errors import CemdError
+    from engine.train import Trainer
+
+    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    model = ModelConfig(
+        input_size=args.input_size,
+        modalities=modalities,
+        teacher_training=not args.no_teacher_training,
+        fusion=not args.no_fusion,
+        mask_mode=args.mask_mode,
+        student_loss=args.student_loss,
+        hard_mining=args.hard_mining,
+        score_reduction=args.score_reduction,
+    )
+    model.validate()
+    if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:
+        raise CemdError("--epochs must be ≥ 1 and --batch-size ≥ 2")
+    if not 0 < args.paired_fraction <= 1:
+        raise CemdError("--paired-fraction must be in (0, 1]")
+    train = TrainConfig(
+        seed=args.seed,
+        teacher_epochs=args.epochs or args.teacher_epochs,
+        student_epochs=args.epochs or args.student_epochs,
+        batch_size=args.batch_size,
+        paired_fraction=args.paired_fraction,
+        device=args.device,
+        threads=args.threads,
+    )
+    Trainer(args.data, args.out, model, train, stage=args.stage, resume=args.resume,
+            progress=not args.no_progress).run()
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="image/pixel AUROC, AP, F1-max per modality and lesion kind",
+                       description="Evaluate a bundle on a dataset's test split (layout: docs/DATA.md).")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True, help="where to write the metrics JSON")
+    p.add_argument("--plots", type=Path, help="folder for ROC curves and heat-map examples (PNG)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from engine.evaluate import evaluate_bundle
+
+    evaluate_bundle(args.bundle, args.data, args.json, args.plots, progress=not args.no_progress)
+    Console().print(f"metrics written to {args.json}" + (f", plots to {args.plots}" if args.plots else ""))
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="evaluate the shipped demo bundle on freshly rendered synthetic data",
+                       description="The embedded default: models/demo on a synthetic WLI/NBI test set.")
+    p.add_argument("--run-dir", type=Path, default=None, help="output folder (default runs/demo-TIMESTAMP)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle to evaluate (default models/demo)")
+    p.add_argument("--test", type=int, default=25, help="test images per lesion kind and normal (default 25)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from engine.demo import DEMO_BUNDLE, run_demo
+
+    run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_demo(run_dir, args.bundle or DEMO_BUNDLE, n_test=args.test)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from engine import synth_cli
+
+    synth_cli.register(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+

@@ -1,0 +1,99 @@
+"""Model and training configuration.
+
+Every choice that is not stated in the CEMD abstract is a named switch here, so that it
+can be turned off for ablation (see docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+MODALITIES = ("wli", "nbi")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    input_size: int = 256
+    modalities: tuple[str, ...] = MODALITIES
+    # Stage 1: the multimodal teacher. False = plain reverse distillation (teacher = frozen encoder).
+    teacher_training: bool = True
+    # Cross-attention between the two modalities inside the CMA module. False = each
+    # modality's adapter learns from intra-modal masked reconstruction only.
+    fusion: bool = True
+    # "complementary": NBI is masked where WLI is visible and vice versa; "independent": two random masks.
+    mask_mode: str = "complementary"
+    mask_ratio: float = 0.5
+    # Local (intra-modal, depth-wise conv) reconstruction of masked tokens before cross attention.
+    local_reconstruction: bool = True
+    # Encoder scales (0 = stride 4, 1 = stride 8, 2 = stride 16) that get a CMA module and adapter.
+    cma_scales: tuple[int, ...] = (1, 2)
+    token_dim: int = 128
+    heads: int = 4
+    # Keys/values are average-pooled to at most this many tokens per side (PVT-style reduction).
+    max_kv_tokens: int = 256
+    # Student loss: "global" cosine over the flattened map (CEMD/RD4AD/ReContrast) or "pixel" (per-pixel mean).
+    student_loss: str = "global"
+    hard_mining: bool = False
+    # Scoring
+    smoothing_sigma: float = 4.0
+    score_reduction: str = "max"  # max | mean | topk
+    topk_fraction: float = 0.01
+    # Zero the anomaly map outside the lit field of view (black border, on-screen text).
+    fov_mask: bool = True
+    fov_threshold: float = 0.08
+    fov_window: int = 15
+
+    def validate(self) -> None:
+        from engine.errors import BundleError
+
+        if self.mask_mode not in ("complementary", "independent"):
+            raise BundleError(f"mask_mode must be complementary or independent, not {self.mask_mode!r}")
+        if self.student_loss not in ("global", "pixel"):
+            raise BundleError(f"student_loss must be global or pixel, not {self.student_loss!r}")
+        if self.score_reduction not in ("max", "mean", "topk"):
+            raise BundleError(f"score_reduction must be max, mean or topk, not {self.score_reduction!r}")
+        if self.input_size % 32:
+            raise BundleError(f"input_size must be a multiple of 32, not {self.input_size}")
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad or not self.modalities:
+            raise BundleError(f"modalities must be a non-empty subset of {MODALITIES}, not {self.modalities}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    teacher_epochs: int = 30
+    student_epochs: int = 60
+    batch_size: int = 16
+    teacher_lr: float = 1e-3
+    teacher_weight_decay: float = 0.05
+    student_lr: float = 5e-3
+    student_weight_decay: float = 1e-5
+    # Fraction of the paired training set used for stage 1 (tests "low paired-data dependence").
+    paired_fraction: float = 1.0
+    # Held-out normal training images used for model selection / score statistics, never test data.
+    val_fraction: float = 0.1
+    device: str = "cpu"
+    threads: int = 0  # 0 = torch default
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    data = asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    from engine.errors import BundleError
+
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BundleError(f"{where}: unknown setting(s) {', '.join(unknown)}; written by a newer cemd?")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if known[name].default is not None else None
+        kwargs[name] = tuple(value) if isinstance(default, tuple) else value
+    return cls(**kwargs)
+

@@ -1,0 +1,1 @@
+"""Real-time monitor: capture, scoring, alert logic and ZeroMQ publishing."""
