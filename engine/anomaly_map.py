@@ -39,10 +39,13 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), self.ky)
 
 
-def cosine_distance_maps(teacher: list[torch.Tensor], student: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Σ over scales of the bilinearly upsampled per-pixel map 1 − cos(T, S); N×1×size×size."""
+def cosine_distance_maps(teacher: list[torch.Tensor], student: list[torch.Tensor], size: int,
+                         scales: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Σ over `scales` (default all) of the upsampled per-pixel map 1 − cos(T, S); N×1×size×size."""
     total = None
-    for t, s in zip(teacher, student):
+    for k, (t, s) in enumerate(zip(teacher, student)):
+        if scales is not None and k not in scales:
+            continue
         d = 1 - F.cosine_similarity(t, s, dim=1, eps=1e-6).unsqueeze(1)
         d = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
         total = d if total is None else total + d
@@ -51,10 +54,11 @@ def cosine_distance_maps(teacher: list[torch.Tensor], student: list[torch.Tensor
 
 
 class FieldOfViewMask(nn.Module):
-    """Lit field of view: local mean brightness above a threshold.
+    """Lit field of view: a morphological opening of the smoothed "lit" mask.
 
-    Zeroing the map outside it keeps the black border and the on-screen text (thin bright
-    strokes on black, whose local mean stays low) from ever raising an alert.
+    Zeroing the map outside it keeps the black border and the on-screen text from ever
+    raising an alert: text strokes are thinner than the opening window and vanish, while
+    the lit disc survives it. Max-pooling only, so every backend compiles it.
     """
 
     def __init__(self, threshold: float, window: int) -> None:
@@ -63,9 +67,11 @@ class FieldOfViewMask(nn.Module):
         self.window = window | 1
 
     def forward(self, rgb01: torch.Tensor) -> torch.Tensor:
-        lum = rgb01.amax(dim=1, keepdim=True)
-        local = F.avg_pool2d(lum, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
-        return (local > self.threshold).to(rgb01.dtype)
+        lum = F.avg_pool2d(rgb01.amax(dim=1, keepdim=True), 5, stride=1, padding=2, count_include_pad=False)
+        lit = (lum > self.threshold).to(rgb01.dtype)
+        k, p = self.window, self.window // 2
+        eroded = 1 - F.max_pool2d(1 - lit, k, stride=1, padding=p)
+        return F.max_pool2d(eroded, k, stride=1, padding=p)
 
 
 def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float) -> torch.Tensor:

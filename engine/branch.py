@@ -40,12 +40,13 @@ class StudentBranch(nn.Module):
         self.student = student
         self.blur = GaussianBlur(cfg.smoothing_sigma)
         self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window) if cfg.fov_mask else None
+        self.score_scales = tuple(cfg.score_scales)
         self.score_reduction = cfg.score_reduction
         self.topk_fraction = cfg.topk_fraction
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.encoder(frames)
-        amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size)
+        amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size, self.score_scales)
         amap = self.blur(amap)
         if self.fov is not None:
             amap = amap * self.fov(frames)

@@ -38,7 +38,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     abl.add_argument("--student-loss", choices=("global", "pixel"), default=ModelConfig.student_loss)
     abl.add_argument("--hard-mining", action="store_true", help="hard-mining global cosine (ReContrast)")
     abl.add_argument("--score-reduction", choices=("max", "mean", "topk"), default=ModelConfig.score_reduction)
+    abl.add_argument("--score-scales", default=",".join(map(str, ModelConfig.score_scales)),
+                     help="encoder scales summed into the anomaly map: 0 = stride 4, 1 = stride 8, 2 = stride 16 "
+                          "(RD4AD: 0,1,2)")
     p.set_defaults(func=_run_train)
+
+
+def _int_tuple(text: str, option: str) -> tuple[int, ...]:
+    from engine.errors import CemdError
+
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CemdError(f"{option} takes comma-separated integers such as 1,2; got {text!r}") from None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -55,6 +67,7 @@ def _run_train(args: argparse.Namespace) -> int:
         student_loss=args.student_loss,
         hard_mining=args.hard_mining,
         score_reduction=args.score_reduction,
+        score_scales=_int_tuple(args.score_scales, "--score-scales"),
     )
     model.validate()
     if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:

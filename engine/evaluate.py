@@ -59,8 +59,18 @@ def _kind_report(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks
     return rep
 
 
+def _visible_report(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, fovs: np.ndarray,
+                    kinds: np.ndarray, visible: list[str]) -> dict[str, Any]:
+    sel = (kinds == "good") | np.isin(kinds, visible)
+    rep: dict[str, Any] = {"kinds": visible, "image_auroc": metrics.auroc(labels[sel], scores[sel])}
+    if masks[sel].any():
+        rep["pixel_auroc"] = metrics.pixel_auroc(maps[sel], masks[sel], valid=fovs[sel])
+    return rep
+
+
 def evaluate_modality(bundle: Bundle, split: ds.ModalitySplit, size: int, progress: bool,
-                      max_train_for_baseline: int = 200) -> tuple[dict[str, Any], dict[str, Any]]:
+                      max_train_for_baseline: int = 200, kinds_meta: dict[str, Any] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     items = split.test
     images = ds.load_images([it.path for it in items], size, progress=f"loading {split.modality.upper()} test" if progress else None)
     masks = ds.load_masks(items, size)
@@ -78,6 +88,10 @@ def evaluate_modality(bundle: Bundle, split: ds.ModalitySplit, size: int, progre
     report["pixel_auroc"] = metrics.pixel_auroc(maps, masks, valid=fovs) if masks.any() else None
     report["per_kind"] = {k: _kind_report(labels, scores, maps, masks, fovs, kinds, k)
                           for k in sorted(set(kinds) - {"good"})}
+    visible = [k for k in report["per_kind"] if split.modality in (kinds_meta or {}).get(k, {}).get("visible_in", [])]
+    if visible and len(visible) < len(report["per_kind"]):
+        # Kinds the dataset marks as visible in this modality (dataset.json `visible_in`).
+        report["visible_kinds"] = _visible_report(labels, scores, maps, masks, fovs, kinds, visible)
     train = ds.load_images(split.train[:max_train_for_baseline], size) if split.train else None
     if train is not None and len(train):
         base = mean_colour_baseline(train, images)
@@ -108,7 +122,8 @@ def evaluate_bundle(bundle_path: Path, data: Path, json_out: Path | None = None,
     results: dict[str, Any] = {}
     arrays: dict[str, dict[str, Any]] = {}
     for m in common:
-        results[m], arrays[m] = evaluate_modality(bundle, index.modalities[m], bundle.model.input_size, progress)
+        results[m], arrays[m] = evaluate_modality(bundle, index.modalities[m], bundle.model.input_size, progress,
+                                                  kinds_meta=index.kinds_meta)
         r = results[m]
         pix = f"{r['pixel_auroc']:.3f}" if r["pixel_auroc"] is not None else "n/a"
         console.print(f"{m.upper()}: image AUROC {r['image_auroc']:.3f}, pixel AUROC {pix}, AP {r['ap']:.3f}, "

@@ -46,7 +46,7 @@ __all__ = [
     "item_seed",
 ]
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 DATASET_FORMAT = "cemd-dataset/1"
 MODALITIES: tuple[str, str] = ("wli", "nbi")
 
@@ -456,11 +456,11 @@ def apply_lesion(fields: Fields, lesion: LesionShape, rng: np.random.Generator, 
     r = lesion.r_mean
     tex = 0.8 + 0.2 * np.clip(_noise(rng, h, w, 0.04 * L), -2, 2)
     if lesion.kind == "elevated_erythema":
-        fields.hb += a * tex * np.float32(rng.uniform(0.75, 1.2))
+        fields.hb += a * tex * np.float32(rng.uniform(1.3, 1.9))
         dome = _blur(lesion.mask.astype(np.float32), 0.35 * r)
-        fields.height += dome * np.float32(rng.uniform(0.12, 0.22) * r)
-        fields.groove *= 1 - 0.7 * a
-        fields.pit *= 1 - 0.5 * a
+        fields.height += dome * np.float32(rng.uniform(0.2, 0.32) * r)
+        fields.groove *= 1 - 0.85 * a
+        fields.pit *= 1 - 0.7 * a
         fields.shb += a * np.float32(0.08)
     elif lesion.kind == "irregular_microvessels":
         fields.cap *= 1 - a
@@ -471,11 +471,13 @@ def apply_lesion(fields: Fields, lesion: LesionShape, rng: np.random.Generator, 
         fields.hb += a * np.float32(0.06)
     elif lesion.kind == "depressed_neoplasia":
         dip = _blur(lesion.mask.astype(np.float32), 0.06 * r + 0.5)
-        fields.height -= dip * np.float32(rng.uniform(0.05, 0.1) * r)
+        fields.height -= dip * np.float32(rng.uniform(0.1, 0.16) * r)
+        # Irregular, uneven surface inside the depression (what the endoscopist sees in WLI).
+        fields.height += a * _fbm(rng, h, w, 0.05 * L, 2) * np.float32(0.02 * L)
         if rng.random() < 0.5:
-            fields.pale += a * tex * np.float32(rng.uniform(0.5, 0.7))
+            fields.pale += a * tex * np.float32(rng.uniform(0.75, 0.95))
         else:
-            fields.hb += a * tex * np.float32(rng.uniform(0.55, 0.9))
+            fields.hb += a * tex * np.float32(rng.uniform(1.1, 1.6))
         fields.shb += a * tex * np.float32(rng.uniform(0.85, 1.2))
         fields.cap *= 1 - 0.85 * a
         fields.pit *= 1 - 0.85 * a

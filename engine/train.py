@@ -107,7 +107,7 @@ def dataset_fingerprint(paths: list[Path]) -> str:
 class Trainer:
     def __init__(self, data: Path, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, stage: str = "all",
                  resume: bool = False, console: Console | None = None, log: Callable[[str], None] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, interrupt_after_epochs: int | None = None) -> None:
         if stage not in ("teacher", "students", "all"):
             raise BundleError(f"--stage must be teacher, students or all, not {stage!r}")
         self.data, self.out, self.stage, self.resume = Path(data), Path(out), stage, resume
@@ -115,6 +115,9 @@ class Trainer:
         self.console = console or Console()
         self.log = log or (lambda msg: self.console.print(msg, highlight=False))
         self.show_progress = progress
+        # Simulates a crash after this many epochs in total (tests of --resume).
+        self.interrupt_after_epochs = interrupt_after_epochs
+        self.epochs_run = 0
         self.device = train_cfg.device
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BundleError("--device cuda asked for but no CUDA GPU is available; use --device cpu")
@@ -176,6 +179,9 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self._state_path(), buf.getvalue())
+        self.epochs_run += 1
+        if self.interrupt_after_epochs is not None and self.epochs_run >= self.interrupt_after_epochs:
+            raise KeyboardInterrupt(f"simulated interruption after {self.epochs_run} epochs")
 
     def _load_state(self) -> dict[str, Any] | None:
         if not self.resume or not self._state_path().is_file():
@@ -235,6 +241,7 @@ class Trainer:
                     losses.append(loss.item())
                 history.append(float(np.mean(losses)))
                 prog.update(task, advance=1, info=f"loss {history[-1]:.4f}")
+                self._epoch_note("teacher", epoch, cfg.teacher_epochs, history[-1])
                 self._save_state({"stage": "teacher", "epoch": epoch + 1, "teacher": teacher.state_dict(),
                                   "optim": opt.state_dict(), "sched": sched.state_dict(), "history": history,
                                   "model": to_dict(self.model_cfg), "train": to_dict(replace(cfg, device="cpu", threads=0))})
@@ -293,6 +300,7 @@ class Trainer:
                     losses.append(loss.item())
                 history.append(float(np.mean(losses)) if losses else float("nan"))
                 prog.update(task, advance=1, info=f"loss {history[-1]:.4f}")
+                self._epoch_note(f"{m.upper()} student", epoch, cfg.student_epochs, history[-1])
                 self._save_state({"stage": f"student-{m}", "epoch": epoch + 1, "student": net.state_dict(),
                                   "optim": opt.state_dict(), "sched": sched.state_dict(), "history": history,
                                   "teacher": teacher.state_dict(), "done": done,
@@ -300,6 +308,12 @@ class Trainer:
         return net.eval(), history
 
     # ------------------------------------------------------------------ orchestration
+    def _epoch_note(self, label: str, epoch: int, total: int, loss: float) -> None:
+        """Without a terminal (a log file, CI) the bar is invisible: log every tenth epoch instead."""
+        if self.show_progress and not self.console.is_terminal and ((epoch + 1) % max(1, total // 10) == 0
+                                                                   or epoch + 1 == total):
+            self.log(f"{label} epoch {epoch + 1}/{total}: loss {loss:.4f}")
+
     def _progress(self) -> Progress:
         prog = progress_bar(self.console)
         prog.disable = not self.show_progress
@@ -322,6 +336,7 @@ class Trainer:
             teacher = existing.teacher.to(self.device)
             meta = existing.meta
         else:
+            torch.manual_seed(self.cfg.seed)
             teacher = MultimodalTeacher(self.model_cfg, spec.channels)
             meta = new_meta(self.model_cfg, self.cfg, encoder_weights_sha(self.model_cfg.backbone, None), STUDENT_WIDTH)
 

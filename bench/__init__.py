@@ -1,0 +1,1 @@
+"""Benchmarks and experiments; each run writes its numbers with provenance."""

@@ -1,0 +1,42 @@
+"""The shipped demo bundle and the Quick start's embedded default."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+from engine.bundle import load_bundle
+from engine.demo import DEMO_BUNDLE
+
+
+def test_demo_bundle_is_complete_and_valid() -> None:
+    bundle = load_bundle(DEMO_BUNDLE)  # checks every hash against bundle.json
+    assert bundle.modalities == ("wli", "nbi")
+    assert bundle.model.input_size == 256 and bundle.model.fusion and bundle.model.teacher_training
+    assert bundle.meta["data"]["synthetic"] is True
+    assert not (DEMO_BUNDLE / ".train_state.pt").exists()
+    size = sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir())
+    assert size < 20 * 1024 * 1024, f"demo bundle is {size / 1e6:.1f} MB; keep it small"
+
+
+def test_cemd_demo_runs_end_to_end_and_the_model_separates_lesions(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "realtime.cli", "demo", "--run-dir", str(run), "--test", "8"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "image AUROC" in proc.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    for m in ("wli", "nbi"):
+        # the kinds visible in each modality: a working model separates them from normal tissue
+        visible = metrics[m].get("visible_kinds", metrics[m])
+        assert visible["image_auroc"] > 0.8, (m, visible)
+        assert metrics[m]["baseline_mean_colour"]["image_auroc"] < visible["image_auroc"]
+        assert (run / "plots" / f"heatmaps_{m}.png").is_file()
+
+
+def test_run_stream_prints_its_help() -> None:
+    proc = subprocess.run([sys.executable, "run_stream.py"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and "usage: run_stream.py" in proc.stdout

@@ -1,0 +1,153 @@
+"""Model pieces: losses, CMA masking, branch function, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, reduce_score
+from engine.backbone import FrozenEncoder, build_lite0
+from engine.branch import StudentBranch
+from engine.config import ModelConfig
+from engine.errors import BundleError
+from engine.losses import global_cosine, global_cosine_hard, hard_mining_alpha, pixel_cosine
+from engine.student import StudentNet
+from engine.teacher import MultimodalTeacher
+
+CH = (24, 40, 112)
+
+
+def _feats(batch: int = 2, size: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, size // s, size // s, generator=g) for c, s in zip(CH, (4, 8, 16))]
+
+
+def test_global_cosine_differs_from_pixel_cosine_and_is_zero_for_identical_maps() -> None:
+    t = _feats()
+    assert global_cosine(t, t).item() < 1e-5
+    s = [x + 0.5 * torch.randn_like(x) for x in t]
+    s[0][:, :, :4, :4] *= 10  # one region badly off: matters differently to the two losses
+    assert abs(global_cosine(t, s).item() - pixel_cosine(t, s).item()) > 1e-3
+
+
+def test_hard_mining_zeroes_gradient_of_easy_positions() -> None:
+    t = [torch.randn(1, 8, 8, 8)]
+    s = [t[0].clone()]
+    s[0][:, :, 0, 0] = -t[0][:, :, 0, 0]  # one hard position, all others perfect
+    s[0].requires_grad_(True)
+    global_cosine_hard(t, s, alpha=1.0).backward()
+    grad = s[0].grad.abs().sum(dim=1)[0]
+    assert grad[0, 0] > 0
+    assert grad.flatten()[1:].abs().max() == 0
+    assert hard_mining_alpha(0, 1000) == -3 and hard_mining_alpha(100, 1000) == 1
+
+
+def test_complementary_masks_are_complementary_and_independent_are_not() -> None:
+    comp = MultimodalTeacher(ModelConfig(mask_mode="complementary"), CH)
+    m = comp.masks(4, 16, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(m["wli"], ~m["nbi"])
+    assert 0.3 < m["wli"].float().mean() < 0.7
+    ind = MultimodalTeacher(ModelConfig(mask_mode="independent"), CH)
+    m = ind.masks(4, 16, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert (m["wli"] & m["nbi"]).any()
+
+
+def test_teacher_reconstruction_loss_decreases_on_paired_features() -> None:
+    torch.manual_seed(0)
+    teacher = MultimodalTeacher(ModelConfig(), CH)
+    # spatially smooth features, like real encoder maps: masked tokens are predictable
+    base = [torch.nn.functional.interpolate(f[:, :, ::4, ::4], scale_factor=4, mode="bilinear") for f in _feats(4)]
+    feats = {"wli": base, "nbi": [2 * f + 0.1 for f in base]}  # NBI is a function of WLI: learnable
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    losses = []
+    for step in range(25):
+        loss = teacher.reconstruction_loss(feats, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_fusion_switch_removes_cross_attention() -> None:
+    on = MultimodalTeacher(ModelConfig(fusion=True), CH)
+    off = MultimodalTeacher(ModelConfig(fusion=False), CH)
+    assert any("cross" in n for n, _ in on.named_parameters())
+    assert not any("cross" in n for n, _ in off.named_parameters())
+
+
+def test_adapters_start_as_identity() -> None:
+    teacher = MultimodalTeacher(ModelConfig(), CH)
+    f = _feats()
+    for a, b in zip(teacher.adapters("wli", f), f):
+        assert torch.equal(a, b)
+
+
+def _branch(cfg: ModelConfig) -> StudentBranch:
+    torch.manual_seed(0)
+    teacher = MultimodalTeacher(cfg, CH)
+    return StudentBranch(cfg, FrozenEncoder(build_lite0()), teacher.adapters, StudentNet(CH, 32), "wli").eval()
+
+
+def test_branch_returns_map_and_score_and_masks_outside_field_of_view() -> None:
+    cfg = ModelConfig(input_size=128)
+    branch = _branch(cfg)
+    frames = torch.zeros(2, 3, 128, 128)
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    lit = ((yy - 64) ** 2 + (xx - 64) ** 2) < 50**2
+    frames[:, :, lit] = torch.rand(2, 3, int(lit.sum()))
+    with torch.no_grad():
+        amap, score = branch(frames)
+    assert amap.shape == (2, 1, 128, 128) and score.shape == (2,)
+    assert amap[0, 0, :5, :5].abs().max() == 0  # black corner: never anomalous
+    assert amap[0, 0, 64, 64] > 0
+    k = int(128 * 128 * 0.01)
+    torch.testing.assert_close(score, amap.flatten(1).topk(k, dim=1).values.mean(1))
+
+
+def test_score_reductions() -> None:
+    amap = torch.zeros(1, 1, 10, 10)
+    amap[0, 0, 0, 0] = 5.0
+    assert reduce_score(amap, "max", 0.01).item() == 5.0
+    assert abs(reduce_score(amap, "mean", 0.01).item() - 0.05) < 1e-6
+    assert reduce_score(amap, "topk", 0.02).item() == 2.5
+
+
+def test_gaussian_blur_preserves_mass_and_spreads_a_peak() -> None:
+    x = torch.zeros(1, 1, 64, 64)
+    x[0, 0, 32, 32] = 1.0
+    y = GaussianBlur(4.0)(x)
+    assert abs(y.sum().item() - 1.0) < 1e-4
+    assert y[0, 0, 32, 32] < 0.05 and y[0, 0, 32, 36] > 0
+
+
+def test_fov_mask_ignores_thin_text_on_black() -> None:
+    img = torch.zeros(1, 3, 128, 128)
+    img[:, :, 4:6, 4:40] = 1.0  # a thin text stroke in the corner
+    img[:, :, 40:90, 40:90] = 0.5  # lit mucosa
+    fov = FieldOfViewMask(0.08, 15)(img)
+    assert fov[0, 0, 5, 20] == 0 and fov[0, 0, 65, 65] == 1
+
+
+def test_torch_export_accepts_the_branch_and_matches_eager() -> None:
+    cfg = ModelConfig(input_size=128)
+    branch = _branch(cfg)
+    x = torch.rand(1, 3, 128, 128)
+    program = torch.export.export(branch, (x,))
+    with torch.no_grad():
+        eager = branch(x)
+        exported = program.module()(x)
+    torch.testing.assert_close(exported[0], eager[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exported[1], eager[1], atol=1e-5, rtol=1e-5)
+
+
+def test_score_scales_select_which_distance_maps_are_summed() -> None:
+    torch.manual_seed(0)
+    t = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2)]
+    s = [torch.randn_like(x) for x in t]
+    each = [cosine_distance_maps([a], [b], 16) for a, b in zip(t, s)]
+    torch.testing.assert_close(cosine_distance_maps(t, s, 16), each[0] + each[1] + each[2])
+    torch.testing.assert_close(cosine_distance_maps(t, s, 16, (2,)), each[2])
+    torch.testing.assert_close(cosine_distance_maps(t, s, 16, (1, 2)), each[1] + each[2])
+    with pytest.raises(BundleError, match="score_scales"):
+        ModelConfig(score_scales=(3,)).validate()
