@@ -32,8 +32,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Scoring-only variants: the cemd weights, scored differently (no retraining).
     "all_scales": {"score_scales": [0, 1, 2]},
     "all_scales_max": {"score_scales": [0, 1, 2], "score_reduction": "max"},
+    "stride4_only": {"score_scales": [0]},
+    "stride8_only": {"score_scales": [1]},
 }
-RESCORE = {"all_scales": "cemd", "all_scales_max": "cemd"}
+RESCORE = {"all_scales": "cemd", "all_scales_max": "cemd", "stride4_only": "cemd", "stride8_only": "cemd"}
 DESCRIPTIONS = {
     "cemd": "CEMD as built: CMA teacher (complementary masks, fusion) + global cosine students",
     "plain_rd": "plain reverse distillation per modality: no teacher training (teacher = frozen encoder)",
@@ -43,6 +45,8 @@ DESCRIPTIONS = {
     "hard_mining": "hard-mining global cosine (ReContrast) for the students",
     "all_scales": "cemd weights; anomaly map summed over all three scales (RD4AD) instead of stride 16 only",
     "all_scales_max": "cemd weights; all three scales and image score = max (RD4AD scoring)",
+    "stride4_only": "cemd weights; anomaly map from the stride-4 scale only",
+    "stride8_only": "cemd weights; anomaly map from the stride-8 scale only",
 }
 
 
@@ -59,13 +63,25 @@ def rescored_bundle(src: Path, dst: Path, changes: dict[str, Any]) -> Path:
 
 
 def run(train_data: Path, test_data: Path, out: Path, variants: list[str], teacher_epochs: int, student_epochs: int,
-        seed: int) -> dict[str, Any]:
+        seed: int, resume: bool = False) -> dict[str, Any]:
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"provenance": provenance(), "synthetic": True, "train_data": str(train_data),
                                "test_data": str(test_data), "teacher_epochs": teacher_epochs,
                                "student_epochs": student_epochs, "seed": seed, "variants": {}}
+    done: dict[str, Any] = {}
+    if resume and (out / "ablation.json").is_file():
+        old = json.loads((out / "ablation.json").read_text())
+        same = all(old.get(k) == results[k] for k in ("train_data", "test_data", "teacher_epochs", "student_epochs", "seed"))
+        if not same:
+            raise SystemExit(f"--resume: {out}/ablation.json was made with other data, budget or seed; use another --out")
+        done = old["variants"]
+        results["provenance_earlier"] = old["provenance"]
     for name in variants:
+        if name in done and (out / name / "bundle.json").is_file():
+            console.print(f"{name}: kept from the earlier run in {out}")
+            results["variants"][name] = done[name]
+            continue
         console.rule(f"{name}: {DESCRIPTIONS[name]}")
         t0 = time.perf_counter()
         if name in RESCORE:
@@ -121,12 +137,15 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--student-epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep variants already in OUT/ablation.json (same data, budget, seed); run only the others")
     args = ap.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    run(args.train_data, args.test_data, args.out, names, args.teacher_epochs, args.student_epochs, args.seed)
+    run(args.train_data, args.test_data, args.out, names, args.teacher_epochs, args.student_epochs, args.seed,
+        args.resume)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,19 @@ def test_score_scales_select_which_distance_maps_are_summed() -> None:
     torch.testing.assert_close(cosine_distance_maps(t, s, 16, (1, 2)), each[1] + each[2])
     with pytest.raises(BundleError, match="score_scales"):
         ModelConfig(score_scales=(3,)).validate()
+
+
+def test_fov_opening_equals_the_max_filter_definition() -> None:
+    gen = torch.Generator().manual_seed(1)
+    frames = torch.zeros(5, 3, 96, 96)
+    for i in range(3):  # lit rectangles from thin strokes to large patches on black
+        for _ in range(6):
+            y, x, h, w = (int(v) for v in torch.randint(1, 60, (4,), generator=gen))
+            frames[i, :, y : y + h // 3 + 1, x : x + w] = torch.rand(3, 1, 1, generator=gen) * 0.9 + 0.1
+    frames[4] = 1.0
+    lum = torch.nn.functional.avg_pool2d(frames.amax(1, keepdim=True), 5, stride=1, padding=2, count_include_pad=False)
+    lit = (lum > 0.08).float()
+    eroded = 1 - torch.nn.functional.max_pool2d(1 - lit, 15, stride=1, padding=7)
+    expected = torch.nn.functional.max_pool2d(eroded, 15, stride=1, padding=7)
+    assert torch.equal(FieldOfViewMask(0.08, 15)(frames), expected)
+    assert 0 < expected[:3].mean() < 1  # the random frames exercise both erosion and dilation
