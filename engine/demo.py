@@ -29,10 +29,15 @@ def results_table(results: dict[str, Any]) -> Table:
         if m.startswith("_"):
             continue
         base = r.get("baseline_mean_colour", {})
-        table.add_row(m.upper(), "all", f"{r['image_auroc']:.3f}", f"{r['pixel_auroc']:.3f}",
+        vis = r.get("visible_kinds")
+        if vis:
+            table.add_row(m.upper(), f"[bold]kinds visible in {m.upper()}[/]", f"[bold]{vis['image_auroc']:.3f}[/]",
+                          f"[bold]{vis.get('pixel_auroc', float('nan')):.3f}[/]", "")
+        table.add_row("" if vis else m.upper(), "all kinds", f"{r['image_auroc']:.3f}", f"{r['pixel_auroc']:.3f}",
                       f"{base.get('image_auroc', float('nan')):.3f}")
         for kind, k in r["per_kind"].items():
-            table.add_row("", kind, f"{k['image_auroc']:.3f}", f"{k.get('pixel_auroc', float('nan')):.3f}",
+            note = "" if not vis or kind in vis["kinds"] else f" [dim](not visible in {m.upper()})[/]"
+            table.add_row("", kind + note, f"{k['image_auroc']:.3f}", f"{k.get('pixel_auroc', float('nan')):.3f}",
                           f"{base.get('per_kind', {}).get(kind, float('nan')):.3f}")
     return table
 
