@@ -65,23 +65,27 @@ class FieldOfViewMask(nn.Module):
         super().__init__()
         self.threshold = threshold
         self.window = window | 1
-        self.register_buffer("box_x", torch.ones(1, 1, 1, self.window), persistent=False)
-        self.register_buffer("box_y", torch.ones(1, 1, self.window, 1), persistent=False)
 
     def _any(self, x: torch.Tensor) -> torch.Tensor:
-        # Binary k×k dilation as a separable box sum (exact: sums of 0/1 in float32) > 0.
-        # Same result as a k×k max filter, about 10× faster than max_pool2d on a 1-channel
-        # 256² map on a 2-core CPU, and plain convolutions for every compiler.
-        p = self.window // 2
-        x = F.conv2d(F.pad(x, (p, p, 0, 0)), self.box_x)
-        x = F.conv2d(F.pad(x, (0, 0, p, p)), self.box_y)
-        return (x > 0.5).to(x.dtype)
+        # Binary k×k dilation as a separable box mean > 0 (any lit pixel in the window).
+        # Same result as a k×k max filter, several times faster than max_pool2d on a 1-channel
+        # 256² map on a 2-core CPU. Zero padding: pixels outside the image count as 0.
+        k, p = self.window, self.window // 2
+        x = F.avg_pool2d(x, (1, k), stride=1, padding=(0, p), count_include_pad=True)
+        x = F.avg_pool2d(x, (k, 1), stride=1, padding=(p, 0), count_include_pad=True)
+        return (x > 0.5 / (k * k)).to(x.dtype)
 
     def forward(self, rgb01: torch.Tensor) -> torch.Tensor:
-        lum = F.avg_pool2d(rgb01.amax(dim=1, keepdim=True), 5, stride=1, padding=2, count_include_pad=False)
-        lit = (lum > self.threshold).to(rgb01.dtype)
+        # Work on 8-bit levels: the brightest channel rounded to 0..255 makes every 5×5 window
+        # sum an exact integer, and the threshold sits half a level between two possible
+        # means, so no backend's rounding (fused, reordered, reciprocal-multiplied) can flip a
+        # pixel. Same decision as mean > threshold for interior pixels; windows at the image
+        # edge count the outside as black.
+        lum = torch.round(rgb01.float().amax(dim=1, keepdim=True) * 255)
+        mean = F.avg_pool2d(lum, 5, stride=1, padding=2, count_include_pad=True)
+        lit = (mean > (math.floor(self.threshold * 255 * 25) + 0.5) / 25).float()
         eroded = 1 - self._any(1 - lit)
-        return self._any(eroded)
+        return self._any(eroded).to(rgb01.dtype)
 
 
 def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float) -> torch.Tensor:

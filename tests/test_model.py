@@ -161,8 +161,9 @@ def test_fov_opening_equals_the_max_filter_definition() -> None:
             y, x, h, w = (int(v) for v in torch.randint(1, 60, (4,), generator=gen))
             frames[i, :, y : y + h // 3 + 1, x : x + w] = torch.rand(3, 1, 1, generator=gen) * 0.9 + 0.1
     frames[4] = 1.0
-    lum = torch.nn.functional.avg_pool2d(frames.amax(1, keepdim=True), 5, stride=1, padding=2, count_include_pad=False)
-    lit = (lum > 0.08).float()
+    levels = torch.round(frames.amax(1, keepdim=True) * 255)  # 8-bit brightest channel
+    window_sum = torch.round(torch.nn.functional.avg_pool2d(levels, 5, stride=1, padding=2) * 25)
+    lit = (window_sum > 0.08 * 255 * 25).float()
     eroded = 1 - torch.nn.functional.max_pool2d(1 - lit, 15, stride=1, padding=7)
     expected = torch.nn.functional.max_pool2d(eroded, 15, stride=1, padding=7)
     assert torch.equal(FieldOfViewMask(0.08, 15)(frames), expected)
