@@ -20,6 +20,7 @@ eager PyTorch on probe frames (`check_parity`); one that disagrees is refused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -138,7 +139,9 @@ class HalfBranch(nn.Module):
 
 
 def eager_module(bundle: Bundle, modality: str, device: str, precision: str) -> nn.Module:
-    branch: nn.Module = bundle.branch(modality).to(device).eval()
+    # A private copy: bundle.branch() shares the encoder and teacher with every other branch,
+    # and .half() / .to(device) below must not convert the reference or another backend's module.
+    branch: nn.Module = copy.deepcopy(bundle.branch(modality)).to(device).eval()
     branch = branch.to(memory_format=torch.channels_last)
     if precision == "fp16":
         if device != "cuda":

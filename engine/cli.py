@@ -126,6 +126,42 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="compile the student branches (tensorrt or aoti) and store them beside the bundle",
+                       description="Compile each student branch, check it against eager PyTorch on probe frames and "
+                                   "store it in BUNDLE/compiled/, so the monitor starts without compiling.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--backend", choices=("tensorrt", "aoti"), required=True)
+    p.add_argument("--precision", choices=("fp16", "fp32"), help="default: fp16 for tensorrt, fp32 for aoti")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=1, help="static batch size of the compiled graph (default 1)")
+    p.add_argument("--modalities", default=None, help="comma list (default: every branch in the bundle)")
+    p.add_argument("--rebuild", action="store_true", help="compile even when a valid artifact exists")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from engine.backends import load_scorer
+    from engine.bundle import load_bundle
+    from engine.errors import CemdError
+
+    console = Console()
+    if args.batch < 1:
+        raise CemdError("--batch must be ≥ 1")
+    bundle = load_bundle(args.bundle)
+    mods = [m.strip() for m in args.modalities.split(",")] if args.modalities else list(bundle.modalities)
+    for m in mods:
+        scorer = load_scorer(bundle, m, args.backend, args.device, args.precision, args.batch, rebuild=args.rebuild,
+                             log=lambda msg: console.print(msg, highlight=False))
+        par = scorer.parity or {}
+        built = f"compiled in {scorer.compile_seconds:.0f} s" if scorer.compile_seconds else "already compiled"
+        console.print(f"{m.upper()} {scorer.backend} {scorer.precision} batch {scorer.batch}: {built}, {scorer.artifact}; "
+                      f"parity vs eager: max map error {par.get('max_abs_map_error', float('nan')):.1e} "
+                      f"(tolerance {par.get('tolerance', float('nan')):.0e}), same ranking {par.get('same_ranking')}",
+                      highlight=False)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from engine import synth_cli
 
@@ -133,4 +169,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train(sub)
     _add_evaluate(sub)
     _add_demo(sub)
+    _add_export(sub)
 

@@ -1,0 +1,96 @@
+"""Latency of each student branch per backend, batch 1 and 4, with provenance.
+
+    python -m bench.model_latency --bundle models/demo --backends eager,aoti[,tensorrt] --json OUT [--device cpu|cuda]
+
+Each backend is built (or loaded from BUNDLE/compiled/), checked against eager on probe
+frames, warmed up, then timed for --runs calls (≥ 200 by default) on a fixed 256² input.
+Writes {"provenance": …, "results": [{"backend", "modality", "batch", "p50_ms", "p95_ms", "p99_ms",
+"max_ms", "compile_s", "parity"}, …]} and prints a Markdown table with the ratio to eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.provenance import provenance, provenance_markdown
+from engine.backends import BackendUnavailable, load_scorer
+from engine.bundle import load_bundle
+
+
+def time_scorer(scorer: Any, runs: int, warmup: int = 20) -> dict[str, float]:
+    x = torch.rand(scorer.batch, 3, scorer.input_size, scorer.input_size, device=scorer.device)
+    sync = torch.cuda.synchronize if scorer.device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        scorer(x)
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        scorer(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    t = np.array(times)
+    return {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)),
+            "p99_ms": float(np.percentile(t, 99)), "max_ms": float(t.max()), "runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=Path("models/demo"))
+    ap.add_argument("--backends", default="eager,aoti")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    bundle = load_bundle(args.bundle)
+    prov = provenance()
+    if args.device == "cuda":
+        prov["gpu"] = torch.cuda.get_device_name(0)
+    results: list[dict[str, Any]] = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for m in bundle.modalities:
+            for backend in (b.strip() for b in args.backends.split(",")):
+                try:
+                    scorer = load_scorer(bundle, m, backend, args.device, batch=batch, log=print)
+                except BackendUnavailable as exc:
+                    print(f"{m.upper()} {backend} batch {batch}: unavailable: {exc}")
+                    results.append({"backend": backend, "modality": m, "batch": batch, "unavailable": str(exc)})
+                    continue
+                r = {"backend": backend, "modality": m, "batch": batch, "device": args.device,
+                     "precision": scorer.precision, **time_scorer(scorer, args.runs),
+                     "compile_s": scorer.compile_seconds, "parity": scorer.parity}
+                results.append(r)
+                print(f"{m.upper()} {backend} {scorer.precision} batch {batch}: p50 {r['p50_ms']:.2f} ms, "
+                      f"p99 {r['p99_ms']:.2f} ms", flush=True)
+    out = {"provenance": prov, "results": results}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+    print(markdown(out))
+
+
+def markdown(out: dict[str, Any]) -> str:
+    rows = [r for r in out["results"] if "p50_ms" in r]
+    eager = {(r["modality"], r["batch"]): r["p50_ms"] for r in rows if r["backend"] == "eager"}
+    lines = ["| branch | backend | precision | batch | p50 ms | p95 ms | p99 ms | max ms | p50 / eager | compile s | parity max err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = eager.get((r["modality"], r["batch"]))
+        ratio = f"{r['p50_ms'] / base:.2f}" if base else "–"
+        comp = f"{r['compile_s']:.0f}" if r.get("compile_s") else "–"
+        err = f"{r['parity']['max_abs_map_error']:.1e}" if r.get("parity") else "–"
+        lines.append(f"| {r['modality'].upper()} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.2f} | "
+                     f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {ratio} | {comp} | {err} |")
+    return "\n".join(lines) + "\n\nProvenance: " + provenance_markdown(out["provenance"]) + "\n"
+
+
+if __name__ == "__main__":
+    main()
