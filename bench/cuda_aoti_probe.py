@@ -23,10 +23,16 @@ m = eager_module(b, "wli", "cuda", "fp32")
 x = torch.rand(1, 3, 256, 256, device="cuda")
 with torch.no_grad():
     ep = torch.export.export(m, (x,), strict=False)
-t0 = time.perf_counter()
-path = torch._inductor.aoti_compile_and_package(ep, package_path=out, inductor_configs={"freezing": freezing})
-build = time.perf_counter() - t0
-print("built", build, flush=True)
+import os
+build = None
+if not os.environ.get("PROBE_LOAD_ONLY"):
+    t0 = time.perf_counter()
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=out, inductor_configs={"freezing": freezing})
+    build = time.perf_counter() - t0
+    print("built", build, flush=True)
+    if os.environ.get("PROBE_BUILD_ONLY"):
+        sys.exit(0)
+path = out
 fn = torch._inductor.aoti_load_package(path)
 print("loaded", flush=True)
 par = check_parity(m, fn, probe_frames(256, 8), 1, "cuda", "fp32")
@@ -47,9 +53,16 @@ def main() -> None:
     ap.add_argument("--bundle", default="models/demo")
     ap.add_argument("--freezing", default="0,1")
     args = ap.parse_args()
+    import os
+
     for f in args.freezing.split(","):
+        # build in one process, load in a fresh one (as the monitor would)
+        env = {**os.environ, "PROBE_BUILD_ONLY": "1"}
+        subprocess.run([sys.executable, "-c", CHILD, f, args.bundle, f"/tmp/probe_f{f}.pt2"], capture_output=True,
+                       text=True, env=env)
+        env = {**os.environ, "PROBE_LOAD_ONLY": "1"}
         proc = subprocess.run([sys.executable, "-c", CHILD, f, args.bundle, f"/tmp/probe_f{f}.pt2"], capture_output=True,
-                              text=True)
+                              text=True, env=env)
         res = [line for line in proc.stdout.splitlines() if line.startswith(("RESULT", "built", "loaded"))]
         print(f"freezing={f}: exit {proc.returncode}; " + " | ".join(res) if res else f"freezing={f}: exit {proc.returncode}")
         if proc.returncode:

@@ -207,6 +207,37 @@ def load_aoti(path: Path) -> Callable[[torch.Tensor], Any]:
     return torch._inductor.aoti_load_package(str(path))
 
 
+_PROBE_LOAD = """
+import sys, torch
+fn = torch._inductor.aoti_load_package(sys.argv[1])
+shape = [int(v) for v in sys.argv[3].split(",")]
+fn(torch.rand(*shape, device=sys.argv[2]))
+"""
+
+
+def probe_load(path: Path, device: str, shape: list[int], timeout: float = 300) -> str | None:
+    """Load and run a package once in a child process; None if that worked, else why not.
+
+    A package that crashes on load (seen: CUDA AOTInductor packages segfaulting in
+    aoti_load_package with torch 2.11+cu130 on an H200) would take the whole monitor down;
+    in a child process it only costs a fallback.
+    """
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_LOAD, str(path), device, ",".join(map(str, shape))],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"loading it took over {timeout:.0f} s"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return f"loading it crashed the process (signal {-proc.returncode})"
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["no message"]
+    return f"loading it failed: {tail[0][:200]}"
+
+
 def check_compiler() -> None:
     from torch._inductor import config as inductor_config  # noqa: PLC0415
 
@@ -314,6 +345,10 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     artifact, sidecar = artifact_paths(cache_dir, key)
     reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
     load = load_aoti if backend == "aoti" else load_tensorrt
+    if reason is None and backend == "aoti" and device == "cuda":
+        crash = probe_load(artifact, device, key["shape"])
+        if crash:
+            raise BackendUnavailable(f"the AOTInductor CUDA package {artifact.name}: {crash}")
     if reason is None:
         try:
             fn = load(artifact)
@@ -344,6 +379,10 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     atomic_write_json(sidecar, {"key": key, "sha256": file_sha256(artifact), "compile_seconds": round(seconds, 1),
                                 "built": time.strftime("%Y-%m-%d %H:%M:%S")})
     log(f"{modality.upper()} {backend}: built in {seconds:.0f} s")
+    if backend == "aoti" and device == "cuda":
+        crash = probe_load(artifact, device, key["shape"])
+        if crash:
+            raise BackendUnavailable(f"the AOTInductor CUDA package {artifact.name}: {crash}")
     return load(artifact), artifact, seconds
 
 

@@ -32,6 +32,12 @@ def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundl
     parity = check_parity(eager_module(bundle, "wli", "cpu", "fp32"), scorer.fn, frames, 1, "cpu", "fp32")
     assert parity["ok"] and parity["same_ranking"], parity
 
+    # the crash guard used for CUDA packages: load + run in a child process
+    assert backends.probe_load(scorer.artifact, "cpu", [1, 3, TINY_SIZE, TINY_SIZE]) is None
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a package")
+    assert "failed" in (backends.probe_load(bad, "cpu", [1, 3, TINY_SIZE, TINY_SIZE]) or "")
+
     again = load_scorer(bundle, "wli", "aoti", "cpu", cache_dir=cache)
     assert again.compile_seconds is None  # loaded, not recompiled
     assert scorer.artifact is not None
