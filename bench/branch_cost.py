@@ -10,30 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.provenance import provenance
+from bench.timing import time_calls
 from engine.bundle import load_bundle
 
 
 @torch.no_grad()
 def time_branch(branch: torch.nn.Module, size: int, batch: int, runs: int, warmup: int = 10) -> dict[str, float]:
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    for _ in range(warmup):
-        branch(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        branch(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    t = np.array(times)
-    return {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)),
-            "p99_ms": float(np.percentile(t, 99)), "max_ms": float(t.max()), "runs": runs}
+    return time_calls(lambda: branch(x), runs, warmup)
 
 
 def main() -> None:

@@ -12,33 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.provenance import provenance, provenance_markdown
-from engine.backends import BackendUnavailable, load_scorer
+from bench.timing import time_calls
+from engine.backends import BackendUnavailable, check_parity, eager_module, load_scorer, probe_frames
 from engine.bundle import load_bundle
 
 
 def time_scorer(scorer: Any, runs: int, warmup: int = 20) -> dict[str, float]:
     x = torch.rand(scorer.batch, 3, scorer.input_size, scorer.input_size, device=scorer.device)
-    sync = torch.cuda.synchronize if scorer.device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        scorer(x)
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        scorer(x)
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    t = np.array(times)
-    return {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)),
-            "p99_ms": float(np.percentile(t, 99)), "max_ms": float(t.max()), "runs": runs}
+    sync = torch.cuda.synchronize if scorer.device == "cuda" else None
+    return time_calls(lambda: scorer(x), runs, warmup, sync)
 
 
 def main() -> None:
@@ -48,6 +36,8 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--parity-frames", type=int, default=200,
+                    help="synthetic frames for the compiled-vs-eager check of each compiled branch (0 = skip)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     bundle = load_bundle(args.bundle)
@@ -64,9 +54,15 @@ def main() -> None:
                     print(f"{m.upper()} {backend} batch {batch}: unavailable: {exc}")
                     results.append({"backend": backend, "modality": m, "batch": batch, "unavailable": str(exc)})
                     continue
+                parity = scorer.parity
+                if backend != "eager" and args.parity_frames:
+                    frames = probe_frames(bundle.model.input_size, args.parity_frames, seed=21, modality=m)
+                    parity = check_parity(eager_module(bundle, m, args.device, "fp32"), scorer.fn, frames, batch,
+                                          args.device, scorer.precision)
+                    print(f"{m.upper()} {backend} batch {batch}: parity on {len(frames)} frames: {parity}")
                 r = {"backend": backend, "modality": m, "batch": batch, "device": args.device,
                      "precision": scorer.precision, **time_scorer(scorer, args.runs),
-                     "compile_s": scorer.compile_seconds, "parity": scorer.parity}
+                     "compile_s": scorer.compile_seconds, "parity": parity}
                 results.append(r)
                 print(f"{m.upper()} {backend} {scorer.precision} batch {batch}: p50 {r['p50_ms']:.2f} ms, "
                       f"p99 {r['p99_ms']:.2f} ms", flush=True)
@@ -80,15 +76,17 @@ def main() -> None:
 def markdown(out: dict[str, Any]) -> str:
     rows = [r for r in out["results"] if "p50_ms" in r]
     eager = {(r["modality"], r["batch"]): r["p50_ms"] for r in rows if r["backend"] == "eager"}
-    lines = ["| branch | backend | precision | batch | p50 ms | p95 ms | p99 ms | max ms | p50 / eager | compile s | parity max err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| branch | backend | precision | batch | p50 ms | p95 ms | p99 ms | max ms | p50 / eager | compile s | "
+             "parity max err | same ranking |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = eager.get((r["modality"], r["batch"]))
         ratio = f"{r['p50_ms'] / base:.2f}" if base else "–"
         comp = f"{r['compile_s']:.0f}" if r.get("compile_s") else "–"
-        err = f"{r['parity']['max_abs_map_error']:.1e}" if r.get("parity") else "–"
+        err = f"{r['parity']['max_abs_map_error']:.1e} ({r['parity']['frames']} frames)" if r.get("parity") else "–"
+        rank = str(r["parity"]["same_ranking"]) if r.get("parity") else "–"
         lines.append(f"| {r['modality'].upper()} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.2f} | "
-                     f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {ratio} | {comp} | {err} |")
+                     f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {ratio} | {comp} | {err} | {rank} |")
     return "\n".join(lines) + "\n\nProvenance: " + provenance_markdown(out["provenance"]) + "\n"
 
 

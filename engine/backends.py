@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.backbone import file_sha256
 from engine.bundle import Bundle, atomic_write_json
 from engine.config import to_dict
 from engine.errors import CemdError
@@ -68,14 +69,6 @@ def model_hash(bundle: Bundle, modality: str) -> str:
     h.update(json.dumps(bundle.meta.get("files", {}), sort_keys=True).encode())
     h.update(json.dumps(bundle.meta.get("encoder", {}), sort_keys=True).encode())
     h.update(modality.encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -33,3 +33,21 @@ def test_ablation_markdown_has_visible_and_all_kind_columns() -> None:
                "visible_kinds": {"image_auroc": 0.97, "pixel_auroc": 0.98}}}}}
     md = markdown(res)
     assert "| cemd | WLI | 0.970 | 0.980 | 0.800 | 0.850 | 0.900 / 0.950 |" in md
+
+
+def test_time_calls_counts_every_call_and_latency_table_gives_ratio_to_eager() -> None:
+    from bench.model_latency import markdown as latency_markdown
+    from bench.timing import time_calls
+
+    calls: list[int] = []
+    stats = time_calls(lambda: calls.append(1), runs=7, warmup=3, sync=lambda: None)
+    assert len(calls) == 10 and stats["runs"] == 7 and 0 <= stats["p50_ms"] <= stats["max_ms"]
+    row = {"modality": "wli", "batch": 1, "precision": "fp32", "p95_ms": 1.0, "p99_ms": 1.0, "max_ms": 1.0}
+    out = {"provenance": provenance(), "results": [
+        {**row, "backend": "eager", "p50_ms": 40.0},
+        {**row, "backend": "aoti", "p50_ms": 20.0, "compile_s": 45.0,
+         "parity": {"max_abs_map_error": 1e-7, "frames": 200, "same_ranking": True}},
+        {"backend": "tensorrt", "modality": "wli", "batch": 1, "unavailable": "no GPU"}]}
+    md = latency_markdown(out)
+    assert "| WLI | aoti | fp32 | 1 | 20.00 |" in md and "| 0.50 | 45 | 1.0e-07 (200 frames) | True |" in md
+    assert "tensorrt" not in md.split("Provenance")[0]
