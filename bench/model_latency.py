@@ -55,7 +55,7 @@ def main() -> None:
                     results.append({"backend": backend, "modality": m, "batch": batch, "unavailable": str(exc)})
                     continue
                 parity = scorer.parity
-                if backend != "eager" and args.parity_frames:
+                if (backend != "eager" or scorer.precision != "fp32") and args.parity_frames:
                     frames = probe_frames(bundle.model.input_size, args.parity_frames, seed=21, modality=m)
                     parity = check_parity(eager_module(bundle, m, args.device, "fp32"), scorer.fn, frames, batch,
                                           args.device, scorer.precision)

@@ -149,8 +149,18 @@ def test_tensorrt_calls_against_a_stand_in_module(tiny_bundle: Path, tmp_path: P
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_eager_fp16_and_aoti_match_fp32_eager(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    for backend in ("eager", "aoti"):
-        scorer = load_scorer(bundle, "wli", backend, "cuda", cache_dir=tmp_path)
-        ref = eager_module(bundle, "wli", "cuda", "fp32")
-        res = check_parity(ref, scorer.fn, probe_frames(TINY_SIZE, 8), 1, "cuda", scorer.precision)
-        assert res["ok"], (backend, res)
+    ref = eager_module(bundle, "wli", "cuda", "fp32")
+    frames = probe_frames(TINY_SIZE, 8)
+    scorer = load_scorer(bundle, "wli", "eager", "cuda", cache_dir=tmp_path)
+    assert scorer.precision == "fp16"
+    res = check_parity(ref, scorer.fn, frames, 1, "cuda", "fp16")
+    assert res["ok"], res
+    try:
+        scorer = load_scorer(bundle, "wli", "aoti", "cuda", cache_dir=tmp_path)
+    except BackendUnavailable as exc:
+        # seen on an H200 with torch 2.11: the package segfaults on load; the child-process
+        # guard must turn that into a refusal with the reason, and this process must survive
+        assert "crashed" in str(exc) or "failed" in str(exc), exc
+        return
+    res = check_parity(ref, scorer.fn, frames, 1, "cuda", "fp32")
+    assert res["ok"], res
