@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from bench.provenance import provenance
 from engine import dataset as ds
-from engine import metrics
 from engine.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
 from engine.backbone import FrozenEncoder, build_lite0
+from engine.evaluate import subset_aurocs
 
 
 @torch.no_grad()
@@ -78,10 +78,8 @@ def run(train_data: Path, test_data: Path, per_kind: int, bank_size: int, n_trai
         amap_np, fov_np = amap[:, 0].numpy(), fov[:, 0].numpy() > 0.5
         rep: dict[str, Any] = {}
         for k in sorted(set(kinds) - {"good"}):
-            sel = (kinds == "good") | (kinds == k)
-            rep[k] = {"image_auroc": metrics.auroc(labels[sel], scores[sel]),
-                      "pixel_auroc": metrics.pixel_auroc(amap_np[sel], masks[sel], valid=fov_np[sel])}
-            print(f"{m.upper()} {k}: image AUROC {rep[k]['image_auroc']:.3f}, pixel {rep[k]['pixel_auroc']:.3f}")
+            rep[k] = subset_aurocs(labels, scores, amap_np, masks, fov_np, (kinds == "good") | (kinds == k))
+            print(f"{m.upper()} {k}: image AUROC {rep[k]['image_auroc']:.3f}, pixel {rep[k].get('pixel_auroc', float('nan')):.3f}")
         result[m] = rep
     return result
 

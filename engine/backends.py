@@ -59,6 +59,11 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 # --------------------------------------------------------------------------- keys and hashes
 
 
@@ -158,7 +163,7 @@ def _import_torch_tensorrt() -> Any:
         import torch_tensorrt  # noqa: PLC0415
     except Exception as exc:  # it raises a plain Exception (not ImportError) when TensorRT libraries are missing
         raise BackendUnavailable(
-            f"torch_tensorrt cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"torch_tensorrt cannot be imported ({_first_line(exc)}); "
             "on an NVIDIA machine install the extra: pip install -e '.[tensorrt]'"
         ) from exc
     return torch_tensorrt
@@ -337,18 +342,15 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     cache_dir = Path(cache_dir) if cache_dir else bundle.path / "compiled"
     artifact, sidecar = artifact_paths(cache_dir, key)
     reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
-    load = load_aoti if backend == "aoti" else load_tensorrt
-    if reason is None and backend == "aoti" and device == "cuda":
-        crash = probe_load(artifact, device, key["shape"])
-        if crash:
-            raise BackendUnavailable(f"the AOTInductor CUDA package {artifact.name}: {crash}")
     if reason is None:
         try:
-            fn = load(artifact)
+            fn = _load_artifact(artifact, backend, device, key["shape"])
             log(f"{modality.upper()} {backend}: loaded {artifact}")
             return fn, artifact, None
+        except BackendUnavailable:
+            raise
         except Exception as exc:  # a corrupt or incompatible artifact: rebuild, never trust it
-            reason = f"it failed to load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            reason = f"it failed to load ({_first_line(exc)})"
     log(f"{modality.upper()} {backend}: building {artifact.name} ({reason})")
     t0 = time.perf_counter()
     module = eager_module(bundle, modality, device, precision)
@@ -366,17 +368,21 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
         raise
     except Exception as exc:
         tmp.unlink(missing_ok=True)
-        raise BackendUnavailable(f"{backend} compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise BackendUnavailable(f"{backend} compilation failed: {_first_line(exc)}") from exc
     os.replace(tmp, artifact)
     seconds = time.perf_counter() - t0
     atomic_write_json(sidecar, {"key": key, "sha256": file_sha256(artifact), "compile_seconds": round(seconds, 1),
                                 "built": time.strftime("%Y-%m-%d %H:%M:%S")})
     log(f"{modality.upper()} {backend}: built in {seconds:.0f} s")
-    if backend == "aoti" and device == "cuda":
-        crash = probe_load(artifact, device, key["shape"])
+    return _load_artifact(artifact, backend, device, key["shape"]), artifact, seconds
+
+
+def _load_artifact(artifact: Path, backend: str, device: str, shape: list[int]) -> Callable[[torch.Tensor], Any]:
+    if backend == "aoti" and device == "cuda":  # see probe_load: a crash here must not take the process down
+        crash = probe_load(artifact, device, shape)
         if crash:
             raise BackendUnavailable(f"the AOTInductor CUDA package {artifact.name}: {crash}")
-    return load(artifact), artifact, seconds
+    return load_aoti(artifact) if backend == "aoti" else load_tensorrt(artifact)
 
 
 def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: str = "cpu",
@@ -386,10 +392,9 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
     order = list(BACKENDS) if backend == "auto" else [backend]
     if backend != "auto" and backend not in BACKENDS:
         raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
-    if backend == "auto" and device == "cpu":
-        order.remove("tensorrt")
     skipped: dict[str, str] = {}
     if backend == "auto" and device == "cpu":
+        order.remove("tensorrt")
         skipped["tensorrt"] = "CPU device (TensorRT needs an NVIDIA GPU)"
         log(f"{modality.upper()}: tensorrt skipped: {skipped['tensorrt']}")
     frames = None

@@ -47,13 +47,19 @@ def mean_colour_baseline(train_images: np.ndarray, test_images: np.ndarray) -> n
     return np.linalg.norm(mean_colour(test_images) - mu, axis=1)
 
 
+def subset_aurocs(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, fovs: np.ndarray,
+                   sel: np.ndarray) -> dict[str, Any]:
+    """Image AUROC of the selected images, and pixel AUROC when any of them has a mask."""
+    rep: dict[str, Any] = {"image_auroc": metrics.auroc(labels[sel], scores[sel])}
+    if masks[sel].any():
+        rep["pixel_auroc"] = metrics.pixel_auroc(maps[sel], masks[sel], valid=fovs[sel])
+    return rep
+
+
 def _kind_report(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, fovs: np.ndarray,
                  kinds: np.ndarray, kind: str) -> dict[str, Any]:
-    sel = (kinds == "good") | (kinds == kind)
-    rep: dict[str, Any] = {"n": int((kinds == kind).sum())}
-    rep["image_auroc"] = metrics.auroc(labels[sel], scores[sel])
-    if masks[kinds == kind].any():
-        rep["pixel_auroc"] = metrics.pixel_auroc(maps[sel], masks[sel], valid=fovs[sel])
+    rep: dict[str, Any] = {"n": int((kinds == kind).sum()),
+                           **subset_aurocs(labels, scores, maps, masks, fovs, (kinds == "good") | (kinds == kind))}
     lesion_area = masks[kinds == kind].sum(axis=(1, 2)) / np.maximum(fovs[kinds == kind].sum(axis=(1, 2)), 1)
     rep["lesion_area_fraction_median"] = float(np.median(lesion_area)) if len(lesion_area) else None
     return rep
@@ -62,10 +68,7 @@ def _kind_report(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks
 def _visible_report(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, fovs: np.ndarray,
                     kinds: np.ndarray, visible: list[str]) -> dict[str, Any]:
     sel = (kinds == "good") | np.isin(kinds, visible)
-    rep: dict[str, Any] = {"kinds": visible, "image_auroc": metrics.auroc(labels[sel], scores[sel])}
-    if masks[sel].any():
-        rep["pixel_auroc"] = metrics.pixel_auroc(maps[sel], masks[sel], valid=fovs[sel])
-    return rep
+    return {"kinds": visible, **subset_aurocs(labels, scores, maps, masks, fovs, sel)}
 
 
 def evaluate_modality(bundle: Bundle, split: ds.ModalitySplit, size: int, progress: bool,
