@@ -319,9 +319,13 @@ def default_precision(backend: str, device: str) -> str:
 
 
 def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "cpu", precision: str | None = None,
-                   batch: int = 1, cache_dir: Path | None = None, rebuild: bool = False, log: Log = _quiet
-                   ) -> tuple[Callable[[torch.Tensor], Any], Path | None, float | None]:
-    """Load the cached artifact for this key, or build it; returns (callable, artifact path, compile seconds)."""
+                   batch: int = 1, cache_dir: Path | None = None, rebuild: bool = False, log: Log = _quiet,
+                   build: bool = True) -> tuple[Callable[[torch.Tensor], Any], Path | None, float | None]:
+    """Load the cached artifact for this key, or build it; returns (callable, artifact path, compile seconds).
+
+    ``build=False`` never compiles: a missing or stale artifact makes the backend unavailable
+    (for quick starts that must not spend a minute compiling).
+    """
     precision = precision or default_precision(backend, device)
     if precision not in TOLERANCE:
         raise CemdError(f"precision must be fp16 or fp32, not {precision!r}")
@@ -351,6 +355,9 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
             raise
         except Exception as exc:  # a corrupt or incompatible artifact: rebuild, never trust it
             reason = f"it failed to load ({_first_line(exc)})"
+    if not build:
+        raise BackendUnavailable(f"no usable compiled artifact ({reason}); build it once with: "
+                                 f"cemd export --bundle {bundle.path} --backend {backend} --device {device}")
     log(f"{modality.upper()} {backend}: building {artifact.name} ({reason})")
     t0 = time.perf_counter()
     module = eager_module(bundle, modality, device, precision)
@@ -387,7 +394,7 @@ def _load_artifact(artifact: Path, backend: str, device: str, shape: list[int]) 
 
 def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: str = "cpu",
                 precision: str | None = None, batch: int = 1, cache_dir: Path | None = None, parity_frames: int = 8,
-                rebuild: bool = False, log: Log = _quiet) -> Scorer:
+                rebuild: bool = False, log: Log = _quiet, build: bool = True) -> Scorer:
     """The best working branch: `auto` tries tensorrt → aoti → eager; compiled ones must pass parity."""
     order = list(BACKENDS) if backend == "auto" else [backend]
     if backend != "auto" and backend not in BACKENDS:
@@ -401,7 +408,8 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
     for name in order:
         prec = precision or default_precision(name, device)
         try:
-            fn, artifact, seconds = compile_branch(bundle, modality, name, device, prec, batch, cache_dir, rebuild, log)
+            fn, artifact, seconds = compile_branch(bundle, modality, name, device, prec, batch, cache_dir, rebuild, log,
+                                                      build)
             parity = None
             if name != "eager":
                 if frames is None:

@@ -1,0 +1,221 @@
+"""The monitor's stages called directly with made inputs: preprocessing, routing, alert logic, config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import CemdError
+from engine.synth_video import VideoScene
+from realtime.alerts import AlertConfig, AlertLogic, Thresholds, locate
+from realtime.config import MonitorConfig, example_config, load_config
+from realtime.preprocess import FramePreprocessor, detect_field_of_view, map_to_source
+from realtime.routing import (DEFAULT_CLASSIFIER, ModalityClassifier, ModalityRouter, fit_classifier,
+                              routing_accuracy)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- field of view
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1280, 720), (320, 240)])
+def test_field_of_view_found_on_synthetic_frames(size: tuple[int, int]) -> None:
+    scene = VideoScene(5, 2, 30, size)  # the disc is clipped at top and bottom in most seeds
+    for i in (0, 20, 45):
+        fov = detect_field_of_view(scene.frame(i))
+        assert fov is not None
+        assert abs(fov.radius / scene.radius - 1) < 0.05
+        assert abs(fov.cx - scene.cx) < 0.03 * scene.radius and abs(fov.cy - scene.cy) < 0.06 * scene.radius
+
+
+def test_no_field_of_view_in_a_black_frame_keeps_the_last_one() -> None:
+    pre = FramePreprocessor(64, redetect_every=1)
+    scene = VideoScene(5, 1, 30, (320, 240))
+    pre(scene.frame(0))
+    good = pre.fov
+    assert detect_field_of_view(np.zeros((240, 320, 3), np.uint8)) is None
+    pre(np.zeros((240, 320, 3), np.uint8))
+    assert pre.fov == good and pre.failed_detections == 1
+
+
+def test_crop_masks_text_and_maps_back_to_source() -> None:
+    scene = VideoScene(3, 1, 30, (640, 480))
+    frame = scene.frame(0)
+    pre = FramePreprocessor(128)
+    tensor, crop, box = pre(frame)
+    assert tensor.shape == (1, 3, 128, 128) and 0 <= float(tensor.min()) and float(tensor.max()) <= 1
+    # corners of the crop are outside the disc: black (the burnt-in text is gone)
+    assert crop[:6, :6].max() == 0 and crop[-6:, -6:].max() == 0
+    # the crop centre maps to the disc centre in source pixels
+    centre = map_to_source(np.array([[64.0, 64.0]]), box, 128)[0]
+    assert abs(centre[0] - scene.cx) < 10 and abs(centre[1] - scene.cy) < 15
+
+
+def test_preprocess_any_size_and_resolution_change() -> None:
+    pre = FramePreprocessor(64)
+    for h, w in ((97, 131), (1080, 1920), (240, 320)):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 120
+        t, _, _ = pre(img)
+        assert t.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError):
+        pre(np.zeros((10, 10), np.uint8))
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _crops(seed: int, seconds: float) -> tuple[list[np.ndarray], list[str]]:
+    scene = VideoScene(seed, seconds, 30, (320, 240))
+    pre = FramePreprocessor(64)
+    return [pre.crop(scene.frame(i))[0] for i in range(scene.n_frames)], [scene.modality(i) for i in range(scene.n_frames)]
+
+
+def test_router_follows_switches_within_two_frames() -> None:
+    crops, truth = _crops(21, 12)
+    router = ModalityRouter(ModalityClassifier.from_json(DEFAULT_CLASSIFIER))
+    chosen = [router.update(c).modality for c in crops]
+    switches = sum(a != b for a, b in zip(truth, truth[1:]))
+    assert switches >= 2 and router.switches == switches
+    assert routing_accuracy(chosen, truth) >= 1 - (switches * 1 + 1) / len(truth)
+
+
+def test_router_ignores_single_odd_frames() -> None:
+    crops, truth = _crops(21, 4)
+    wli = [c for c, t in zip(crops, truth) if t == "wli"][:40]
+    nbi = [c for c, t in zip(crops, truth) if t == "nbi"][:5] or _crops(22, 12)[0][-5:]
+    router = ModalityRouter(ModalityClassifier.from_json(DEFAULT_CLASSIFIER), switch_frames=2)
+    seq = wli[:10] + nbi[:1] + wli[10:20] + nbi[1:2] + wli[20:30] + [np.zeros_like(wli[0])] * 3 + wli[30:]
+    out = [router.update(c).modality for c in seq]
+    assert set(out) == {"wli"} and router.switches == 0
+
+
+def test_classifier_fit_separates_colours() -> None:
+    rng = np.random.default_rng(0)
+    feats = {"wli": list(rng.normal([0.47, 0.28, 0.25], 0.01, (40, 3))),
+             "nbi": list(rng.normal([0.31, 0.37, 0.32], 0.01, (40, 3)))}
+    clf = fit_classifier(feats, "test")
+    red = np.full((32, 32, 3), (200, 110, 100), np.uint8)
+    teal = np.full((32, 32, 3), (110, 130, 115), np.uint8)
+    assert clf.p_nbi(red) < 0.05 and clf.p_nbi(teal) > 0.95
+    assert clf.p_nbi(np.zeros((32, 32, 3), np.uint8)) is None
+    with pytest.raises(CemdError, match="at least 5"):
+        fit_classifier({"wli": feats["wli"][:2], "nbi": feats["nbi"]}, "x")
+
+
+def test_bundle_classifier_file(tmp_path: Path) -> None:
+    clf, warning = ModalityClassifier.for_bundle(tmp_path)
+    assert warning and "fit-modality" in warning
+    (tmp_path / "modality.json").write_text("{broken")
+    with pytest.raises(CemdError, match="not a valid modality classifier"):
+        ModalityClassifier.for_bundle(tmp_path)
+    clf, warning = ModalityClassifier.for_bundle(REPO / "models" / "demo")
+    assert warning is None and len(clf.weights) == 3
+
+
+# --------------------------------------------------------------------------- alert logic
+
+
+def _blob_map(n: int = 64) -> np.ndarray:
+    m = np.zeros((n, n), np.float32)
+    m[10:20, 30:46] = 1.0
+    return m
+
+
+def _run(logic: AlertLogic, scores: list[float], modality: str | list[str] = "wli", fps: float = 30):
+    out = []
+    for i, s in enumerate(scores):
+        mod = modality if isinstance(modality, str) else modality[i]
+        d = logic.update(i, i, int(i * 1e9 / fps), mod, s, _blob_map, (100, 50, 128))
+        out += [(i, a) for a in d.alerts]
+    return out
+
+
+def test_n_of_m_debounce_and_hold_time() -> None:
+    logic = AlertLogic(Thresholds({"wli": 0.5, "nbi": 0.5}, "test"), AlertConfig(n_of_m=(3, 5), hold_ms=200))
+    # two isolated spikes never open an event; a run of three does, on its third frame
+    scores = [0.1] * 5 + [0.9, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1] + [0.9] * 10 + [0.1] * 20
+    alerts = _run(logic, scores)
+    kinds = [(i, a["event"]) for i, a in alerts]
+    assert kinds[0] == (14, "start")
+    end = [(i, a) for i, a in alerts if a["event"] == "end"]
+    assert len(end) == 1
+    i_end, a_end = end[0]
+    assert a_end["end_frame_id"] == 21 and a_end["reason"] == "below_threshold"
+    assert (i_end - 21) / 30 * 1000 > 200 and (i_end - 1 - 21) / 30 * 1000 <= 200  # the first frame past the hold
+    assert all(a["event_id"] == 0 for _, a in alerts)
+
+
+def test_sensitivity_lowers_the_threshold() -> None:
+    scores = [0.45] * 10
+    assert _run(AlertLogic(Thresholds({"wli": 0.5}, "t")), scores) == []
+    assert _run(AlertLogic(Thresholds({"wli": 0.5}, "t"), AlertConfig(sensitivity=1.2)), scores)[0][1]["event"] == "start"
+
+
+def test_modality_switch_ends_the_event_and_updates_follow_peaks() -> None:
+    logic = AlertLogic(Thresholds({"wli": 0.5, "nbi": 0.5}, "t"), AlertConfig(n_of_m=(2, 3), update_hz=5))
+    scores = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]
+    mods = ["wli"] * 12 + ["nbi"] * 2
+    alerts = _run(logic, scores, mods)
+    events = [a["event"] for _, a in alerts]
+    assert events[0] == "start" and "update" in events and "end" in events
+    end = next(a for _, a in alerts if a["event"] == "end")
+    assert end["reason"] == "modality_switch" and end["modality"] == "wli"
+    updates = [i for i, a in alerts if a["event"] == "update"]
+    assert all(b - a >= 6 for a, b in zip(updates, updates[1:]))  # at most 5 Hz at 30 fps
+    assert end["peak_score"] == pytest.approx(1.7)
+
+
+def test_location_is_in_source_pixels() -> None:
+    loc = locate(_blob_map(64), (100, 50, 128), level=0.6)
+    x, y, w, h = loc["box"]
+    # map rows 10–19, cols 30–45 at 2 source px per map px, offset (100, 50)
+    assert abs(x - 160) <= 2 and abs(y - 70) <= 2 and abs(w - 32) <= 3 and abs(h - 20) <= 3
+    assert loc["peak"][0] in range(160, 193) and len(loc["contour"]) >= 4
+    assert locate(np.zeros((64, 64), np.float32), (0, 0, 64), 0.6) is None
+
+
+def test_default_thresholds_warn(tiny_bundle: Path) -> None:
+    from engine.bundle import load_bundle
+
+    b = load_bundle(tiny_bundle)
+    t = Thresholds.for_bundle(b)
+    assert t.warning and "not calibrated" in t.warning and set(t.values) == {"wli", "nbi"}
+    (tiny_bundle / "calibration.json").write_text(json.dumps({"modalities": {"wli": {"threshold": 0.3},
+                                                                             "nbi": {"threshold": 0.4}}}))
+    try:
+        t = Thresholds.for_bundle(load_bundle(tiny_bundle))
+        assert t.warning is None and t.values == {"wli": 0.3, "nbi": 0.4}
+    finally:
+        (tiny_bundle / "calibration.json").unlink()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_file_round_trip_and_errors(tmp_path: Path) -> None:
+    full = tmp_path / "full.toml"
+    full.write_text(example_config())
+    assert load_config(full) == MonitorConfig()
+    good = tmp_path / "c.toml"
+    good.write_text('[source]\nsource = "clip.mp4"\nrealtime = false\n[alerts]\nn_of_m = [2, 4]\nhold_ms = 300\n')
+    cfg = load_config(good)
+    assert cfg.source.source == "clip.mp4" and not cfg.source.realtime and cfg.alerts.n_of_m == (2, 4)
+    assert cfg.alerts.hold_ms == 300.0
+    for text, match in (("[source]\nsorce = 1\n", "unknown key 'sorce'"), ("[sauce]\n", "unknown section"),
+                        ("[source]\nrealtime = 1\n", "true or false"), ("[alerts]\nn_of_m = 3\n", "pair"),
+                        ("[source\n", "not valid TOML")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(CemdError, match=match):
+            load_config(bad)
+    with pytest.raises(CemdError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    cfg = MonitorConfig()
+    cfg.alerts.n_of_m = (5, 3)
+    with pytest.raises(CemdError, match="N ≤ M"):
+        cfg.validate()
