@@ -13,6 +13,7 @@ from rich.text import Text
 
 from engine import cli as engine_cli
 from engine.errors import CemdError
+from realtime import keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +23,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     engine_cli.register(sub)
+    _add_run(sub)
+    _add_fit_modality(sub)
+    keys.register(sub)
     return parser
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    import run_stream
+
+    # Listed for --help only: main() hands everything after "run" to run_stream's own parser.
+    p = sub.add_parser("run", help="the real-time monitor (same as python run_stream.py; cemd run --help)")
+    p.set_defaults(func=lambda _args: run_stream.main([], prog="cemd run"))
+
+
+def _add_fit_modality(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("fit-modality", help="fit the WLI/NBI colour classifier used by --modality auto",
+                       description="Fit the per-frame WLI/NBI classifier of --modality auto on a dataset's normal "
+                                   "training images (layout: docs/DATA.md) and store it in the bundle.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="dataset root with wli/train/good and nbi/train/good")
+    p.set_defaults(func=_fit_modality)
+
+
+def _fit_modality(args: argparse.Namespace) -> int:
+    import json
+
+    from realtime.routing import CLASSIFIER_FILE, fit_from_dataset
+
+    if not args.bundle.is_dir():
+        raise CemdError(f"bundle folder {args.bundle} does not exist")
+    classifier = fit_from_dataset(args.data)
+    out = args.bundle / CLASSIFIER_FILE
+    out.write_text(json.dumps(classifier.to_json(), indent=2) + "\n")
+    Console().print(f"wrote {out} (fitted on {args.data})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        import run_stream
+
+        return run_stream.main(argv[1:], prog="cemd run")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,401 @@
+"""The real-time monitor: capture → preprocess → route → score → decide → publish, wired in one place.
+
+Each stage is a small unit with plain inputs and outputs (``FramePreprocessor``,
+``ModalityRouter``, a ``Scorer`` per branch, ``AlertLogic``, ``AlertPublisher``); this
+module only connects them, stamps monotonic times between them, and turns every fault into
+a ``status`` message and a dashboard state instead of a silent stop.
+
+Stage timings of a frame (ms): ``capture`` = written into the shared-memory ring → taken by
+the scorer (ring wait and copy), ``preprocess`` = field of view, crop, resize, routing,
+``inference`` = the branch, ``decision`` = alert logic and location, ``publish`` = decision →
+sent on the socket (measured by the publisher thread), ``end_to_end`` = ring write → sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from engine.bundle import load_bundle
+from engine.errors import CemdError
+from realtime.alerts import AlertLogic, Thresholds
+from realtime.capture import CaptureProcess
+from realtime.config import MonitorConfig
+from realtime.preprocess import FramePreprocessor
+from realtime.publisher import AlertPublisher, CurveServerConfig
+from realtime.routing import ModalityClassifier, ModalityRouter
+from realtime.sources import SourceSpec, parse_source, synthetic_events
+from realtime.stats import RateMeter, StageLatencies, latency_summary
+
+Log = Callable[[str], None]
+_MAX_SCORER_FAILURES = 10
+
+
+def versions() -> dict[str, str]:
+    import av
+    import cv2
+    import zmq
+
+    import engine
+
+    return {"cemd": getattr(engine, "__version__", "0.1.0"), "python": platform.python_version(),
+            "torch": torch.__version__, "av": av.__version__, "ffmpeg": str(av.library_versions.get("libavcodec")),
+            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "opencv": cv2.__version__,
+            "numpy": np.__version__}
+
+
+@dataclass
+class LiveState:
+    """What the dashboard shows; written by the scoring loop only, read by the dashboard thread."""
+
+    state: str = "starting"
+    message: str | None = None
+    source_state: str = "opening"
+    source: dict[str, Any] = field(default_factory=dict)
+    modality: str | None = None
+    scores: deque = field(default_factory=lambda: deque(maxlen=120))
+    threshold: float | None = None
+    recent_alerts: deque = field(default_factory=lambda: deque(maxlen=8))
+    frames_scored: int = 0
+    last_frame_id: int | None = None
+    fps_scored: float = 0.0
+    events: int = 0
+    open_event: int | None = None
+
+
+class Monitor:
+    def __init__(self, config: MonitorConfig, log: Log = print) -> None:
+        config.validate()
+        self.cfg = config
+        self.log = log
+        self.live = LiveState()
+        self.latency = StageLatencies()
+        self.warnings: list[str] = []
+        self._stop = threading.Event()
+        self._rate = RateMeter()
+        self._e2e_decision: list[float] = []  # ring write → decision, per score message, in publish order
+        self._alerts: list[dict[str, Any]] = []
+        self._routes: list[tuple[int, str]] = []
+        self._scorer_failures = 0
+        self.exit_code = 0
+        self.spec: SourceSpec = parse_source(config.source.source)  # bad --source fails here, before anything loads
+        self.run_dir = Path(config.run.run_dir or f"runs/stream-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.publisher: AlertPublisher | None = None
+        self.capture: CaptureProcess | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        self.log(f"[yellow]warning:[/] {text}")
+
+    def _device(self) -> str:
+        d = self.cfg.scoring.device
+        if d == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if d == "cuda" and not torch.cuda.is_available():
+            raise CemdError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        return d
+
+    def _load_model(self) -> None:
+        from engine.backends import load_scorer
+
+        sc = self.cfg.scoring
+        self.bundle = load_bundle(sc.bundle)
+        self.device = self._device()
+        modalities = list(self.bundle.modalities) if sc.modality == "auto" else [sc.modality]
+        if sc.modality != "auto" and sc.modality not in self.bundle.modalities:
+            self.bundle.branch(sc.modality)  # raises the clear "bundle has no NBI branch" error
+        if sc.modality == "auto" and len(modalities) < 2:
+            raise CemdError(f"--modality auto needs both branches but bundle {sc.bundle} has only "
+                            f"{', '.join(m.upper() for m in modalities)}; use --modality {modalities[0]}")
+        self.thresholds = Thresholds.for_bundle(self.bundle)
+        if self.thresholds.warning:
+            self._warn(self.thresholds.warning)
+        self.scorers = {}
+        for m in modalities:
+            self.scorers[m] = load_scorer(self.bundle, m, sc.backend, self.device, sc.precision,
+                                          log=lambda s: self.log(f"  {s}"), build=sc.build_missing)
+        self.router = None
+        if sc.modality == "auto":
+            classifier, warning = ModalityClassifier.for_bundle(self.bundle.path)
+            if warning:
+                self._warn(warning)
+            self.router = ModalityRouter(classifier, sc.switch_frames, sc.switch_confidence)
+        self.preprocess = FramePreprocessor(self.bundle.model.input_size, sc.redetect_fov_every)
+        size = self.bundle.model.input_size
+        warm = torch.zeros(1, 3, size, size)
+        for scorer in self.scorers.values():  # both branches warm before the first frame
+            for _ in range(2):
+                scorer(warm)
+        self.alerts = AlertLogic(self.thresholds, self.cfg.alerts)
+
+    def _start_publisher(self) -> None:
+        pc = self.cfg.publish
+        curve = None
+        if pc.curve_secret or pc.curve_allow:
+            if not (pc.curve_secret and pc.curve_allow):
+                raise CemdError("CURVE needs both --curve-secret (the monitor's secret key file) and --curve-allow "
+                                "(a folder of allowed client public keys); make keys with: cemd keys")
+            curve = CurveServerConfig(Path(pc.curve_secret), Path(pc.curve_allow))
+        self.publisher = AlertPublisher(pc.publish, pc.replay, run_dir=self.run_dir, publisher_id=pc.publisher_id,
+                                        heartbeat_interval=pc.heartbeat_s, curve=curve,
+                                        state_provider=lambda: {"state": self.live.state,
+                                                                "last_frame_id": self.live.last_frame_id})
+        self.publisher.start()
+
+    def setup(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start_publisher()  # first: a port in use fails in a second, not after the model loads
+        self.publish_status()
+        self.log(f"loading bundle {self.cfg.scoring.bundle} …")
+        self._load_model()
+        sc = self.cfg.source
+        self.capture = CaptureProcess(self.spec, realtime=sc.realtime, loop=sc.loop, slots=sc.ring_slots,
+                                      open_timeout=sc.open_timeout_s, read_timeout=sc.read_timeout_s,
+                                      stall_after_s=sc.stall_after_s)
+        self.log(f"opening source {self.spec} …")
+        self.capture.start()
+        self.truth = synthetic_events(self.spec) if self.spec.kind == "synthetic" else None
+        self._truth_modality = None
+        if self.truth:
+            self._truth_modality = np.empty(self.truth["frames"], dtype="<U3")
+            for seg in self.truth["modality"]:
+                self._truth_modality[seg["start_frame"]: seg["end_frame"] + 1] = seg["modality"]
+        self.live.state = "running"
+
+    # ------------------------------------------------------------------ status
+
+    def _source_status(self) -> dict[str, Any]:
+        s = self.capture.stats() if self.capture else {}
+        return {"kind": self.spec.kind, "target": str(self.spec), "state": s.get("state", "opening"),
+                "frames_read": s.get("frames_read", 0), "frames_dropped": s.get("frames_dropped", 0),
+                "decode_errors": s.get("decode_errors", 0), "fps": round(float(s.get("fps") or 0.0), 2),
+                "width": s.get("width"), "height": s.get("height"),
+                "last_frame_age_ms": s.get("last_frame_age_ms")}
+
+    def publish_status(self) -> None:
+        src = self._source_status()
+        self.live.source, self.live.source_state = src, src["state"]
+        if self.live.state in ("running", "degraded"):  # one consistent view: a bad source degrades the pipeline
+            if src["state"] in ("stalled", "reconnecting", "error"):
+                self._fault(self.live.message or f"source {src['state']}")
+            elif src["state"] == "running" and self.live.state == "degraded" and not self._scorer_failures:
+                self.live.state, self.live.message = "running", None
+        ev = self.alerts.open_event if hasattr(self, "alerts") else None
+        open_events = [a for a in self._alerts[-1:] if ev is not None and a["event_id"] == ev.id]
+        payload = {
+            "state": self.live.state, "message": self.live.message, "source": src,
+            "scorer": {"state": "ready" if hasattr(self, "scorers") else "loading", "modality": self.live.modality,
+                       "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
+                       "backends": {m: s.backend for m, s in getattr(self, "scorers", {}).items()},
+                       "fps": round(self.live.fps_scored, 2)},
+            "open_events": open_events,
+        }
+        if self.publisher:
+            self.publisher.publish("status", payload)
+
+    def _fault(self, message: str) -> None:
+        if self.live.message != message:
+            self.live.message = message
+            self.log(f"[red]fault:[/] {message}")
+        self.live.state = "degraded"
+
+    # ------------------------------------------------------------------ the loop
+
+    def _source_time_ns(self, frame: Any) -> int:
+        """Source time for hold timers: PTS for files (so --fast analysis keeps real durations)."""
+        if not self.spec.is_live and frame.pts is not None and frame.time_base:
+            num, den = frame.time_base
+            return int(frame.pts * num * 1_000_000_000 // den)
+        return int(frame.t_capture_mono_ns)
+
+    def _score_frame(self, frame: Any) -> None:
+        t_got = time.monotonic_ns()
+        tensor, crop, box = self.preprocess(frame.image)
+        if self.router is not None:
+            modality = self.router.update(crop).modality
+        else:
+            modality = self.cfg.scoring.modality
+        t_pre = time.monotonic_ns()
+        try:
+            amap, score_t = self.scorers[modality](tensor)
+            score = float(score_t.float()[0])
+        except Exception as exc:  # noqa: BLE001 — a scorer fault becomes a status, not a silent stop
+            self._scorer_failures += 1
+            self._fault(f"{modality.upper()} branch failed on frame {frame.frame_id}: {exc}")
+            if self._scorer_failures >= _MAX_SCORER_FAILURES:
+                raise CemdError(f"the {modality.upper()} branch failed {self._scorer_failures} frames in a row; "
+                                f"last error: {exc}") from exc
+            return
+        if self._scorer_failures:
+            self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
+        t_inf = time.monotonic_ns()
+        decision = self.alerts.update(frame.frame_id, frame.pts, self._source_time_ns(frame), modality, score,
+                                      lambda: amap[0, 0].float().cpu().numpy(), box)
+        t_dec = time.monotonic_ns()
+        payload = {
+            "frame_id": frame.frame_id, "pts": frame.pts,
+            "time_base": list(frame.time_base) if frame.time_base else None,
+            "t_capture_wall_ns": frame.t_capture_wall_ns, "t_capture_mono_ns": frame.t_capture_mono_ns,
+            "timings_ms": {"capture": round((t_got - frame.t_capture_mono_ns) / 1e6, 3),
+                           "preprocess": round((t_pre - t_got) / 1e6, 3),
+                           "inference": round((t_inf - t_pre) / 1e6, 3),
+                           "decision": round((t_dec - t_inf) / 1e6, 3)},
+            "modality": modality, "modality_mode": "auto" if self.router else "fixed",
+            "backend": self.scorers[modality].backend, "score": round(score, 6),
+            "threshold": round(decision.threshold, 6), "event_state": decision.event_state,
+            "event_id": decision.event_id, "location": decision.location, "t_decision_mono_ns": t_dec,
+        }
+        self.publisher.publish("score", payload)
+        for alert in decision.alerts:
+            self._emit_alert(alert)
+        for stage, ms in payload["timings_ms"].items():
+            self.latency.add(stage, ms)
+        self._e2e_decision.append((t_dec - frame.t_capture_mono_ns) / 1e6)
+        self._routes.append((frame.frame_id, modality))
+        live = self.live
+        live.frames_scored += 1
+        live.last_frame_id, live.modality, live.threshold = frame.frame_id, modality, decision.threshold
+        live.scores.append(score)
+        live.open_event = decision.event_id
+        self._rate.tick(t_dec)
+        live.fps_scored = self._rate.rate(t_dec)
+
+    def _emit_alert(self, alert: dict[str, Any]) -> None:
+        self.publisher.publish("alert", alert)
+        self._alerts.append(alert)
+        if alert["event"] == "start":
+            self.live.events += 1
+        if alert["event"] != "update":
+            self.live.recent_alerts.append(alert)
+
+    def _handle_source_events(self) -> None:
+        events = self.capture.poll_events()
+        for ev in events:
+            if ev.state in ("stalled", "reconnecting", "error"):
+                self._fault(f"source {ev.state}" + (f": {ev.message}" if ev.message else ""))
+        if events:
+            self.publish_status()
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def run(self) -> dict[str, Any]:
+        """Set up, score until the source ends (or Ctrl-C / max_seconds), write the summary."""
+        t0 = time.monotonic()
+        try:
+            self.setup()
+            self.t_running = time.monotonic()
+            next_status = 0.0
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if self.cfg.run.max_seconds and now - self.t_running >= self.cfg.run.max_seconds:
+                    break
+                frame = self.capture.next_frame(timeout=0.05)
+                self._handle_source_events()
+                if frame is not None:
+                    self._score_frame(frame)
+                elif self.capture.ended:
+                    break
+                elif not self.capture.alive:
+                    self._fault(self.capture.stats().get("message") or "capture process died")
+                    self.exit_code = 1
+                    break
+                if now >= next_status:
+                    self.publish_status()
+                    next_status = now + self.cfg.run.status_every_s
+        finally:
+            summary = self._finish(time.monotonic() - t0)
+        return summary
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        if hasattr(self, "alerts") and self.live.last_frame_id is not None:
+            reason = "stopped" if self._stop.is_set() else "source_ended"
+            for alert in self.alerts.close(self.live.last_frame_id, None, time.monotonic_ns(), reason):
+                self._emit_alert(alert)
+        src = self._source_status() if self.capture else {}
+        if self.capture:
+            self.capture.stop()
+        self.live.state = "stopped"
+        self.publish_status()
+        delays = []
+        if self.publisher:
+            self.publisher.close()  # sends everything queued first
+            delays = self.publisher.publish_delays_ms()
+        summary = self.summary(seconds, src, delays)
+        if self.run_dir.exists():
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def summary(self, seconds: float, src: dict[str, Any], delays: list[float]) -> dict[str, Any]:
+        lat = self.latency.summary()
+        n = min(len(delays), len(self._e2e_decision))
+        lat["publish"] = latency_summary(delays)
+        lat["end_to_end"] = latency_summary(np.add(self._e2e_decision[:n], delays[:n]))
+        starts = [a for a in self._alerts if a["event"] == "start"]
+        out: dict[str, Any] = {
+            "schema": "cemd.summary/1", "run_dir": str(self.run_dir), "seconds": round(seconds, 2),
+            "source": src, "frames_read": src.get("frames_read", 0), "frames_scored": self.live.frames_scored,
+            "frames_dropped": src.get("frames_dropped", 0), "decode_errors": src.get("decode_errors", 0),
+            "latency_ms": lat, "alerts": len(self._alerts), "events": len(starts),
+            "event_list": [{k: a[k] for k in ("event_id", "modality", "start_frame_id", "peak_score", "peak_frame_id")}
+                           for a in starts],
+            "backend": {m: s.backend for m, s in getattr(self, "scorers", {}).items()},
+            "device": getattr(self, "device", None),
+            "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source}
+            if hasattr(self, "thresholds") else None,
+            "modality_mode": self.cfg.scoring.modality,
+            "modality_switches": self.router.switches if getattr(self, "router", None) else 0,
+            "publisher": {"endpoint": self.cfg.publish.publish,
+                          "boot_id": self.publisher.boot_id if self.publisher else None,
+                          "log_errors": self.publisher.log_errors if self.publisher else 0},
+            "warnings": self.warnings, "state": self.live.state, "message": self.live.message,
+            "versions": versions(), "config": self.cfg.to_json(),
+        }
+        if getattr(self, "truth", None):
+            out["synthetic_ground_truth"] = self._against_truth(starts)
+        return out
+
+    def _against_truth(self, starts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Routing accuracy and lesion intervals hit, against the synthetic source's own events (SYNTHETIC)."""
+        truth = self.truth
+        routed = [(f, m) for f, m in self._routes if f < len(self._truth_modality)]
+        acc = sum(m == self._truth_modality[f] for f, m in routed) / max(len(routed), 1)
+        opened = [(a["start_frame_id"], a["frame_id"]) for a in self._alerts if a["event"] == "end"]
+        intervals = [e for e in truth["lesions"]]
+        hit = [e for e in intervals if any(s <= e["end_frame"] and t >= e["start_frame"] for s, t in opened)]
+        return {"synthetic": True, "frames_routed": len(routed), "routing_accuracy": round(acc, 4),
+                "lesion_intervals": len(intervals), "lesion_intervals_with_alert": len(hit),
+                "events_outside_lesions": sum(not any(s <= e["end_frame"] and t >= e["start_frame"]
+                                                      for e in intervals) for s, t in opened)}
+
+
+def install_signal_handlers(monitor: Monitor) -> None:
+    """SIGTERM and a first Ctrl-C stop the run cleanly (events closed, summary written); a second Ctrl-C aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigint(*_: Any) -> None:
+        if monitor._stop.is_set():
+            raise KeyboardInterrupt
+        monitor.request_stop()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    if True:
+        signal.signal(signal.SIGTERM, monitor.request_stop)
+        if os.name == "posix":
+            signal.signal(signal.SIGHUP, monitor.request_stop)

@@ -1,0 +1,151 @@
+"""Wire format of the monitor's messages: multipart ``[topic, compact JSON]``.
+
+One module owns encoding and validation so that the publisher, the log, the clients and
+the tests agree on one definition (described for humans in docs/SCHEMA.md and for
+machines in docs/schema/cemd-monitor-v1.schema.json). Readers reject another major
+version and ignore unknown fields, so minor additions never break a deployed client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from engine.errors import CemdError
+
+SCHEMA = "cemd.monitor/1"
+SCHEMA_NAME, _, _MAJOR_TEXT = SCHEMA.partition("/")
+SCHEMA_MAJOR = int(_MAJOR_TEXT)
+TOPICS = ("alert", "score", "status", "heartbeat")
+
+# Fields every message carries, with the Python types a reader may rely on.
+COMMON_FIELDS: dict[str, type] = {
+    "schema": str,
+    "topic": str,
+    "publisher_id": str,
+    "boot_id": str,
+    "seq": int,
+    "t_wall_ns": int,
+    "t_mono_ns": int,
+}
+
+# Fields the pipeline fills per topic (the publisher adds the common ones). Documentation
+# and tests use this list; `decode` does not require them, so that a reader keeps working
+# when the producer is older or newer.
+TOPIC_FIELDS: dict[str, tuple[str, ...]] = {
+    "score": ("frame_id", "pts", "time_base", "t_capture_wall_ns", "t_capture_mono_ns", "timings_ms",
+              "modality", "modality_mode", "backend", "score", "threshold", "event_state", "event_id",
+              "location"),
+    "alert": ("event", "event_id", "modality", "frame_id", "pts", "start_frame_id", "end_frame_id",
+              "score", "peak_score", "peak_frame_id", "threshold", "duration_ms", "location"),
+    "status": ("state", "source", "scorer", "open_events", "message"),
+    "heartbeat": ("uptime_s", "state", "last_frame_id", "last_seq"),
+}
+
+
+def replay_endpoint_for(endpoint: str) -> str:
+    """The replay (REQ/ROUTER) endpoint paired with a publish endpoint: same host, port + 1."""
+    transport, _, address = endpoint.partition("://")
+    if transport == "tcp":
+        host, _, port = address.rpartition(":")
+        if host and port.isdigit() and int(port) < 65535:
+            return f"tcp://{host}:{int(port) + 1}"
+    elif transport == "ipc" and address:
+        return f"{endpoint}.replay"
+    raise CemdError(
+        f"cannot derive a replay endpoint from {endpoint!r}; use tcp://HOST:PORT (replay goes to PORT+1) "
+        "or give the replay endpoint explicitly"
+    )
+
+
+class SchemaError(ValueError):
+    """Bytes that are not a valid cemd.monitor/1 message (garbage, another major, missing fields)."""
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready copy: NaN/inf become null, numpy scalars and arrays become Python values.
+
+    Scores come out of numpy; a NaN must reach the wire as null rather than as the
+    non-standard token ``NaN`` that most JSON readers refuse.
+    """
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return plain(tolist())
+    raise TypeError(f"cannot put a {type(value).__name__} into a monitor message")
+
+
+def dumps(value: Any) -> bytes:
+    """Compact, strict JSON bytes (no NaN tokens) of a plain() copy of ``value``."""
+    return json.dumps(plain(value), separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode(topic: str, message: dict[str, Any]) -> list[bytes]:
+    """Frames for one message: the topic alone in frame 0 so SUB prefix filters can't match into the JSON."""
+    if topic not in TOPICS:
+        raise ValueError(f"unknown topic {topic!r}; topics are {', '.join(TOPICS)}")
+    return [topic.encode(), dumps(message)]
+
+
+def check_schema_version(schema: object) -> None:
+    """Accept any ``cemd.monitor/1[.minor]``; name another major explicitly, since that needs a new reader."""
+    if not isinstance(schema, str):
+        raise SchemaError(f"field 'schema' must be a string like {SCHEMA!r}, got {schema!r}")
+    name, _, version = schema.partition("/")
+    if name != SCHEMA_NAME:
+        raise SchemaError(f"not a {SCHEMA_NAME} message (schema {schema!r})")
+    major_text = version.split(".", 1)[0]
+    if not major_text.isdigit():
+        raise SchemaError(f"schema {schema!r} has no major version number")
+    if int(major_text) != SCHEMA_MAJOR:
+        raise SchemaError(
+            f"message schema {schema!r} has major version {int(major_text)}; this reader understands "
+            f"major {SCHEMA_MAJOR} only: upgrade the client (or run a monitor that speaks {SCHEMA})"
+        )
+
+
+def validate(message: object, topic: str | None = None) -> dict[str, Any]:
+    """Check the parts of a decoded message that readers rely on; return it unchanged."""
+    if not isinstance(message, dict):
+        raise SchemaError(f"a message must be a JSON object, got {type(message).__name__}")
+    check_schema_version(message.get("schema"))
+    for field, kind in COMMON_FIELDS.items():
+        if field not in message:
+            raise SchemaError(f"message lacks the common field {field!r}")
+        value = message[field]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SchemaError(f"field {field!r} must be {kind.__name__}, got {value!r}")
+    if message["topic"] not in TOPICS:
+        raise SchemaError(f"unknown topic {message['topic']!r}")
+    if topic is not None and message["topic"] != topic:
+        raise SchemaError(f"frame topic {topic!r} differs from the JSON topic {message['topic']!r}")
+    if message["seq"] < 0:
+        raise SchemaError(f"seq must be >= 0, got {message['seq']}")
+    if message["topic"] == "heartbeat" and not isinstance(message.get("last_seq", {}), dict):
+        raise SchemaError("heartbeat field 'last_seq' must be an object {topic: seq}")
+    return message
+
+
+def decode(frames: list[bytes]) -> dict[str, Any]:
+    """Parse one received multipart message; any defect is a SchemaError, never another exception."""
+    if len(frames) != 2:
+        raise SchemaError(f"expected 2 frames [topic, json], got {len(frames)}")
+    try:
+        topic = bytes(frames[0]).decode("ascii")
+    except UnicodeDecodeError:
+        raise SchemaError("topic frame is not ASCII") from None
+    if topic not in TOPICS:
+        raise SchemaError(f"unknown topic {topic[:40]!r}")
+    try:
+        message = json.loads(bytes(frames[1]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SchemaError(f"{topic} body is not UTF-8 JSON: {exc}") from None
+    return validate(message, topic)
