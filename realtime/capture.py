@@ -121,6 +121,7 @@ class CaptureProcess:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._stopped = False
+        self._held: tuple[int, int] | None = None  # a slot lent out by next_frame(copy=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,12 +232,18 @@ class CaptureProcess:
 
     # ------------------------------------------------------------------ frames
 
-    def next_frame(self, timeout: float) -> Frame | None:
+    def next_frame(self, timeout: float, copy: bool = True) -> Frame | None:
         """The next frame (live: the newest; lossless: the oldest unread), or None.
 
         None means: nothing arrived within ``timeout``, or the source ended/failed and every
         frame has been taken.
+
+        ``copy=False``: ``image`` is a read-only view into the ring (no 6 MB copy per 1080p
+        frame, for a consumer that reads only a crop of it). The slot stays reserved until
+        ``release(frame)``, which says whether the frame stayed intact meanwhile (live mode
+        may lap a slow reader); the next ``next_frame`` call releases it anyway.
         """
+        self.release(None)
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
@@ -251,8 +258,10 @@ class CaptureProcess:
             ring, free = self._ring, self._free
             if ring is None or self._stopped:
                 return None
-            got = ring.read(slot, expect_seq=seq)
-            if free is not None:
+            got = ring.read(slot, expect_seq=seq, copy=copy)
+            if not copy and got is not None:
+                self._held = (slot, seq)
+            elif free is not None:
                 free.release()
             with self._cond:
                 if got is None:  # the writer lapped us during the copy: that frame is lost
@@ -262,6 +271,21 @@ class CaptureProcess:
             image, meta = got
             return Frame(image, meta.frame_id, meta.pts, meta.time_base, meta.t_capture_mono_ns,
                          meta.t_capture_wall_ns, meta.seq)
+
+    def release(self, frame: Frame | None) -> bool:
+        """End the use of a ``copy=False`` frame; False if the writer overwrote it meanwhile."""
+        held, self._held = self._held, None
+        if held is None:
+            return frame is None
+        slot, seq = held
+        intact = self._ring is not None and self._ring.holds(slot, seq)
+        if self._free is not None:
+            self._free.release()
+        if not intact:
+            with self._cond:
+                self._dropped += 1
+                self._delivered -= 1
+        return intact
 
     # ------------------------------------------------------------------ status
 

@@ -176,6 +176,11 @@ class AlertPublisher:
         self._stopping = threading.Event()
         self._start_error: BaseException | None = None
         self._delays_lock = threading.Lock()
+        # The XPUB is shared with the scoring thread's direct score path (publish_score_now);
+        # every use of it, from either thread, holds this lock (a full memory barrier, which is
+        # what libzmq asks of a socket used from more than one thread).
+        self._xpub_lock = threading.RLock()
+        self._xpub: zmq.Socket | None = None
         self._publish_delays: collections.deque[float] = collections.deque(maxlen=1_000_000)
         # Publisher-thread state.
         self._next_seq = {topic: 0 for topic in self.last_seq}
@@ -244,6 +249,21 @@ class AlertPublisher:
                 return False
         return True
 
+    def publish_score_now(self, payload: dict[str, Any]) -> bool:
+        """Send a ``score`` message from the calling thread, right now; False if the publisher is down.
+
+        Why: handing the message to the publisher thread means waiting for the OS to schedule
+        that thread, which on a busy 2-core machine took up to 5–10 ms (p99). The scoring
+        thread already has a core, so it sends itself, under the XPUB lock.
+        """
+        with self._xpub_lock:
+            xpub = self._xpub
+            if xpub is None or self.fault is not None:
+                self.publish_refused += 1
+                return False
+            self._send_score(xpub, dict(payload))
+        return True
+
     def publish_delays_ms(self) -> list[float]:
         """Decision → send delay of every score message so far (for summaries and benchmarks)."""
         with self._delays_lock:
@@ -310,6 +330,8 @@ class AlertPublisher:
         except Exception as exc:  # noqa: BLE001 — must become a visible fault, not a silent dead thread
             self.fault = f"publisher thread stopped: {exc!r}"
         finally:
+            with self._xpub_lock:
+                self._xpub = None  # the scoring thread's direct path stops here
             for sock in sockets:
                 sock.close(linger=CLOSE_LINGER_MS if sock.type == zmq.XPUB else 0)
 
@@ -343,6 +365,7 @@ class AlertPublisher:
                 monitors.append(monitor)
         _bind(xpub, self.endpoint, "--publish")
         _bind(router, self.replay_endpoint, "--replay (default: the publish port + 1)")
+        self._xpub = xpub
         return xpub, router, pull, monitors
 
     def _serve(self, xpub: zmq.Socket, router: zmq.Socket, pull: zmq.Socket, monitors: list[zmq.Socket]) -> None:
@@ -353,16 +376,19 @@ class AlertPublisher:
             self._log_failed(exc)
             self._send_status(xpub, self._pipeline_status or _INITIAL_STATUS)
         poller = zmq.Poller()
-        for sock in (pull, xpub, router, *monitors):
+        for sock in (pull, router, *monitors):
             poller.register(sock, zmq.POLLIN)
+        # The XPUB is watched through its signalling fd, so this thread never holds the XPUB
+        # lock while it waits; its events are re-read under the lock at every wake (≤ 100 ms),
+        # as the fd only signals changes (libzmq ZMQ_FD).
+        poller.register(xpub.getsockopt(zmq.FD), zmq.POLLIN)
         next_beat = time.monotonic()
         while not self._stopping.is_set():
             wait_ms = max(0.0, min(100.0, (next_beat - time.monotonic()) * 1000))
             ready = dict(poller.poll(wait_ms))
             if pull in ready and self._drain_outbox(pull, xpub):
                 return
-            if xpub in ready:
-                self._answer_subscriptions(xpub)
+            self._answer_subscriptions(xpub)
             if router in ready:
                 self._answer_replays(router)
             for monitor in monitors:
@@ -411,28 +437,30 @@ class AlertPublisher:
 
     def _send(self, xpub: zmq.Socket, message: dict[str, Any]) -> list[bytes]:
         frames = encode(message["topic"], message)
-        try:
-            xpub.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # XPUB drops for a full subscriber; clients see the seq gap and replay alerts
+        with self._xpub_lock:
+            try:
+                xpub.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # XPUB drops for a full subscriber; clients see the seq gap and replay alerts
         self.last_seq[message["topic"]] = message["seq"]
         return frames
 
     def _send_score(self, xpub: zmq.Socket, payload: dict[str, Any]) -> None:
-        t_decision = payload.pop("t_decision_mono_ns", None)
-        message = self._stamp("score", payload)
-        timings = dict(message.get("timings_ms") or {})
-        if isinstance(t_decision, int):
-            delay_ms = (time.monotonic_ns() - t_decision) / 1e6
-            timings["publish"] = round(delay_ms, 4)
-            with self._delays_lock:
-                self._publish_delays.append(delay_ms)
-        else:
-            timings["publish"] = None
-        message["timings_ms"] = timings
-        if isinstance(message.get("frame_id"), int):
-            self._last_frame_id = message["frame_id"]
-        self._send(xpub, message)
+        with self._xpub_lock:  # score seqs are stamped by this thread or by publish_score_now
+            t_decision = payload.pop("t_decision_mono_ns", None)
+            message = self._stamp("score", payload)
+            timings = dict(message.get("timings_ms") or {})
+            if isinstance(t_decision, int):
+                timings["publish"] = round((time.monotonic_ns() - t_decision) / 1e6, 4)  # as of the stamp
+            else:
+                timings["publish"] = None
+            message["timings_ms"] = timings
+            if isinstance(message.get("frame_id"), int):
+                self._last_frame_id = message["frame_id"]
+            self._send(xpub, message)
+            if isinstance(t_decision, int):  # the statistics count encoding and the send call too
+                with self._delays_lock:
+                    self._publish_delays.append((time.monotonic_ns() - t_decision) / 1e6)
 
     def _send_alert(self, xpub: zmq.Socket, payload: dict[str, Any]) -> None:
         message = self._stamp("alert", payload)
@@ -491,16 +519,20 @@ class AlertPublisher:
     def _answer_subscriptions(self, xpub: zmq.Socket) -> None:
         """Late joiner: a new subscription that covers ``status`` gets the last status at once."""
         while True:
-            try:
-                frames = xpub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+            with self._xpub_lock:
+                if not xpub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                try:
+                    frames = xpub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
             event = frames[0]
             if event[:1] == b"\x01" and b"status".startswith(event[1:]) and self._last_status_frames:
-                try:
-                    xpub.send_multipart(self._last_status_frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                with self._xpub_lock:
+                    try:
+                        xpub.send_multipart(self._last_status_frames, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
 
     def _answer_replays(self, router: zmq.Socket) -> None:
         while True:

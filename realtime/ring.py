@@ -212,8 +212,13 @@ class FrameRing:
     def seq(self, slot: int) -> int:
         return int(self._head[slot, SEQ])
 
-    def read(self, slot: int, expect_seq: int | None = None) -> tuple[np.ndarray, SlotMeta] | None:
-        """A private copy of ``slot`` and its meta, or None when torn/being written/not ``expect_seq``."""
+    def read(self, slot: int, expect_seq: int | None = None, copy: bool = True
+             ) -> tuple[np.ndarray, SlotMeta] | None:
+        """A private copy of ``slot`` and its meta, or None when torn/being written/not ``expect_seq``.
+
+        ``copy=False`` returns a read-only view into the segment instead: valid only while the
+        slot still holds ``seq`` (check with ``holds``), for a reader that needs only part of it.
+        """
         head = self._head[slot]
         seq = int(head[SEQ])
         if seq == 0 or (expect_seq is not None and seq != expect_seq):
@@ -227,11 +232,20 @@ class FrameRing:
         if h * w * 3 > self.slot_bytes or h <= 0 or w <= 0:
             self.torn_reads += 1
             return None
-        image = self._data[slot, : h * w * 3].reshape(h, w, 3).copy()
+        image = self._data[slot, : h * w * 3].reshape(h, w, 3)
+        if not copy:
+            image = image.view()
+            image.flags.writeable = False
+            return image, meta
+        image = image.copy()
         if int(head[SEQ]) != seq:
             self.torn_reads += 1
             return None
         return image, meta
+
+    def holds(self, slot: int, seq: int) -> bool:
+        """True while ``slot`` still holds frame ``seq`` (the writer has not started over it)."""
+        return int(self._head[slot][SEQ]) == seq
 
     def __repr__(self) -> str:
         return f"FrameRing({self.name!r}, slots={self.slots}, slot_bytes={self.slot_bytes})"

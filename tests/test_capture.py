@@ -73,6 +73,31 @@ def test_fast_file_is_lossless_in_order_then_ended(videos: Path) -> None:
     assert _my_rings() == []
 
 
+def test_zero_copy_frames_are_lossless_and_released(videos: Path) -> None:
+    """copy=False lends the ring slot itself; lossless mode keeps it until release()."""
+    with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=False, slots=2) as cap:
+        numbers = []
+        while (f := cap.next_frame(timeout=10, copy=False)) is not None:
+            assert not f.image.flags.writeable
+            time.sleep(0.005)  # the writer is ahead and must wait for this slot
+            numbers.append(read_number(f.image))
+            assert cap.release(f)
+        assert numbers == list(range(60))
+        stats = cap.stats()
+        assert stats["frames_dropped"] == 0 and stats["frames_read"] == 60
+
+
+def test_zero_copy_frame_lapped_by_a_live_writer_is_reported(videos: Path) -> None:
+    with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=True, slots=2) as cap:
+        f = cap.next_frame(timeout=10, copy=False)
+        assert f is not None
+        time.sleep(0.5)  # 15 frame periods: the 2-slot ring has been overwritten many times
+        assert cap.release(f) is False
+        delivered = _drain(cap)
+        stats = cap.stats()
+    assert stats["frames_read"] == stats["frames_dropped"] + len(delivered)
+
+
 def test_paced_file_with_slow_consumer_drops_oldest(videos: Path) -> None:
     t0 = time.monotonic()
     with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=True) as cap:

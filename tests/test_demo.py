@@ -37,6 +37,23 @@ def test_cemd_demo_runs_end_to_end_and_the_model_separates_lesions(tmp_path: Pat
         assert (run / "plots" / f"heatmaps_{m}.png").is_file()
 
 
-def test_run_stream_prints_its_help() -> None:
-    proc = subprocess.run([sys.executable, "run_stream.py"], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert proc.returncode == 0 and "usage: run_stream.py" in proc.stdout
+def test_run_stream_default_is_the_synthetic_demo_with_a_dashboard(tmp_path: Path) -> None:
+    """The Quick start's embedded default (cut to a few seconds): synthetic source, both branches,
+    auto routing, never compiling at start, a live dashboard, a summary and a run folder."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "run_stream.py", "--max-seconds", "6", "--dashboard", "on", "--run-dir",
+                           str(run), "--publish", f"tcp://127.0.0.1:{port}", "--replay", f"tcp://127.0.0.1:{port + 1}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CEMD monitor" in proc.stdout and "stage latency" in proc.stdout  # dashboard, then summary table
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["source"]["source"].startswith("synthetic:")
+    assert summary["config"]["scoring"]["build_missing"] is False
+    assert set(summary["backend"]) == {"wli", "nbi"} and summary["frames_scored"] > 20
+    assert summary["synthetic_ground_truth"]["routing_accuracy"] > 0.95
+    assert (run / "alerts.jsonl").exists()
