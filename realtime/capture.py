@@ -571,6 +571,9 @@ class _CaptureChild:
                 break
             try:
                 frame = self.reader.read() if self.reader is not None else None
+            except CemdError as exc:  # e.g. a pixel format that cannot become RGB, mid-stream
+                self.set_state("error", str(exc))
+                return 1
             except SourceLost as exc:
                 if not self.cfg.spec.is_live:
                     self.set_state("error", f"{self.cfg.spec} cannot be decoded any further: {exc}")

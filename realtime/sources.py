@@ -242,7 +242,12 @@ class PyAVReader:
         frame = self._pending.pop(0)
         self._consecutive = 0
         tb = frame.time_base or self._time_base
-        return DecodedFrame(frame.to_ndarray(format="rgb24"), frame.pts,
+        try:
+            image = frame.to_ndarray(format="rgb24")
+        except (ValueError, av.error.FFmpegError) as exc:
+            raise CemdError(f"{self.location!r}: pixel format {frame.format.name} cannot be converted to RGB "
+                            f"({exc}); re-encode it, e.g. to yuv420p") from None
+        return DecodedFrame(image, frame.pts,
                             (tb.numerator, tb.denominator) if tb else None)
 
     def _count_error(self, exc: BaseException) -> None:

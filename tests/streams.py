@@ -97,6 +97,23 @@ def corrupt_video(src: Path, dst: Path, every: int = 20, amount: int = 50) -> in
     return corrupted
 
 
+def free_port_pair() -> int:
+    """A port P with P and P+1 free now: the user-facing API takes fixed ports, not port 0."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free pair of ports")
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from realtime.client import MonitorClient
-from tests.streams import free_udp_port, start_sender
+from tests.streams import free_port_pair, free_udp_port, start_sender
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -22,21 +22,6 @@ pytestmark = pytest.mark.slow
 # frames 155–191 of 200) and one it must not alert on in the modality shown (irregular
 # microvessels while the video is in WLI): a WLI→NBI→WLI examination, 20 s at 10 fps.
 SEED, SECONDS, FPS, SIZE = 4, 20, 10, (320, 240)
-
-
-def free_tcp_port() -> int:
-    """A port whose next one is free too (the replay socket binds port + 1)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port pair")
 
 
 def monitor_cmd(*args: str) -> list[str]:
@@ -57,6 +42,16 @@ def lesion_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, events
 
 
+def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """The monitor's output up to the first line starting with ``prefix`` (that stage has begun)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            break
+    return lines
+
+
 def collect(client: MonitorClient, proc: subprocess.Popen, timeout: float) -> list[dict]:
     """Every message until the monitor says it stopped and exits (or the timeout)."""
     got, deadline = [], time.monotonic() + timeout
@@ -73,19 +68,16 @@ def collect(client: MonitorClient, proc: subprocess.Popen, timeout: float) -> li
 
 def test_video_to_subscriber_end_to_end(lesion_video: tuple[Path, dict], tmp_path: Path) -> None:
     video, truth = lesion_video
-    port = free_tcp_port()
+    port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(monitor_cmd("--source", str(video), "--fast", "--backend", "eager", "--publish", endpoint,
                                         "--run-dir", str(run_dir)),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client, lines = None, []
+    client = None
     try:
-        for line in proc.stdout:  # bound; the model loads for seconds before the first frame is scored
-            lines.append(line)
-            if line.startswith("loading bundle"):
-                break
+        lines = wait_for_line(proc, "loading bundle")  # bound; the model loads for seconds before frame 0
         client = MonitorClient(endpoint)
         messages = collect(client, proc, timeout=150)
         out, _ = proc.communicate(timeout=60)
@@ -136,7 +128,7 @@ def test_video_to_subscriber_end_to_end(lesion_video: tuple[Path, dict], tmp_pat
 
 def test_stalled_udp_stream_becomes_a_status(tmp_path: Path) -> None:
     url = f"udp://127.0.0.1:{free_udp_port()}"
-    port = free_tcp_port()
+    port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     client = MonitorClient(endpoint, topics=("status",))
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -144,12 +136,9 @@ def test_stalled_udp_stream_becomes_a_status(tmp_path: Path) -> None:
                                         "eager", "--publish", endpoint, "--run-dir", str(tmp_path / "run"),
                                         "--max-seconds", "14"),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sender, lines = None, []
+    sender = None
     try:
-        for line in proc.stdout:  # the model is loaded; the capture process is opening the UDP port
-            lines.append(line)
-            if line.startswith("opening source"):
-                break
+        lines = wait_for_line(proc, "opening source")  # the capture process is opening the UDP port
         sender = start_sender(url, frames=300, pause_after=90, pause_s=4.0, fps=30)
         messages = collect(client, proc, timeout=120)
         out, _ = proc.communicate(timeout=60)
@@ -187,14 +176,14 @@ def test_bad_input_one_clear_message(args: list[str], message: str, tmp_path: Pa
         (only / "student_nbi.pt").unlink()
         (only / "bundle.json").write_text(json.dumps(meta))
         args = [str(only) if a == "BUNDLE_WLI_ONLY" else a for a in args]
-    r = run_monitor(*args, "--run-dir", str(tmp_path / "run"), "--publish", f"tcp://127.0.0.1:{free_tcp_port()}",
+    r = run_monitor(*args, "--run-dir", str(tmp_path / "run"), "--publish", f"tcp://127.0.0.1:{free_port_pair()}",
                     timeout=90)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr + r.stdout
 
 
 def test_port_in_use_and_bad_config(tmp_path: Path) -> None:
-    port = free_tcp_port()
+    port = free_port_pair()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()

@@ -25,6 +25,7 @@ from realtime.client import CurveClientConfig, MonitorClient
 from realtime.keys import generate_keypair
 from realtime.publisher import AlertPublisher, CurveServerConfig
 from realtime.schema import SCHEMA, TOPIC_FIELDS, SchemaError, decode, encode
+from tests.streams import free_port_pair
 
 REPO = Path(__file__).resolve().parent.parent
 JSON_SCHEMA = json.loads((REPO / "docs/schema/cemd-monitor-v1.schema.json").read_text())
@@ -112,23 +113,6 @@ def check(instance: Any, schema: dict[str, Any], root: dict[str, Any] = JSON_SCH
 
 
 # ---------------------------------------------------------------- helpers
-def free_port_pair() -> int:
-    """A port P with P and P+1 free now: the user-facing API takes fixed ports, not port 0."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free pair of ports")
-
-
 @pytest.fixture
 def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port_pair()}"
