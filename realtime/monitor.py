@@ -170,12 +170,6 @@ class Monitor:
                                       stall_after_s=sc.stall_after_s)
         self.log(f"opening source {self.spec} …")
         self.capture.start()
-        self.truth = synthetic_events(self.spec) if self.spec.kind == "synthetic" else None
-        self._truth_modality = None
-        if self.truth:
-            self._truth_modality = np.empty(self.truth["frames"], dtype="<U3")
-            for seg in self.truth["modality"]:
-                self._truth_modality[seg["start_frame"]: seg["end_frame"] + 1] = seg["modality"]
         self.live.state = "running"
 
     # ------------------------------------------------------------------ status
@@ -383,15 +377,17 @@ class Monitor:
             "warnings": self.warnings, "state": self.live.state, "message": self.live.message,
             "versions": versions(), "config": self.cfg.to_json(),
         }
-        if getattr(self, "truth", None):
-            out["synthetic_ground_truth"] = self._against_truth(starts)
+        if self.spec.kind == "synthetic" and self._routes:
+            out["synthetic_ground_truth"] = self._against_truth(synthetic_events(self.spec))
         return out
 
-    def _against_truth(self, starts: list[dict[str, Any]]) -> dict[str, Any]:
+    def _against_truth(self, truth: dict[str, Any]) -> dict[str, Any]:
         """Routing accuracy and lesion intervals hit, against the synthetic source's own events (SYNTHETIC)."""
-        truth = self.truth
-        routed = [(f, m) for f, m in self._routes if f < len(self._truth_modality)]
-        acc = sum(m == self._truth_modality[f] for f, m in routed) / max(len(routed), 1)
+        modality = np.empty(truth["frames"], dtype="<U3")
+        for seg in truth["modality"]:
+            modality[seg["start_frame"]: seg["end_frame"] + 1] = seg["modality"]
+        routed = [(f, m) for f, m in self._routes if f < len(modality)]
+        acc = sum(m == modality[f] for f, m in routed) / max(len(routed), 1)
         opened = [(a["start_frame_id"], a["frame_id"]) for a in self._alerts if a["event"] == "end"]
         intervals = [e for e in truth["lesions"]]
         hit = [e for e in intervals if any(s <= e["end_frame"] and t >= e["start_frame"] for s, t in opened)]
