@@ -193,3 +193,41 @@ def test_port_in_use_and_bad_config(tmp_path: Path) -> None:
     cfg.write_text("[scoring]\nmodalty = 'wli'\n")
     r = run_monitor("--config", str(cfg), "--run-dir", str(tmp_path / "b"))
     assert r.returncode == 2 and "unknown key 'modalty' in [scoring]" in r.stderr
+
+
+def test_curve_monitor_serves_allowed_clients_only(tmp_path: Path) -> None:
+    """`cemd keys` → monitor with --curve-secret/--curve-allow: the allowed client gets the stream,
+    an unknown key gets nothing, and the refusal is in security.log."""
+    from realtime.client import CurveClientConfig
+
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for name in ("monitor", "station", "stranger"):
+        subprocess.run([sys.executable, "-m", "realtime.cli", "keys", "--out", str(keys), "--name", name],
+                       check=True, capture_output=True, cwd=REPO, env=env)
+    allow.mkdir()
+    (allow / "station.key").write_bytes((keys / "station.key").read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(monitor_cmd("--source", "synthetic:seconds=4,size=320x240", "--modality", "wli",
+                                        "--backend", "eager", "--publish", endpoint, "--run-dir", str(run_dir),
+                                        "--curve-secret", str(keys / "monitor.key_secret"),
+                                        "--curve-allow", str(allow)),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    station = stranger = None
+    try:
+        lines = wait_for_line(proc, "loading bundle")
+        station = MonitorClient(endpoint, curve=CurveClientConfig(keys / "station.key_secret", keys / "monitor.key"))
+        stranger = MonitorClient(endpoint, curve=CurveClientConfig(keys / "stranger.key_secret",
+                                                                   keys / "monitor.key"))
+        got = collect(station, proc, timeout=120)
+        assert stranger.recv(timeout_s=0.5) is None
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        for client in (station, stranger):
+            if client:
+                client.close()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert sum(m["topic"] == "score" for m in got) > 20 and got[-1]["topic"] == "status"
+    assert "HANDSHAKE_FAILED_AUTH" in (run_dir / "security.log").read_text()

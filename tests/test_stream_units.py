@@ -219,3 +219,50 @@ def test_config_file_round_trip_and_errors(tmp_path: Path) -> None:
     cfg.alerts.n_of_m = (5, 3)
     with pytest.raises(CemdError, match="N ≤ M"):
         cfg.validate()
+
+
+# --------------------------------------------------------------------------- capture device
+
+
+def test_device_reader_with_a_stand_in_camera(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STAND-IN: no capture card exists here, so cv2.VideoCapture is replaced by a fake camera that
+    yields two BGR frames and then fails; the reader's own logic (buffer size, BGR→RGB, lost
+    camera) is what is tested."""
+    import cv2
+
+    from realtime.sources import DeviceReader, SourceLost
+
+    class FakeCamera:
+        def __init__(self, index: int, backend: int) -> None:
+            self.index, self.props, self.left = index, {}, 2
+
+        def isOpened(self) -> bool:  # noqa: N802 — OpenCV's name
+            return True
+
+        def set(self, prop: int, value: float) -> bool:
+            self.props[prop] = value
+            return True
+
+        def get(self, prop: int) -> float:
+            return 25.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+        def read(self):
+            if self.left == 0:
+                return False, None
+            self.left -= 1
+            frame = np.zeros((48, 64, 3), np.uint8)
+            frame[..., 2] = 200  # red in BGR
+            return True, frame
+
+        def release(self) -> None:
+            pass
+
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCamera)
+    reader = DeviceReader(3, "device:3")
+    assert reader.fps == 25.0 and reader._cap.props[cv2.CAP_PROP_BUFFERSIZE] == 1
+    frame = reader.read()
+    assert frame.image.shape == (48, 64, 3) and frame.image[0, 0].tolist() == [200, 0, 0]  # RGB
+    reader.read()
+    with pytest.raises(SourceLost, match="device:3"):
+        reader.read()
+    reader.close()
