@@ -103,6 +103,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         monitor.request_stop()
         console.print("[yellow]interrupted[/]")
         return 130
+    console.print()
     console.print(summary_table(summary))
     if summary.get("message") and summary.get("state") != "running":
         console.print(Text.assemble(("last fault: ", "bold red"), str(summary["message"])))

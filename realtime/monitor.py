@@ -386,10 +386,11 @@ class Monitor:
         modality = np.empty(truth["frames"], dtype="<U3")
         for seg in truth["modality"]:
             modality[seg["start_frame"]: seg["end_frame"] + 1] = seg["modality"]
-        routed = [(f, m) for f, m in self._routes if f < len(modality)]
-        acc = sum(m == modality[f] for f, m in routed) / max(len(routed), 1)
+        routed = [(f, m) for f, m in self._routes if f < len(modality)] or [(0, "")]
+        acc = sum(m == modality[f] for f, m in routed) / len(routed)
         opened = [(a["start_frame_id"], a["frame_id"]) for a in self._alerts if a["event"] == "end"]
-        intervals = [e for e in truth["lesions"]]
+        first, last = routed[0][0], routed[-1][0]  # only lesions the run actually played
+        intervals = [e for e in truth["lesions"] if e["start_frame"] <= last and e["end_frame"] >= first]
         hit = [e for e in intervals if any(s <= e["end_frame"] and t >= e["start_frame"] for s, t in opened)]
         return {"synthetic": True, "frames_routed": len(routed), "routing_accuracy": round(acc, 4),
                 "lesion_intervals": len(intervals), "lesion_intervals_with_alert": len(hit),
