@@ -60,8 +60,10 @@ def _fit_circle(pts: np.ndarray) -> tuple[float, float, float] | None:
 def detect_field_of_view(rgb: np.ndarray, lit_level: int = 20) -> FieldOfView | None:
     """The lit disc of an RGB uint8 frame, or None when there is no plausible one."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, _WORK_WIDTH / w)
-    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    step = max(1, w // (2 * _WORK_WIDTH))  # plain subsampling first: area-averaging 1080p directly costs 2 ms
+    view = rgb[::step, ::step]
+    scale = min(1.0, _WORK_WIDTH / view.shape[1]) / step
+    small = cv2.resize(view, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     lum = small.max(axis=2) if small.ndim == 3 else small
     lit = (lum > lit_level).astype(np.uint8)
     k = max(3, int(round(min(small.shape[:2]) * 0.04)) | 1)  # wider than text strokes, far smaller than the disc
