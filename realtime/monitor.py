@@ -409,7 +409,6 @@ def install_signal_handlers(monitor: Monitor) -> None:
         monitor.request_stop()
 
     signal.signal(signal.SIGINT, on_sigint)
-    if True:
-        signal.signal(signal.SIGTERM, monitor.request_stop)
-        if os.name == "posix":
-            signal.signal(signal.SIGHUP, monitor.request_stop)
+    signal.signal(signal.SIGTERM, monitor.request_stop)
+    if os.name == "posix":
+        signal.signal(signal.SIGHUP, monitor.request_stop)

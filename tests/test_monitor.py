@@ -231,3 +231,26 @@ def test_curve_monitor_serves_allowed_clients_only(tmp_path: Path) -> None:
     assert proc.returncode == 0, "".join(lines) + out
     assert sum(m["topic"] == "score" for m in got) > 20 and got[-1]["topic"] == "status"
     assert "HANDSHAKE_FAILED_AUTH" in (run_dir / "security.log").read_text()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly_with_a_summary(sig: str, tmp_path: Path) -> None:
+    import signal
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(monitor_cmd("--source", "synthetic:seconds=60,size=320x240", "--modality", "wli",
+                                        "--backend", "eager", "--publish", f"tcp://127.0.0.1:{free_port_pair()}",
+                                        "--run-dir", str(run_dir)),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = wait_for_line(proc, "opening source")
+        time.sleep(3)
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "stopped" and 0 < summary["frames_scored"] < 60 * 30
+    assert "stage latency" in out
