@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from bench.provenance import provenance
+from engine.synth_video import parse_size
 from realtime.stats import latency_summary
 from tests.streams import free_port_pair
 
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def bench_video(path: Path, seconds: float, size: tuple[int, int] = (1920, 1080), seed: int = 31) -> Path:
-    """Render (once) the synthetic 1080p30 H.264 video the benchmarks read."""
+    """Render (once) the synthetic 30 fps H.264 video the benchmarks read (1080p unless --size)."""
     from engine.synth_video import render_video
 
     if not path.is_file():
@@ -157,7 +158,7 @@ def throughput_round(args: argparse.Namespace, video: Path, k: int) -> dict[str,
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     """``--repeat`` rounds of (decode alone, branch alone, pipeline): each ratio uses its own round."""
-    video = bench_video(args.video, args.seconds)
+    video = bench_video(args.video, args.seconds, args.size)
     torch.set_num_threads(os.cpu_count() or 1)
     rounds = [throughput_round(args, video, k) for k in range(1, args.repeat + 1)]
     shared = [r["ratio_to_shared_cores_bound"] for r in rounds]
@@ -169,7 +170,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def latency(args: argparse.Namespace) -> dict[str, Any]:
-    video = bench_video(args.video, args.seconds)
+    video = bench_video(args.video, args.seconds, args.size)
     seconds = args.minutes * 60
     summary, scores = run_monitor(["--source", str(video), "--realtime", "--loop", "--bundle", args.bundle,
                                    "--backend", args.backend, "--max-seconds", str(seconds)],
@@ -190,7 +191,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
            "publish_ms": latency_summary(s["publish_ms"] for s in scores),  # decision → stamped
            "publish_sent_ms": summary["latency_ms"]["publish"],  # decision → send returned
            "stages_ms": summary["latency_ms"], "per_minute": minutes}
-    print(f"paced 1080p30 for {args.minutes:g} min: scored {summary['frames_scored']} of {summary['frames_read']} read, "
+    print(f"paced {args.size[0]}x{args.size[1]} at 30 fps for {args.minutes:g} min: scored {summary['frames_scored']} of {summary['frames_read']} read, "
           f"dropped {summary['frames_dropped']}; frame→published p50 {res['e2e_ms']['p50']:.1f} p99 "
           f"{res['e2e_ms']['p99']:.1f} max {res['e2e_ms']['max']:.1f} ms; decision → sent (summary) p99 "
           f"{summary['latency_ms']['publish']['p99']:.3f} ms, decision → stamped (messages) p99 "
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--video", type=Path, default=REPO / "runs" / "bench-video" / "synth-1080p30.mp4")
     p.add_argument("--seconds", type=float, default=20, help="length of the rendered video")
+    p.add_argument("--size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT of the rendered video")
     p.add_argument("--branch-frames", type=int, default=150)
     p.add_argument("--repeat", type=int, default=3, help="throughput rounds (the machine is shared and noisy)")
     p.add_argument("--minutes", type=float, default=5)
