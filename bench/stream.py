@@ -33,7 +33,7 @@ import torch
 from bench.provenance import provenance
 from engine.synth_video import parse_size
 from realtime.stats import latency_summary
-from tests.streams import free_port_pair
+from tests.streams import free_port_pair, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,13 +104,10 @@ def run_monitor(args: list[str], run_dir: Path, collect: bool, timeout: float) -
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     scores: list[dict] = []
-    lines = []
+    lines: list[str] = []
     client = None
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("loading bundle"):
-                break
+        lines = wait_for_line(proc, "loading bundle")
         if collect:
             client = MonitorClient(endpoint, topics=("score", "status"))
             deadline = time.monotonic() + timeout

@@ -45,7 +45,7 @@ def render(monitor: Any) -> Group:
     head.add_row("frames", f"read {src.get('frames_read', 0)} · scored {live.frames_scored} · "
                  f"dropped {src.get('frames_dropped', 0)} · decode errors {src.get('decode_errors', 0)}",
                  "fps", f"in {src.get('fps', 0):.1f} · scored {live.fps_scored:.1f} · {size}")
-    backends = getattr(monitor, "scorers", {})
+    backends = monitor.scorers
     mod = (live.modality or "?").upper()
     head.add_row("modality", f"{mod} ({'auto' if monitor.cfg.scoring.modality == 'auto' else 'fixed'})",
                  "backend", ", ".join(f"{m.upper()} {s.backend}" for m, s in backends.items()) or "loading")

@@ -8,7 +8,7 @@ a ``status`` message and a dashboard state instead of a silent stop.
 Stage timings of a frame (ms): ``capture`` = written into the shared-memory ring → taken by
 the scorer (ring wait and copy), ``preprocess`` = field of view, crop, resize, routing,
 ``inference`` = the branch, ``decision`` = alert logic and location, ``publish`` = decision →
-sent on the socket (measured by the publisher thread), ``end_to_end`` = ring write → sent.
+sent on the socket (the scoring thread sends ``score`` itself), ``end_to_end`` = ring write → sent.
 """
 
 from __future__ import annotations
@@ -96,6 +96,12 @@ class Monitor:
         self.run_dir = Path(config.run.run_dir or f"runs/stream-{time.strftime('%Y%m%d-%H%M%S')}")
         self.publisher: AlertPublisher | None = None
         self.capture: CaptureProcess | None = None
+        # Set while loading the model; None/empty until then, which status and summary report as such.
+        self.device: str | None = None
+        self.scorers: dict[str, Any] = {}
+        self.thresholds: Thresholds | None = None
+        self.router: ModalityRouter | None = None
+        self.alerts: AlertLogic | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -126,11 +132,9 @@ class Monitor:
         self.thresholds = Thresholds.for_bundle(self.bundle)
         if self.thresholds.warning:
             self._warn(self.thresholds.warning)
-        self.scorers = {}
         for m in modalities:
             self.scorers[m] = load_scorer(self.bundle, m, sc.backend, self.device, sc.precision,
                                           log=lambda s: self.log(f"  {s}"), build=sc.build_missing)
-        self.router = None
         if sc.modality == "auto":
             classifier, warning = ModalityClassifier.for_bundle(self.bundle.path)
             if warning:
@@ -190,13 +194,13 @@ class Monitor:
                 self._fault(self.live.message or f"source {src['state']}")
             elif src["state"] == "running" and self.live.state == "degraded" and not self._scorer_failures:
                 self.live.state, self.live.message = "running", None
-        ev = self.alerts.open_event if hasattr(self, "alerts") else None
+        ev = self.alerts.open_event if self.alerts else None
         open_events = [a for a in self._alerts[-1:] if ev is not None and a["event_id"] == ev.id]
         payload = {
             "state": self.live.state, "message": self.live.message, "source": src,
-            "scorer": {"state": "ready" if hasattr(self, "scorers") else "loading", "modality": self.live.modality,
+            "scorer": {"state": "ready" if self.alerts else "loading", "modality": self.live.modality,
                        "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
-                       "backends": {m: s.backend for m, s in getattr(self, "scorers", {}).items()},
+                       "backends": {m: s.backend for m, s in self.scorers.items()},
                        "fps": round(self.live.fps_scored, 2)},
             "open_events": open_events,
         }
@@ -331,7 +335,7 @@ class Monitor:
     # ------------------------------------------------------------------ the end
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        if hasattr(self, "alerts") and self.live.last_frame_id is not None:
+        if self.alerts and self.live.last_frame_id is not None:
             reason = "stopped" if self._stop.is_set() else "source_ended"
             for alert in self.alerts.close(self.live.last_frame_id, None, time.monotonic_ns(), reason):
                 self._emit_alert(alert)
@@ -365,12 +369,12 @@ class Monitor:
             "latency_ms": lat, "alerts": len(self._alerts), "events": len(starts),
             "event_list": [{k: a[k] for k in ("event_id", "modality", "start_frame_id", "peak_score", "peak_frame_id")}
                            for a in starts],
-            "backend": {m: s.backend for m, s in getattr(self, "scorers", {}).items()},
-            "device": getattr(self, "device", None),
+            "backend": {m: s.backend for m, s in self.scorers.items()},
+            "device": self.device,
             "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source}
-            if hasattr(self, "thresholds") else None,
+            if self.thresholds else None,
             "modality_mode": self.cfg.scoring.modality,
-            "modality_switches": self.router.switches if getattr(self, "router", None) else 0,
+            "modality_switches": self.router.switches if self.router else 0,
             "publisher": {"endpoint": self.cfg.publish.publish,
                           "boot_id": self.publisher.boot_id if self.publisher else None,
                           "log_errors": self.publisher.log_errors if self.publisher else 0},
@@ -389,13 +393,16 @@ class Monitor:
         routed = [(f, m) for f, m in self._routes if f < len(modality)] or [(0, "")]
         acc = sum(m == modality[f] for f, m in routed) / len(routed)
         opened = [(a["start_frame_id"], a["frame_id"]) for a in self._alerts if a["event"] == "end"]
-        first, last = routed[0][0], routed[-1][0]  # only lesions the run actually played
-        intervals = [e for e in truth["lesions"] if e["start_frame"] <= last and e["end_frame"] >= first]
-        hit = [e for e in intervals if any(s <= e["end_frame"] and t >= e["start_frame"] for s, t in opened)]
+
+        def overlaps(a: int, b: int, lesion: dict[str, Any]) -> bool:
+            return a <= lesion["end_frame"] and b >= lesion["start_frame"]
+
+        # only the lesions of the part of the video the run actually played
+        intervals = [e for e in truth["lesions"] if overlaps(routed[0][0], routed[-1][0], e)]
+        hit = [e for e in intervals if any(overlaps(a, b, e) for a, b in opened)]
         return {"synthetic": True, "frames_routed": len(routed), "routing_accuracy": round(acc, 4),
                 "lesion_intervals": len(intervals), "lesion_intervals_with_alert": len(hit),
-                "events_outside_lesions": sum(not any(s <= e["end_frame"] and t >= e["start_frame"]
-                                                      for e in intervals) for s, t in opened)}
+                "events_outside_lesions": sum(not any(overlaps(a, b, e) for e in intervals) for a, b in opened)}
 
 
 def install_signal_handlers(monitor: Monitor) -> None:

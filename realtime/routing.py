@@ -106,17 +106,14 @@ def fit_classifier(features: dict[str, list[np.ndarray]], fitted_on: str, steps:
 
 
 def fit_from_dataset(root: Path, limit: int = 300) -> ModalityClassifier:
-    """Fit on `root/{wli,nbi}/train/good/*` (the dataset layout of docs/DATA.md)."""
-    import cv2
+    """Fit on the normal training images of both modalities (the dataset layout of docs/DATA.md)."""
+    from engine.dataset import load_image, scan_dataset
 
+    index = scan_dataset(root, MODALITIES, require_train=True)  # the dataset's own checks and messages
     feats: dict[str, list[np.ndarray]] = {m: [] for m in MODALITIES}
     for m in MODALITIES:
-        files = sorted(p for p in (Path(root) / m / "train" / "good").glob("*") if p.is_file())[:limit]
-        for f in files:
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if img is None:
-                continue
-            c = chromaticity(np.ascontiguousarray(img[:, :, ::-1]))
+        for path in index.modalities[m].train[:limit]:
+            c = chromaticity(load_image(path, 64))  # colour needs no detail: the 64×64 chromaticity() uses anyway
             if c is not None:
                 feats[m].append(c)
     return fit_classifier(feats, fitted_on=str(root))

@@ -114,6 +114,16 @@ def free_port_pair() -> int:
     raise RuntimeError("no free pair of ports")
 
 
+def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """A subprocess's output up to the first line starting with ``prefix`` (for the monitor: that stage has begun)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            break
+    return lines
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

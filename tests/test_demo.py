@@ -40,14 +40,12 @@ def test_cemd_demo_runs_end_to_end_and_the_model_separates_lesions(tmp_path: Pat
 def test_run_stream_default_is_the_synthetic_demo_with_a_dashboard(tmp_path: Path) -> None:
     """The Quick start's embedded default (cut to a few seconds): synthetic source, both branches,
     auto routing, never compiling at start, a live dashboard, a summary and a run folder."""
-    import socket
+    from tests.streams import free_port_pair
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_pair()  # the replay socket takes the next port
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "run_stream.py", "--max-seconds", "6", "--dashboard", "on", "--run-dir",
-                           str(run), "--publish", f"tcp://127.0.0.1:{port}", "--replay", f"tcp://127.0.0.1:{port + 1}"],
+                           str(run), "--publish", f"tcp://127.0.0.1:{port}"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CEMD monitor" in proc.stdout and "stage latency" in proc.stdout  # dashboard, then summary table

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from realtime.client import MonitorClient
-from tests.streams import free_port_pair, free_udp_port, start_sender
+from tests.streams import free_port_pair, free_udp_port, start_sender, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -40,16 +40,6 @@ def lesion_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("video") / "exam.mp4"
     events = render_video(out, SEED, SECONDS, FPS, SIZE, progress=False)
     return out, events
-
-
-def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
-    """The monitor's output up to the first line starting with ``prefix`` (that stage has begun)."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            break
-    return lines
 
 
 def collect(client: MonitorClient, proc: subprocess.Popen, timeout: float) -> list[dict]:
