@@ -27,7 +27,7 @@ _LIT = 20  # an 8-bit level below which a pixel is border or shadow, not tissue
 
 # Used only when a bundle has no modality.json: fitted on the synthetic training set
 # data/synth-seed1 (see docs/STREAMING.md); a user with real video should fit their own.
-DEFAULT_CLASSIFIER = {"weights": [-59.4085, 33.5419, 25.8665], "bias": 5.4476, "fitted_on": "built-in default (synthetic data/synth-seed1)"}
+DEFAULT_CLASSIFIER = {"weights": [-78.1646, 174.046, 100.826], "bias": -53.0908, "fitted_on": "built-in default (synthetic data/synth-seed1)"}
 
 
 def chromaticity(rgb: np.ndarray) -> np.ndarray | None:
@@ -92,17 +92,20 @@ def fit_classifier(features: dict[str, list[np.ndarray]], fitted_on: str, steps:
                         f"(have WLI {len(xw)}, NBI {len(xn)})")
     x = np.concatenate([xw, xn])
     y = np.concatenate([np.zeros(len(xw)), np.ones(len(xn))])
-    mean = x.mean(axis=0)
-    xc = x - mean
+    # Standardised features: chromaticities vary by a few hundredths, so on raw values no single
+    # step size suits both the weights and the bias (a large one made the bias oscillate).
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mean) / std
     w, b = np.zeros(3), 0.0
     balance = np.where(y == 1, len(y) / (2 * len(xn)), len(y) / (2 * len(xw)))
     for _ in range(steps):
-        p = 1 / (1 + np.exp(-(xc @ w + b)))
+        p = 1 / (1 + np.exp(-(z @ w + b)))
         g = (p - y) * balance
-        w -= 50.0 * (xc.T @ g / len(y) + 1e-4 * w)
-        b -= 50.0 * g.mean()
-    # Fold the centring into the bias so the stored model applies to raw chromaticity.
-    return ModalityClassifier(w.astype(np.float32), float(b - w @ mean), fitted_on)
+        w -= 4.0 * (z.T @ g / len(y) + 1e-5 * w)
+        b -= 4.0 * g.mean()
+    # Fold the standardisation into weights and bias so the stored model applies to raw chromaticity.
+    w_raw = w / std
+    return ModalityClassifier(w_raw.astype(np.float32), float(b - w_raw @ mean), fitted_on)
 
 
 def fit_from_dataset(root: Path, limit: int = 300) -> ModalityClassifier:

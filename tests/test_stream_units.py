@@ -266,3 +266,18 @@ def test_device_reader_with_a_stand_in_camera(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SourceLost, match="device:3"):
         reader.read()
     reader.close()
+
+
+def test_cemd_fit_modality_writes_a_working_classifier(tiny_dataset: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from realtime.cli import main
+
+    assert main(["fit-modality", "--bundle", str(tmp_path), "--data", str(tiny_dataset)]) == 0
+    clf, warning = ModalityClassifier.for_bundle(tmp_path)
+    assert warning is None
+    for modality, want in (("wli", False), ("nbi", True)):
+        img = next((tiny_dataset / modality / "test" / "good").iterdir())
+        rgb = cv2.imread(str(img))[:, :, ::-1]
+        assert (clf.p_nbi(np.ascontiguousarray(rgb)) > 0.5) is want
+    assert main(["fit-modality", "--bundle", str(tmp_path), "--data", str(tmp_path / "nowhere")]) == 2
