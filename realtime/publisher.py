@@ -249,8 +249,11 @@ class AlertPublisher:
                 return False
         return True
 
-    def publish_score_now(self, payload: dict[str, Any]) -> bool:
-        """Send a ``score`` message from the calling thread, right now; False if the publisher is down.
+    def publish_score_now(self, payload: dict[str, Any]) -> float | None:
+        """Send a ``score`` message from the calling thread, right now.
+
+        Returns the decision → sent delay in ms (None without ``t_decision_mono_ns``, or when the
+        publisher is down and nothing was sent).
 
         Why: handing the message to the publisher thread means waiting for the OS to schedule
         that thread, which on a busy 2-core machine took up to 5–10 ms (p99). The scoring
@@ -260,9 +263,8 @@ class AlertPublisher:
             xpub = self._xpub
             if xpub is None or self.fault is not None:
                 self.publish_refused += 1
-                return False
-            self._send_score(xpub, dict(payload))
-        return True
+                return None
+            return self._send_score(xpub, dict(payload))
 
     def publish_delays_ms(self) -> list[float]:
         """Decision → send delay of every score message so far (for summaries and benchmarks)."""
@@ -445,7 +447,7 @@ class AlertPublisher:
         self.last_seq[message["topic"]] = message["seq"]
         return frames
 
-    def _send_score(self, xpub: zmq.Socket, payload: dict[str, Any]) -> None:
+    def _send_score(self, xpub: zmq.Socket, payload: dict[str, Any]) -> float | None:
         with self._xpub_lock:  # score seqs are stamped by this thread or by publish_score_now
             t_decision = payload.pop("t_decision_mono_ns", None)
             message = self._stamp("score", payload)
@@ -458,9 +460,12 @@ class AlertPublisher:
             if isinstance(message.get("frame_id"), int):
                 self._last_frame_id = message["frame_id"]
             self._send(xpub, message)
-            if isinstance(t_decision, int):  # the statistics count encoding and the send call too
-                with self._delays_lock:
-                    self._publish_delays.append((time.monotonic_ns() - t_decision) / 1e6)
+            if not isinstance(t_decision, int):
+                return None
+            delay_ms = (time.monotonic_ns() - t_decision) / 1e6  # counts encoding and the send call too
+            with self._delays_lock:
+                self._publish_delays.append(delay_ms)
+            return delay_ms
 
     def _send_alert(self, xpub: zmq.Socket, payload: dict[str, Any]) -> None:
         message = self._stamp("alert", payload)
