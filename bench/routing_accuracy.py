@@ -14,12 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 
 from bench.provenance import provenance
 from engine.synth_video import VideoScene
 from realtime.preprocess import FramePreprocessor
-from realtime.routing import ModalityClassifier, ModalityRouter
+from realtime.routing import ModalityClassifier, ModalityRouter, routing_accuracy
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -39,7 +38,6 @@ def route_video(classifier: ModalityClassifier, seed: int, seconds: float, size:
         _, crop, _ = pre(scene.frame(i))
         chosen.append(router.update(crop).modality)
         truth.append(scene.modality(i))
-    chosen_a, truth_a = np.array(chosen), np.array(truth)
     true_switches = [i for i in range(1, len(truth)) if truth[i] != truth[i - 1]]
     delays = []
     for s in true_switches:
@@ -47,7 +45,7 @@ def route_video(classifier: ModalityClassifier, seed: int, seconds: float, size:
         while k < len(chosen) and chosen[k] != truth[s]:
             k += 1
         delays.append(k - s)
-    return {"seed": seed, "frames": len(truth), "accuracy": float((chosen_a == truth_a).mean()),
+    return {"seed": seed, "frames": len(truth), "accuracy": routing_accuracy(chosen, truth),
             "true_switches": len(true_switches), "router_switches": router.switches,
             "switch_delay_frames": delays}
 
