@@ -40,6 +40,9 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
     pace.add_argument("--fast", dest="realtime", action="store_false",
                       help="analyse files as fast as possible, every frame, none dropped")
     p.add_argument("--loop", action="store_true", default=None, help="restart files at the end")
+    p.add_argument("--fresh-wait", type=float, metavar="F",
+                   help="live: when the newest frame is older than F of a frame period, wait for the next "
+                        "one (default 0.5; 0 = always take the newest at once)")
     p.add_argument("--sensitivity", type=float, help="threshold divisor: 1.0 = calibrated, 1.2 = 20%% more sensitive")
     p.add_argument("--max-seconds", type=float, help="stop after this many seconds of scoring")
     p.add_argument("--dashboard", choices=["auto", "on", "off"], help="live dashboard (default: when interactive)")
@@ -56,6 +59,7 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
 # command-line option → (config section, key)
 _OVERRIDES = {
     "source": ("source", "source"), "realtime": ("source", "realtime"), "loop": ("source", "loop"),
+    "fresh_wait": ("source", "fresh_wait"),
     "bundle": ("scoring", "bundle"), "modality": ("scoring", "modality"), "backend": ("scoring", "backend"),
     "device": ("scoring", "device"), "build_missing": ("scoring", "build_missing"),
     "sensitivity": ("alerts", "sensitivity"), "publish": ("publish", "publish"), "replay": ("publish", "replay"),

@@ -170,7 +170,8 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     video = bench_video(args.video, args.seconds, args.size)
     seconds = args.minutes * 60
     summary, scores = run_monitor(["--source", str(video), "--realtime", "--loop", "--bundle", args.bundle,
-                                   "--backend", args.backend, "--max-seconds", str(seconds)],
+                                   "--backend", args.backend, "--max-seconds", str(seconds),
+                                   "--fresh-wait", str(args.fresh_wait)],
                                   args.out_dir / "latency-run", collect=True, timeout=seconds + 600)
     if not scores:
         raise SystemExit("no score message received")
@@ -181,7 +182,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         if part:
             minutes.append({"minute": m + 1, "scored": len(part), "e2e_ms": latency_summary(s["e2e_ms"] for s in part),
                             "publish_ms": latency_summary(s["publish_ms"] for s in part)})
-    res = {"minutes": args.minutes, "frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
+    res = {"minutes": args.minutes, "fresh_wait": args.fresh_wait, "frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
            "frames_dropped": summary["frames_dropped"], "fps_scored": summary["fps_scored"],
            "backend": summary["backend"], "received_scores": len(scores),
            "e2e_ms": latency_summary(s["e2e_ms"] for s in scores),
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branch-frames", type=int, default=150)
     p.add_argument("--repeat", type=int, default=3, help="throughput rounds (the machine is shared and noisy)")
     p.add_argument("--minutes", type=float, default=5)
+    p.add_argument("--fresh-wait", type=float, default=0.5, help="the monitor's --fresh-wait (latency)")
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench-stream")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

@@ -50,6 +50,8 @@ MIN_SLOT_BYTES = 1920 * 1080 * 3  # room for resolution changes up to 1080p with
 BACKOFF_START_S, BACKOFF_CAP_S = 0.5, 8.0
 _STATS_EVERY_S = 0.25
 _FPS_WINDOW_NS = 2_000_000_000
+_MAX_ARRIVALS = 512  # bounded even when nobody calls stats() (which trims to the window)
+_PERIOD_FRAMES = 30  # frame period: from the last 30 arrivals
 
 
 @dataclass
@@ -105,7 +107,7 @@ class CaptureProcess:
         self._cond = threading.Condition()
         self._events: list[SourceEvent] = []
         self._notes: deque[tuple[int, int, int]] = deque()  # (slot, seq, t_mono_ns); live keeps <= 1
-        self._arrivals: deque[int] = deque()
+        self._arrivals: deque[int] = deque(maxlen=_MAX_ARRIVALS)  # parent receive times, for fps and period
         self._child_stats: dict[str, Any] = {}
         self._state = "new"
         self._message = ""
@@ -232,8 +234,15 @@ class CaptureProcess:
 
     # ------------------------------------------------------------------ frames
 
-    def next_frame(self, timeout: float, copy: bool = True) -> Frame | None:
+    def next_frame(self, timeout: float, copy: bool = True, fresh: float = 0.0) -> Frame | None:
         """The next frame (live: the newest; lossless: the oldest unread), or None.
+
+        ``fresh`` (live mode only, a fraction of the measured frame period, 0 = off): when the
+        newest frame is already older than ``fresh`` × period, wait until the next one is due
+        (at most one period plus a quarter after the newest) and take that instead, counting the
+        older one as dropped. A consumer slower than the source then scores frames at most
+        ``fresh`` of a period old instead of up to a whole period, at the cost of fewer frames
+        scored; if the next frame is late, the newest one is taken after all.
 
         None means: nothing arrived within ``timeout``, or the source ended/failed and every
         frame has been taken.
@@ -254,6 +263,8 @@ class CaptureProcess:
                     if remaining <= 0:
                         return None
                     self._cond.wait(remaining)
+                if fresh > 0 and not self._cfg.lossless:
+                    self._wait_fresher(fresh)
                 slot, seq, _ = self._notes.popleft()
             ring, free = self._ring, self._free
             if ring is None or self._stopped:
@@ -271,6 +282,29 @@ class CaptureProcess:
             image, meta = got
             return Frame(image, meta.frame_id, meta.pts, meta.time_base, meta.t_capture_mono_ns,
                          meta.t_capture_wall_ns, meta.seq)
+
+    def _wait_fresher(self, fresh: float) -> None:
+        """With ``_cond`` held and a note queued: let a fresher frame replace a stale newest one."""
+        period = self._period_ns()
+        if period is None:
+            return
+        t_newest = self._notes[-1][2]
+        now = time.monotonic_ns()
+        if now - t_newest <= fresh * period:
+            return
+        deadline = t_newest + period + period // 4
+        while self._notes[-1][2] == t_newest and not self._stopped and self._state not in ("ended", "error"):
+            remaining = (deadline - time.monotonic_ns()) / 1e9
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _period_ns(self) -> int | None:
+        """The source's frame period from recent arrivals (None until a few frames came)."""
+        n = min(len(self._arrivals), _PERIOD_FRAMES + 1)
+        if n < 3:
+            return None
+        return (self._arrivals[-1] - self._arrivals[-n]) // (n - 1)
 
     def release(self, frame: Frame | None) -> bool:
         """End the use of a ``copy=False`` frame; False if the writer overwrote it meanwhile."""

@@ -28,6 +28,9 @@ class SourceConfig:
     read_timeout_s: float = 2.0
     stall_after_s: float = 2.0
     ring_slots: int = 4
+    # live: when the newest frame is older than this fraction of a frame period, wait for the
+    # next one instead (0 = off; docs/STREAMING.md "Frame freshness")
+    fresh_wait: float = 0.5
 
 
 @dataclass
@@ -82,6 +85,9 @@ class MonitorConfig:
             raise CemdError(f"switch_frames must be ≥ 1, got {self.scoring.switch_frames}")
         if self.source.ring_slots < 2:
             raise CemdError(f"ring_slots must be ≥ 2, got {self.source.ring_slots}")
+        if not 0 <= self.source.fresh_wait < 1:
+            raise CemdError(f"fresh_wait must be ≥ 0 and < 1 (a fraction of a frame period; 0 = off), "
+                            f"got {self.source.fresh_wait}")
         self.alerts.validate()
 
     def to_json(self) -> dict[str, Any]:

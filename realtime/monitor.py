@@ -315,7 +315,7 @@ class Monitor:
                 now = time.monotonic()
                 if self.cfg.run.max_seconds and now - self.t_running >= self.cfg.run.max_seconds:
                     break
-                frame = self.capture.next_frame(timeout=0.05, copy=False)
+                frame = self.capture.next_frame(timeout=0.05, copy=False, fresh=self.cfg.source.fresh_wait)
                 self._handle_source_events()
                 if frame is not None:
                     self._score_frame(frame)

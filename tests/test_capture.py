@@ -114,6 +114,32 @@ def test_paced_file_with_slow_consumer_drops_oldest(videos: Path) -> None:
     assert elapsed > 1.7  # 60 frames at 30 fps are paced over ~2 s
 
 
+def _ages_ms(cap: CaptureProcess, fresh: float, work_s: float, n: int) -> list[float]:
+    """Take ``n`` frames like a scorer that works ``work_s`` per frame; each frame's age when taken."""
+    ages = []
+    while len(ages) < n and (frame := cap.next_frame(5.0, fresh=fresh)) is not None:
+        ages.append((time.monotonic_ns() - frame.t_capture_mono_ns) / 1e6)
+        time.sleep(work_s)
+    return ages
+
+
+def test_fresh_wait_takes_the_next_frame_instead_of_a_stale_one(videos: Path) -> None:
+    # a consumer that needs 45 ms a frame against a 33 ms period: without waiting, the newest
+    # frame is anywhere from 0 to 33 ms old when it looks; with fresh=0.3 it waits for the next
+    # one whenever the newest is older than 10 ms, so the frames it takes are all fresh
+    with CaptureProcess(parse_source(str(videos / "n200.mp4")), realtime=True) as cap:
+        cap.next_frame(5.0)
+        time.sleep(0.3)  # a few arrivals to measure the period from
+        fresh = _ages_ms(cap, 0.3, 0.045, 40)
+        stale = _ages_ms(cap, 0.0, 0.045, 40)
+        stats = cap.stats()
+    assert stats["state"] == "running"  # 200 frames at 30 fps: still playing
+    assert len(fresh) == 40 and len(stale) == 40
+    assert np.percentile(fresh, 80) < 12, sorted(fresh)
+    assert np.median(stale) > np.median(fresh) + 5, (sorted(stale), sorted(fresh))
+    assert stats["frames_dropped"] > 20  # the stale frames it passed over are counted
+
+
 def test_loop_restarts_with_increasing_frame_ids(videos: Path) -> None:
     cap = CaptureProcess(parse_source(str(videos / "n10.mp4")), realtime=False, loop=True)
     try:

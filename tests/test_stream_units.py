@@ -281,3 +281,16 @@ def test_cemd_fit_modality_writes_a_working_classifier(tiny_dataset: Path, tmp_p
         rgb = cv2.imread(str(img))[:, :, ::-1]
         assert (clf.p_nbi(np.ascontiguousarray(rgb)) > 0.5) is want
     assert main(["fit-modality", "--bundle", str(tmp_path), "--data", str(tmp_path / "nowhere")]) == 2
+
+
+def test_message_encoding_is_strict_json_of_plain_values() -> None:
+    from realtime.schema import dumps, plain
+
+    value = {"score": np.float32(0.25), "nan": float("nan"), "inf": np.float64("inf"), "box": np.array([1, 2]),
+             "pts": np.int64(7), "contour": [(1, 2), (3, 4)], 5: "int key", "nested": {"m": np.float32("nan")}}
+    out = json.loads(dumps(value))  # json.loads would accept NaN tokens, so check them explicitly below
+    assert out == plain(value) == {"score": 0.25, "nan": None, "inf": None, "box": [1, 2], "pts": 7,
+                                   "contour": [[1, 2], [3, 4]], "5": "int key", "nested": {"m": None}}
+    assert b"NaN" not in dumps(value) and b"Infinity" not in dumps(value)
+    with pytest.raises(TypeError, match="cannot put a object"):
+        dumps({"x": object()})
