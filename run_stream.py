@@ -45,6 +45,10 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
                         "one (default 0.5; 0 = always take the newest at once)")
     p.add_argument("--sensitivity", type=float, help="threshold divisor: 1.0 = calibrated, 1.2 = 20%% more sensitive")
     p.add_argument("--max-seconds", type=float, help="stop after this many seconds of scoring")
+    p.add_argument("--overlay", choices=["none", "window", "file"],
+                   help="start the overlay display on the capture's frames: an OpenCV window, or an annotated "
+                        "video (--overlay-out, default RUN_DIR/overlay.mp4); default none")
+    p.add_argument("--overlay-out", metavar="FILE", help="the annotated video of --overlay file")
     p.add_argument("--dashboard", choices=["auto", "on", "off"], help="live dashboard (default: when interactive)")
     p.add_argument("--no-compile", dest="build_missing", action="store_false", default=None,
                    help="never compile a branch at start; use a compiled artifact only if `cemd export` made one")
@@ -64,6 +68,7 @@ _OVERRIDES = {
     "device": ("scoring", "device"), "build_missing": ("scoring", "build_missing"),
     "sensitivity": ("alerts", "sensitivity"), "publish": ("publish", "publish"), "replay": ("publish", "replay"),
     "curve_secret": ("publish", "curve_secret"), "curve_allow": ("publish", "curve_allow"),
+    "overlay": ("run", "overlay"), "overlay_out": ("run", "overlay_out"),
     "run_dir": ("run", "run_dir"), "dashboard": ("run", "dashboard"), "max_seconds": ("run", "max_seconds"),
 }
 

@@ -234,6 +234,11 @@ class CaptureProcess:
 
     # ------------------------------------------------------------------ frames
 
+    @property
+    def ring_name(self) -> str | None:
+        """The shared-memory ring's name, once started (an overlay display on this machine can read it)."""
+        return self._ring.name if self._ring is not None else None
+
     def next_frame(self, timeout: float, copy: bool = True, fresh: float = 0.0) -> Frame | None:
         """The next frame (live: the newest; lossless: the oldest unread), or None.
 

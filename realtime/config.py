@@ -54,6 +54,8 @@ class PublishConfig:
     curve_secret: str | None = None
     curve_allow: str | None = None
     heartbeat_s: float = 1.0
+    maps: bool = True  # a `map` message (8-bit heat map) after every score, for overlays
+    map_size: int = 64
 
 
 @dataclass
@@ -62,6 +64,8 @@ class RunConfig:
     dashboard: str = "auto"  # auto (when the terminal is interactive) | on | off
     max_seconds: float | None = None
     status_every_s: float = 1.0
+    overlay: str = "none"  # none | window | file: start the overlay display on the capture ring
+    overlay_out: str | None = None  # --overlay file: default RUN_DIR/overlay.mp4
 
 
 @dataclass
@@ -79,10 +83,17 @@ class MonitorConfig:
             raise CemdError(f"backend must be auto, tensorrt, aoti or eager, not {self.scoring.backend!r}")
         if self.scoring.device not in ("auto", "cpu", "cuda"):
             raise CemdError(f"device must be auto, cpu or cuda, not {self.scoring.device!r}")
+        if self.run.overlay not in ("none", "window", "file"):
+            raise CemdError(f"overlay must be none, window or file, not {self.run.overlay!r}")
+        if self.run.overlay != "none" and (self.publish.curve_secret or self.publish.curve_allow):
+            raise CemdError("--overlay cannot hold CURVE client keys; with CURVE on, start the display yourself: "
+                            "cemd display ENDPOINT --ring NAME --curve-secret … --curve-server-key …")
         if self.run.dashboard not in ("auto", "on", "off"):
             raise CemdError(f"dashboard must be auto, on or off, not {self.run.dashboard!r}")
         if self.scoring.switch_frames < 1:
             raise CemdError(f"switch_frames must be ≥ 1, got {self.scoring.switch_frames}")
+        if not 8 <= self.publish.map_size <= 256:
+            raise CemdError(f"map_size must be between 8 and 256, got {self.publish.map_size}")
         if self.source.ring_slots < 2:
             raise CemdError(f"ring_slots must be ≥ 2, got {self.source.ring_slots}")
         if not 0 <= self.source.fresh_wait < 1:

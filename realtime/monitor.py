@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from engine.errors import CemdError
 from realtime.alerts import AlertLogic, Thresholds
 from realtime.capture import CaptureProcess
 from realtime.config import MonitorConfig
+from realtime.overlay import encode_heatmap
 from realtime.preprocess import FramePreprocessor
 from realtime.publisher import AlertPublisher, CurveServerConfig
 from realtime.routing import ModalityClassifier, ModalityRouter
@@ -101,6 +103,8 @@ class Monitor:
         self.thresholds: Thresholds | None = None
         self.router: ModalityRouter | None = None
         self.alerts: AlertLogic | None = None
+        self.display: subprocess.Popen | None = None  # the overlay display process (--overlay)
+        self.display_summary: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -165,6 +169,7 @@ class Monitor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._start_publisher()  # first: a port in use fails in a second, not after the model loads
         self.publish_status()
+        self._start_display()  # while the model loads, so that it is ready for the first frame
         self.log(f"loading bundle {self.cfg.scoring.bundle} …")
         self._load_model()
         sc = self.cfg.source
@@ -173,7 +178,49 @@ class Monitor:
                                       stall_after_s=sc.stall_after_s)
         self.log(f"opening source {self.spec} …")
         self.capture.start()
+        if self.display is not None and self.display.stdin is not None:
+            try:
+                self.display.stdin.write(f"{self.capture.ring_name}\n")
+                self.display.stdin.flush()
+            except OSError:
+                self._warn(f"the overlay display exited early (code {self.display.poll()}); scoring goes on")
         self.live.state = "running"
+
+    def _start_display(self) -> None:
+        mode = self.cfg.run.overlay
+        if mode == "none":
+            return
+        out = Path(self.cfg.run.overlay_out) if self.cfg.run.overlay_out else self.run_dir / "overlay.mp4"
+        endpoint = self.cfg.publish.publish.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
+        cmd = [sys.executable, "-m", "realtime.display", endpoint, "--ring", "-", "--output", mode,
+               "--summary", str(self.run_dir / "display.json")]
+        if mode == "file":
+            cmd += ["--out", str(out)]
+        self.log(f"starting the overlay display ({mode}{': ' + str(out) if mode == 'file' else ''}) …")
+        self.display = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True,
+                                        cwd=Path(__file__).resolve().parent.parent)
+
+    def _stop_display(self) -> None:
+        """Close its stdin (the run is over): it shows what is left in the ring, writes its summary, exits."""
+        proc, self.display = self.display, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            self._warn("the overlay display did not finish within 30 s and was killed")
+        path = self.run_dir / "display.json"
+        if path.exists():
+            self.display_summary = json.loads(path.read_text())
+        elif proc.returncode:
+            self._warn(f"the overlay display exited with code {proc.returncode}")
 
     # ------------------------------------------------------------------ status
 
@@ -263,6 +310,10 @@ class Monitor:
         publish_ms = self.publisher.publish_score_now(payload)
         for alert in decision.alerts:
             self._emit_alert(alert)
+        if self.cfg.publish.maps:  # after the score is out: the overlay's heat map, never in its way
+            heat = encode_heatmap(amap[0, 0], self.cfg.publish.map_size, 2 * decision.threshold)
+            self.publisher.publish("map", {"frame_id": frame.frame_id, "modality": modality,
+                                           "box": [int(v) for v in box], **heat})
         for stage, ms in payload["timings_ms"].items():
             self.latency.add(stage, ms)
         if publish_ms is not None:  # sent: the frame's last two stages
@@ -343,6 +394,7 @@ class Monitor:
         src = self._source_status() if self.capture else {}
         if self.capture:
             self.capture.stop()
+        self._stop_display()  # before the publisher closes: its last frames still get their results
         self.live.state = "stopped"
         self.publish_status()
         if self.publisher:
@@ -374,6 +426,7 @@ class Monitor:
             "publisher": {"endpoint": self.cfg.publish.publish,
                           "boot_id": self.publisher.boot_id if self.publisher else None,
                           "log_errors": self.publisher.log_errors if self.publisher else 0},
+            "display": self.display_summary,
             "warnings": self.warnings, "state": self.live.state, "message": self.live.message,
             "versions": versions(), "config": self.cfg.to_json(),
         }

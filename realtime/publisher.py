@@ -31,7 +31,7 @@ from realtime.schema import SCHEMA, dumps, encode, plain, replay_endpoint_for
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
 ZAP_DOMAIN = "cemd"
-PIPELINE_TOPICS = ("alert", "score", "status")  # heartbeats are the publisher's own
+PIPELINE_TOPICS = ("alert", "score", "status", "map")  # heartbeats are the publisher's own
 REPLAY_CHUNK = 256  # alerts per replay reply; the client asks again while "more" is true
 REPLAY_MAX_REQUEST = 64 * 1024
 CLOSE_LINGER_MS = 100  # bounded: lets the last messages leave without ever hanging close()
@@ -419,6 +419,8 @@ class AlertPublisher:
                     self._send_alert(xpub, payload)
                 elif topic == "score":
                     self._send_score(xpub, payload)
+                elif topic == "map":
+                    self._send(xpub, self._stamp("map", payload))
                 else:
                     self._pipeline_status = payload
                     self._send_status(xpub, payload)

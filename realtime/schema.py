@@ -17,7 +17,7 @@ from engine.errors import CemdError
 SCHEMA = "cemd.monitor/1"
 SCHEMA_NAME, _, _MAJOR_TEXT = SCHEMA.partition("/")
 SCHEMA_MAJOR = int(_MAJOR_TEXT)
-TOPICS = ("alert", "score", "status", "heartbeat")
+TOPICS = ("alert", "score", "status", "heartbeat", "map")
 
 # Fields every message carries, with the Python types a reader may rely on.
 COMMON_FIELDS: dict[str, type] = {
@@ -41,6 +41,7 @@ TOPIC_FIELDS: dict[str, tuple[str, ...]] = {
               "score", "peak_score", "peak_frame_id", "threshold", "duration_ms", "location"),
     "status": ("state", "source", "scorer", "open_events", "message"),
     "heartbeat": ("uptime_s", "state", "last_frame_id", "last_seq"),
+    "map": ("frame_id", "modality", "box", "size", "vmax", "encoding", "data"),
 }
 
 

@@ -23,6 +23,7 @@ from realtime import keys as keys_cli
 from realtime.alert_log import AlertLog
 from realtime.client import CurveClientConfig, MonitorClient
 from realtime.keys import generate_keypair
+from realtime.overlay import decode_heatmap, encode_heatmap
 from realtime.publisher import AlertPublisher, CurveServerConfig
 from realtime.schema import SCHEMA, TOPIC_FIELDS, SchemaError, decode, encode
 from tests.streams import free_port_pair
@@ -198,6 +199,8 @@ def test_published_messages_round_trip_and_match_the_json_schema(endpoint: str, 
         pub.publish("status", status_payload())
         pub.publish("score", score_payload(0, score=float("nan")))
         pub.publish("alert", alert_payload(1))
+        pub.publish("map", {"frame_id": 0, "modality": "wli", "box": [-10, 0, 260],
+                            **encode_heatmap(np.full((256, 256), 0.3, np.float32), 8, 0.6)})
         first: dict[str, dict[str, Any]] = {}
         for message in recv_until(client, lambda seen: {m["topic"] for m in seen} == set(TOPIC_FIELDS)
                                   and any(m["topic"] == "alert" for m in seen)):
@@ -213,7 +216,9 @@ def test_published_messages_round_trip_and_match_the_json_schema(endpoint: str, 
         assert score["timings_ms"]["inference"] == 11.5 and score["timings_ms"]["publish"] >= 0
         assert len(pub.publish_delays_ms()) == 1
         assert first["alert"]["seq"] == 0 and first["alert"]["boot_id"] == pub.boot_id
-        assert first["heartbeat"]["last_seq"].keys() >= {"alert", "score", "status"}
+        assert first["heartbeat"]["last_seq"].keys() >= {"alert", "score", "status", "map"}
+        grid = decode_heatmap(first["map"])
+        assert grid is not None and grid.shape == (8, 8) and abs(float(grid.mean()) - 0.5) < 0.01  # 0.3 of vmax 0.6
         # The validator is not vacuous: a broken alert fails it.
         broken = dict(first["alert"], event="maybe")
         with pytest.raises(Invalid):

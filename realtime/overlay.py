@@ -1,0 +1,291 @@
+"""What the overlay display draws, and the state it draws from.
+
+`ResultState` keeps the latest result received over ZeroMQ (score, heat map, open event,
+status, heartbeat) and decides whether the AI is active; `draw_overlay` paints one frame
+from a `View` of it. Both are plain functions of their inputs, so the display process, the
+tests and anyone embedding the overlay elsewhere draw the same thing.
+
+Heat maps travel on the ``map`` topic as a small 8-bit grid (``encode_heatmap``): value / vmax,
+where vmax is twice the alert threshold, so 128 is the threshold itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+MAP_ENCODING = "u8-base64"
+
+# colours (RGB)
+ALERT_RED = (220, 30, 30)
+INACTIVE_AMBER = (255, 170, 0)
+OK_GREEN = (40, 200, 80)
+CONTOUR_YELLOW = (255, 235, 0)
+WHITE = (255, 255, 255)
+
+
+def encode_heatmap(amap: Any, size: int, vmax: float) -> dict[str, Any]:
+    """An anomaly map (S×S, torch or numpy) as a ``size``×``size`` 8-bit grid scaled by ``vmax``."""
+    if hasattr(amap, "detach"):  # torch: area-downsample where it lives, then one small copy
+        import torch.nn.functional as F
+
+        t = amap.detach().float().reshape(1, 1, *amap.shape[-2:])
+        grid = F.adaptive_avg_pool2d(t, size)[0, 0].cpu().numpy()
+    else:
+        grid = cv2.resize(np.asarray(amap, np.float32).reshape(np.shape(amap)[-2:]), (size, size),
+                          interpolation=cv2.INTER_AREA)
+    vmax = float(vmax) if vmax and np.isfinite(vmax) and vmax > 0 else 1.0
+    q = np.clip(np.nan_to_num(grid, nan=0.0) / vmax * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return {"size": [size, size], "vmax": round(vmax, 6), "encoding": MAP_ENCODING,
+            "data": base64.b64encode(q.tobytes()).decode("ascii")}
+
+
+def decode_heatmap(message: dict[str, Any]) -> np.ndarray | None:
+    """The grid of a ``map`` message as float32 in [0, 1] (1 = vmax), or None if it is malformed."""
+    try:
+        h, w = (int(v) for v in message["size"])
+        if message.get("encoding") != MAP_ENCODING or not (0 < h <= 1024 and 0 < w <= 1024):
+            return None
+        raw = base64.b64decode(message["data"], validate=True)
+        if len(raw) != h * w:
+            return None
+        return np.frombuffer(raw, np.uint8).reshape(h, w).astype(np.float32) / 255.0
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class OverlayOptions:
+    heatmap: bool = True
+    opacity: float = 0.45
+    max_result_age_s: float = 1.0  # a newer score than this must have arrived, else AI NOT ACTIVE
+    heartbeat_timeout_s: float = 3.0  # no message at all for this long: AI NOT ACTIVE
+
+    def change_opacity(self, step: float) -> None:
+        self.opacity = float(min(1.0, max(0.05, round(self.opacity + step, 2))))
+
+
+@dataclass
+class View:
+    """Everything `draw_overlay` needs for one frame."""
+
+    active: bool
+    reason: str | None = None  # why not active
+    score: float | None = None
+    threshold: float | None = None
+    modality: str | None = None
+    backend: str | None = None
+    event_id: int | None = None  # an open alert event
+    location: dict[str, Any] | None = None
+    heatmap: np.ndarray | None = None
+    heat_box: tuple[int, int, int] | None = None  # crop square (x0, y0, side) in source pixels
+    result_age_ms: float | None = None
+    display_latency_ms: float | None = None
+    result_frame_id: int | None = None
+
+
+@dataclass
+class ResultState:
+    """The latest monitor messages, fed by the receiver thread, read by the drawing loop."""
+
+    options: OverlayOptions = field(default_factory=OverlayOptions)
+    score: dict[str, Any] | None = None
+    t_score: float = 0.0
+    heat: tuple[int, np.ndarray, tuple[int, int, int]] | None = None  # (frame_id, grid, box)
+    open_event: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+    t_message: float | None = None
+    boot_id: str | None = None
+    counts: dict[str, int] = field(default_factory=lambda: {"messages": 0, "bad_messages": 0, "boot_changes": 0,
+                                                            "alerts": 0})
+    problems: list[str] = field(default_factory=list)  # shown on the console, newest last
+    event_starts: list[int] = field(default_factory=list)  # event ids, for the audible cue
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def problem(self, text: str) -> None:
+        with self._lock:
+            self.counts["bad_messages"] += 1
+            self.problems.append(text)
+            del self.problems[:-20]
+
+    def update(self, message: dict[str, Any], now: float | None = None) -> None:
+        """Take one decoded, validated message."""
+        now = time.monotonic() if now is None else now
+        topic = message.get("topic")
+        with self._lock:
+            self.counts["messages"] += 1
+            self.t_message = now
+            boot = message.get("boot_id")
+            if self.boot_id is not None and boot != self.boot_id:
+                self.counts["boot_changes"] += 1
+                self.open_event, self.score, self.heat = None, None, None  # a restarted monitor starts afresh
+                self.problems.append(f"monitor restarted (boot {str(boot)[:8]})")
+            self.boot_id = boot
+            if topic == "score":
+                self.score, self.t_score = message, now
+            elif topic == "map":
+                grid = decode_heatmap(message)
+                box = message.get("box")
+                if grid is not None and isinstance(box, list) and len(box) == 3:
+                    self.heat = (int(message.get("frame_id", -1)), grid, (int(box[0]), int(box[1]), int(box[2])))
+            elif topic == "alert":
+                self.counts["alerts"] += 1
+                if message.get("event") == "start":
+                    self.event_starts.append(int(message.get("event_id", -1)))
+                if message.get("event") in ("start", "update"):
+                    self.open_event = message
+                elif self.open_event is None or message.get("event_id") == self.open_event.get("event_id"):
+                    self.open_event = None
+            elif topic == "status":
+                self.status = message
+                if message.get("state") == "stopped":
+                    self.open_event = None
+
+    def take_event_starts(self) -> list[int]:
+        with self._lock:
+            out, self.event_starts = self.event_starts, []
+            return out
+
+    def view(self, now: float | None = None) -> View:
+        """The overlay for a frame shown now: the latest result, or why the AI is not active."""
+        now = time.monotonic() if now is None else now
+        opts = self.options
+        with self._lock:
+            score, t_score, heat, event, status = self.score, self.t_score, self.heat, self.open_event, self.status
+            t_message = self.t_message
+        reason = None
+        if t_message is None:
+            reason = "no contact with the monitor"
+        elif now - t_message > opts.heartbeat_timeout_s:
+            reason = f"monitor silent for {now - t_message:.0f} s"
+        elif status is not None and status.get("state") in ("stopped", "error"):
+            reason = f"monitor {status.get('state')}"
+        elif score is None:
+            reason = "no results yet"
+        elif now - t_score > opts.max_result_age_s:
+            reason = f"no results for {now - t_score:.1f} s"
+        if reason is not None:
+            return View(active=False, reason=reason)
+        assert score is not None
+        grid, box = None, None
+        if heat is not None and heat[0] == score.get("frame_id"):
+            grid, box = heat[1], heat[2]
+        event_open = event is not None and event.get("modality") == score.get("modality")
+        location = score.get("location") or (event.get("location") if event_open else None)
+        return View(active=True, score=_num(score.get("score")), threshold=_num(score.get("threshold")),
+                    modality=score.get("modality"), backend=score.get("backend"),
+                    event_id=event.get("event_id") if event_open else None, location=location,
+                    heatmap=grid, heat_box=box, result_age_ms=(now - t_score) * 1000,
+                    result_frame_id=score.get("frame_id"))
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# ---------------------------------------------------------------------------- drawing
+
+
+def draw_overlay(image: np.ndarray, view: View, options: OverlayOptions) -> np.ndarray:
+    """Paint ``view`` onto an RGB frame in place and return it."""
+    h, w = image.shape[:2]
+    unit = max(h, w) / 1000.0  # sizes scale with the frame
+    thick = max(1, int(round(2 * unit)))
+    font = max(0.35, 0.7 * unit)
+    if not view.active:
+        _banner(image, "AI NOT ACTIVE", view.reason or "", INACTIVE_AMBER, (0, 0, 0), font, thick)
+        _corner_text(image, view, font, thick)
+        return image
+    if options.heatmap and view.heatmap is not None and view.heat_box is not None:
+        _blend_heatmap(image, view.heatmap, view.heat_box, options.opacity)
+    if view.location:
+        pts = np.asarray(view.location.get("contour") or [], np.int32).reshape(-1, 1, 2)
+        if len(pts) >= 3:
+            cv2.polylines(image, [pts], True, CONTOUR_YELLOW, thick + 1, cv2.LINE_AA)
+        box = view.location.get("box")
+        if box and len(box) == 4:
+            x, y, bw, bh = (int(v) for v in box)
+            cv2.rectangle(image, (x, y), (x + bw, y + bh), ALERT_RED if view.event_id is not None else WHITE, thick)
+    if view.event_id is not None:
+        _banner(image, f"ANOMALY  #{view.event_id}", f"score {view.score:.3f}" if view.score is not None else "",
+                ALERT_RED, WHITE, font, thick)
+    _score_bar(image, view, unit, font, thick)
+    label = " · ".join(x for x in ((view.modality or "").upper(), view.backend or "") if x)
+    _text(image, label, (int(10 * unit) + 4, h - int(50 * unit) - 8), font, WHITE, thick)
+    _corner_text(image, view, font, thick)
+    return image
+
+
+def _blend_heatmap(image: np.ndarray, grid: np.ndarray, box: tuple[int, int, int], opacity: float) -> None:
+    h, w = image.shape[:2]
+    x0, y0, side = box
+    if side <= 0:
+        return
+    xa, ya, xb, yb = max(0, x0), max(0, y0), min(w, x0 + side), min(h, y0 + side)
+    if xb <= xa or yb <= ya:
+        return
+    big = cv2.resize(grid, (side, side), interpolation=cv2.INTER_LINEAR)[ya - y0:yb - y0, xa - x0:xb - x0]
+    # transparent below half the threshold (0.25 of vmax), full opacity from the threshold (0.5) up
+    alpha = (np.clip((big - 0.25) / 0.25, 0.0, 1.0) * opacity)[..., None]
+    if not alpha.any():
+        return
+    colours = cv2.applyColorMap(np.clip(big * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    region = image[ya:yb, xa:xb].astype(np.float32)
+    image[ya:yb, xa:xb] = (region * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+
+
+def _banner(image: np.ndarray, title: str, detail: str, colour: tuple[int, int, int], ink: tuple[int, int, int],
+            font: float, thick: int) -> None:
+    h, w = image.shape[:2]
+    bar_h = max(18, int(h * 0.09))
+    cv2.rectangle(image, (0, 0), (w - 1, bar_h), colour, -1)
+    (tw, th), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, font * 1.2, thick + 1)
+    cv2.putText(image, title, (max(4, (w - tw) // 2), min(bar_h - 4, (bar_h + th) // 2)), cv2.FONT_HERSHEY_SIMPLEX,
+                font * 1.2, ink, thick + 1, cv2.LINE_AA)
+    if detail:
+        _text(image, detail, (6, bar_h + int(22 * font) + 4), font * 0.8, colour, thick)
+
+
+def _score_bar(image: np.ndarray, view: View, unit: float, font: float, thick: int) -> None:
+    h, w = image.shape[:2]
+    if view.score is None:
+        return
+    x0, bar_w = int(10 * unit) + 4, max(60, int(w * 0.3))
+    bar_h = max(6, int(18 * unit))
+    y0 = h - bar_h - int(10 * unit) - 4
+    vmax = 2 * view.threshold if view.threshold else max(view.score, 1e-6) * 2
+    fill = int(bar_w * min(1.0, max(0.0, view.score / vmax)))
+    above = view.threshold is not None and view.score >= view.threshold
+    cv2.rectangle(image, (x0, y0), (x0 + bar_w, y0 + bar_h), (40, 40, 40), -1)
+    if fill > 0:
+        cv2.rectangle(image, (x0, y0), (x0 + fill, y0 + bar_h), ALERT_RED if above else OK_GREEN, -1)
+    mark = x0 + bar_w // 2  # the threshold sits at half the bar
+    cv2.line(image, (mark, y0 - 3), (mark, y0 + bar_h + 3), WHITE, thick)
+    cv2.rectangle(image, (x0, y0), (x0 + bar_w, y0 + bar_h), WHITE, 1)
+
+
+def _corner_text(image: np.ndarray, view: View, font: float, thick: int) -> None:
+    h, w = image.shape[:2]
+    parts = []
+    if view.display_latency_ms is not None:
+        parts.append(f"display {view.display_latency_ms:.0f} ms")
+    if view.active and view.result_age_ms is not None:
+        parts.append(f"result {view.result_age_ms:.0f} ms old")
+    text = "  ".join(parts)
+    if text:
+        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font * 0.7, thick)
+        _text(image, text, (max(2, w - tw - 6), h - 6), font * 0.7, WHITE, thick)
+
+
+def _text(image: np.ndarray, text: str, org: tuple[int, int], font: float, colour: tuple[int, int, int],
+          thick: int) -> None:
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, colour, thick, cv2.LINE_AA)
