@@ -50,6 +50,7 @@ MIN_SLOT_BYTES = 1920 * 1080 * 3  # room for resolution changes up to 1080p with
 BACKOFF_START_S, BACKOFF_CAP_S = 0.5, 8.0
 _STATS_EVERY_S = 0.25
 _FPS_WINDOW_NS = 2_000_000_000
+_TAP_PATIENCE_S = 2.0  # lossless: how long the writer waits for an overlay display to copy a frame
 _MAX_ARRIVALS = 512  # bounded even when nobody calls stats() (which trims to the window)
 _PERIOD_FRAMES = 30  # frame period: from the last 30 arrivals
 
@@ -630,6 +631,8 @@ class _CaptureChild:
                         return False
             finally:
                 self.waiting_on_purpose = False
+            if not self.wait_for_tap(self.seq + 1 - self.ring.slots):
+                return False
         self.seq += 1
         slot = (self.seq - 1) % self.ring.slots
         t_mono, t_wall = time.monotonic_ns(), time.time_ns()
@@ -643,6 +646,29 @@ class _CaptureChild:
         if self.last_progress_ns - self.last_stats_ns > _STATS_EVERY_S * 1e9:
             with self.lock:
                 self.send_stats()
+        return True
+
+    def wait_for_tap(self, old_seq: int) -> bool:
+        """Lossless: let an overlay display copy frame ``old_seq`` before its slot is reused.
+
+        A display that falls 2 s behind is detached (it then counts what it misses), so a stuck
+        or killed display never stalls the analysis.
+        """
+        assert self.ring is not None
+        if old_seq < 1:
+            return True
+        deadline = time.monotonic() + _TAP_PATIENCE_S
+        self.waiting_on_purpose = True
+        try:
+            while self.ring.tap_holds_back(old_seq):
+                if self.stopping or not _parent_alive():
+                    return False
+                if time.monotonic() > deadline:
+                    self.ring.tap_detach()
+                    break
+                time.sleep(0.001)
+        finally:
+            self.waiting_on_purpose = False
         return True
 
     def restart(self) -> DecodedFrame | None:

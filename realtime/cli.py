@@ -13,7 +13,7 @@ from rich.text import Text
 
 from engine import cli as engine_cli
 from engine.errors import CemdError
-from realtime import keys
+from realtime import display, keys, subscribe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_fit_modality(sub)
     keys.register(sub)
+    subscribe.register(sub)
+    display.register(sub)
     return parser
 
 

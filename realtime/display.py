@@ -74,6 +74,7 @@ class RingFeed:
         self.time_base: tuple[int, int] | None = None
         self._last_new = time.monotonic()
         self.finishing = False  # set on stop: take what is left, then end
+        self.ring.tap_attach()  # a lossless (--fast) capture now keeps each frame until we have it
 
     def next(self, timeout: float) -> FeedFrame | None:
         deadline = time.monotonic() + timeout
@@ -89,6 +90,7 @@ class RingFeed:
                 self.last_seq = seq
                 self._last_new = time.monotonic()
                 self.time_base = self.time_base or meta.time_base
+                self.ring.tap_done(seq)
                 return FeedFrame(image, meta.frame_id, meta.pts, meta.time_base, meta.t_capture_mono_ns)
             now = time.monotonic()
             if self.finishing or now - self._last_new > self.idle_end_s:
@@ -99,6 +101,7 @@ class RingFeed:
             time.sleep(self.poll_s)
 
     def close(self) -> None:
+        self.ring.tap_detach()
         self.ring.close()
 
 
@@ -155,7 +158,10 @@ class FileOutput:
         self.container = av.open(str(path), "w")
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps or 30).limit_denominator(1001))
         self.stream.pix_fmt = "yuv420p"
-        self.stream.options = {"preset": "veryfast", "crf": "20", "bf": "0"}
+        # one encoder thread: the display shares the machine with the scorer, whose OpenMP team
+        # stalls whenever another busy thread takes one of its cores
+        self.stream.options = {"preset": "veryfast", "crf": "20", "bf": "0", "threads": "1"}
+        self.stream.codec_context.thread_count = 1
         self.time_base = Fraction(*time_base) if time_base else None
         self.frames = 0
         self._opened = False
@@ -267,7 +273,8 @@ class ResultReceiver:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(2.0)
+        if self._thread.is_alive():
+            self._thread.join(2.0)
         self._sub.close(0)
         self._ctx.term()
 
@@ -321,6 +328,8 @@ class OverlayDisplay:
                 receiver.close()
                 return {}
             feed: RingFeed | SourceFeed = RingFeed(ring) if ring else SourceFeed(cfg.source or "", cfg.paced)
+            if cfg.ring == "-":  # tell the monitor we hold the ring: it starts scoring (and recycling slots) now
+                print("ready", flush=True)
         except BaseException:
             receiver.close()
             raise

@@ -178,12 +178,8 @@ class Monitor:
                                       stall_after_s=sc.stall_after_s)
         self.log(f"opening source {self.spec} …")
         self.capture.start()
-        if self.display is not None and self.display.stdin is not None:
-            try:
-                self.display.stdin.write(f"{self.capture.ring_name}\n")
-                self.display.stdin.flush()
-            except OSError:
-                self._warn(f"the overlay display exited early (code {self.display.poll()}); scoring goes on")
+        if self.display is not None:
+            self._hand_ring_to_display(self.display)
         self.live.state = "running"
 
     def _start_display(self) -> None:
@@ -197,8 +193,24 @@ class Monitor:
         if mode == "file":
             cmd += ["--out", str(out)]
         self.log(f"starting the overlay display ({mode}{': ' + str(out) if mode == 'file' else ''}) …")
-        self.display = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True,
+        self.display = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         cwd=Path(__file__).resolve().parent.parent)
+
+    def _hand_ring_to_display(self, proc: subprocess.Popen) -> None:
+        """Give the display the ring's name and wait (≤ 15 s) until it holds the ring, so that it
+        sees the first frame before the scorer lets the capture reuse that slot."""
+        import select
+
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(f"{self.capture.ring_name}\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 15)
+            if ready and proc.stdout.readline().strip() == "ready":
+                return
+            self._warn("the overlay display did not attach to the capture ring within 15 s; scoring goes on")
+        except OSError:
+            self._warn(f"the overlay display exited early (code {proc.poll()}); scoring goes on")
 
     def _stop_display(self) -> None:
         """Close its stdin (the run is over): it shows what is left in the ring, writes its summary, exits."""

@@ -44,6 +44,8 @@ _GLOBAL = 8
 # per-slot header fields
 SEQ, FRAME_ID, PTS, TB_NUM, TB_DEN, T_MONO, T_WALL, HEIGHT, WIDTH = range(9)
 _N_FIELDS = 10  # one spare
+# global header fields for one passive reader (the overlay display's "tap")
+_TAP_ON, _TAP_SEQ = 5, 6
 _ALIGN = 64
 
 
@@ -242,6 +244,24 @@ class FrameRing:
             self.torn_reads += 1
             return None
         return image, meta
+
+    # ------------------------------------------------------------------ tap (a second, passive reader)
+
+    def tap_attach(self) -> None:
+        """Register a passive reader (the overlay display): a lossless writer then keeps each frame
+        until the tap has copied it (``tap_done``), so the tap sees every frame of a file analysis."""
+        self._glob[_TAP_SEQ] = 0
+        self._glob[_TAP_ON] = 1
+
+    def tap_done(self, seq: int) -> None:
+        self._glob[_TAP_SEQ] = seq
+
+    def tap_detach(self) -> None:
+        self._glob[_TAP_ON] = 0
+
+    def tap_holds_back(self, seq: int) -> bool:
+        """True while an attached tap has not yet copied frame ``seq`` (the writer wants its slot)."""
+        return bool(self._glob[_TAP_ON]) and int(self._glob[_TAP_SEQ]) < seq
 
     def holds(self, slot: int, seq: int) -> bool:
         """True while ``slot`` still holds frame ``seq`` (the writer has not started over it)."""

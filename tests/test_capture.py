@@ -380,3 +380,38 @@ def test_synthetic_source_frames_and_events() -> None:
     assert events["modality"] and "lesions" in events
     with pytest.raises(CemdError):
         synthetic_events(SourceSpec("file", "x.mp4"))
+
+
+def test_lossless_capture_keeps_frames_for_an_overlay_tap(videos: Path) -> None:
+    import threading
+
+    from realtime.display import RingFeed
+
+    with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=False) as cap:
+        tap = RingFeed(cap.ring_name, idle_end_s=2.0)  # attached before the consumer frees any slot
+        consumed: list[Frame] = []
+        consumer = threading.Thread(target=lambda: consumed.extend(_drain(cap)))
+        consumer.start()
+        seen = []
+        while (f := tap.next(timeout=1.0)) is not None or not tap.ended:
+            if f is not None:
+                seen.append(f.frame_id)
+                assert read_number(f.image) == f.frame_id
+                time.sleep(0.01)  # a slower reader than the consumer: the writer must wait for it
+        consumer.join(10)
+        tap.close()
+    assert seen == list(range(60)) and tap.missed == 0
+    assert [f.frame_id for f in consumed] == list(range(60))
+
+
+def test_a_stuck_tap_is_detached_and_never_stalls_the_analysis(videos: Path) -> None:
+    from realtime.ring import FrameRing
+
+    t0 = time.monotonic()
+    with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=False) as cap:
+        ring = FrameRing.attach(cap.ring_name)
+        ring.tap_attach()  # and never reads: like a display that froze or was killed
+        frames = _drain(cap)
+        ring.close()
+    assert [f.frame_id for f in frames] == list(range(60))
+    assert 1.5 < time.monotonic() - t0 < 15  # it waited ~2 s once, then went on without the tap
