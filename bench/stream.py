@@ -12,8 +12,14 @@ Three measurements, each with provenance, written as JSON and printed as a table
   (``t_mono_ns − t_capture_mono_ns``, one host, one monotonic clock), per minute and overall, with
   the decision → publish delay and the frames dropped.
 
+* ``display``: the monitor paced (``--realtime --loop``) with and without ``--overlay file``,
+  alternating, ``--repeat`` rounds of ``--seconds-each``: the latency the overlay display adds
+  (frame available in the ring → annotated frame written), the frames it showed and missed,
+  and the monitor's own frame → published latency both ways.
+
     python -m bench.stream throughput --json runs/stream_throughput.json
     python -m bench.stream latency --minutes 5 --json runs/stream_latency.json
+    python -m bench.stream display --size 640x480 --json runs/stream_display.json
 """
 
 from __future__ import annotations
@@ -200,9 +206,35 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def display(args: argparse.Namespace) -> dict[str, Any]:
+    video = bench_video(args.video, args.seconds, args.size)
+    rounds = []
+    for k in range(1, args.repeat + 1):
+        row: dict[str, Any] = {"round": k}
+        for overlay in ("none", "file"):
+            summary, _ = run_monitor(["--source", str(video), "--realtime", "--loop", "--bundle", args.bundle,
+                                      "--backend", args.backend, "--max-seconds", str(args.seconds_each),
+                                      "--overlay", overlay], args.out_dir / f"display-{overlay}-{k}", collect=False,
+                                     timeout=args.seconds_each + 300)
+            row[overlay] = {"frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
+                            "e2e_ms": summary["latency_ms"]["end_to_end"]}
+            if overlay == "file":
+                d = summary["display"] or {}
+                row["display"] = {k2: d.get(k2) for k2 in ("frames_shown", "frames_missed", "display_latency_ms",
+                                                           "inactive_frames")}
+        rounds.append(row)
+        d, a, b = row["display"], row["none"]["e2e_ms"], row["file"]["e2e_ms"]
+        lat = d["display_latency_ms"] or {}
+        print(f"round {k}: display shown {d['frames_shown']} missed {d['frames_missed']} of "
+              f"{row['file']['frames_read']} read; frame → written p50 {lat.get('p50')} p99 {lat.get('p99')} "
+              f"max {lat.get('max')} ms; monitor frame → published p50 {a['p50']} / p99 {a['p99']} ms without the "
+              f"display, {b['p50']} / {b['p99']} ms with it")
+    return {"size": f"{args.size[0]}x{args.size[1]}", "rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["throughput", "latency"])
+    p.add_argument("what", choices=["throughput", "latency", "display"])
     p.add_argument("--bundle", default="models/demo")
     p.add_argument("--backend", default="auto")
     p.add_argument("--video", type=Path, default=REPO / "runs" / "bench-video" / "synth-1080p30.mp4")
@@ -211,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branch-frames", type=int, default=150)
     p.add_argument("--repeat", type=int, default=3, help="throughput rounds (the machine is shared and noisy)")
     p.add_argument("--minutes", type=float, default=5)
+    p.add_argument("--seconds-each", type=float, default=30, help="display: seconds per run")
     p.add_argument("--fresh-wait", type=float, default=0.5, help="the monitor's --fresh-wait (latency)")
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench-stream")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    res = throughput(args) if args.what == "throughput" else latency(args)
+    res = {"throughput": throughput, "latency": latency, "display": display}[args.what](args)
     out = {"benchmark": f"stream.{args.what}", "synthetic": True, "provenance": provenance(),
            "config": {k: str(v) for k, v in vars(args).items()}, "results": res}
     if args.json:

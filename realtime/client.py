@@ -68,6 +68,7 @@ class MonitorClient:
         self.replay_failures = 0  # replay requests that timed out or were refused
         self.boot_changes = 0  # publisher restarts seen
         self.schema_errors = 0  # garbage or another schema major: skipped
+        self.last_schema_error: str | None = None  # why the last one was skipped
         self.duplicates = 0  # repeated seqs (late-joiner status re-sends): skipped
         self.lost: collections.Counter[str] = collections.Counter()  # non-alert messages missed, per topic
 
@@ -104,8 +105,9 @@ class MonitorClient:
             frames = self._sub.recv_multipart(zmq.NOBLOCK)
             try:
                 message = decode(frames)
-            except SchemaError:
+            except SchemaError as exc:
                 self.schema_errors += 1
+                self.last_schema_error = str(exc)
                 continue
             self._last_message = time.monotonic()
             self._accept(message)
@@ -228,12 +230,12 @@ class MonitorClient:
 
     def _request(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """One REQ round trip; a REQ that timed out is stuck mid-exchange, so it is replaced."""
-        if self._req is None:
-            self._req = self._ctx.socket(zmq.REQ)
-            self._req.linger = 0
-            self._secure(self._req)
-            self._req.connect(self.replay_endpoint)
         try:
+            if self._req is None:
+                self._req = self._ctx.socket(zmq.REQ)
+                self._req.linger = 0
+                self._secure(self._req)
+                self._req.connect(self.replay_endpoint)  # a bad endpoint: a failed replay, not a crash
             self._req.send(json.dumps(request).encode())
             if self._req.poll(self.replay_timeout_s * 1000):
                 reply = json.loads(self._req.recv().decode("utf-8"))
@@ -243,8 +245,9 @@ class MonitorClient:
                 return None
         except (zmq.ZMQError, ValueError):  # SchemaError is a ValueError
             pass
-        self._req.close(linger=0)
-        self._req = None
+        if self._req is not None:
+            self._req.close(linger=0)
+            self._req = None
         return None
 
     def _secure(self, sock: zmq.Socket) -> None:

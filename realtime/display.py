@@ -165,6 +165,7 @@ class FileOutput:
         self.time_base = Fraction(*time_base) if time_base else None
         self.frames = 0
         self._opened = False
+        self._offset, self._last_pts, self._step = 0, None, None  # output pts keep increasing (--loop)
 
     def write(self, image: np.ndarray, pts: int | None) -> None:
         h, w = image.shape[:2]
@@ -178,7 +179,15 @@ class FileOutput:
             self._opened = True
         frame = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         if self.time_base is not None and pts is not None:
-            frame.pts, frame.time_base = pts, self.time_base
+            out = pts + self._offset
+            if self._last_pts is not None and out <= self._last_pts:  # a looped source starts over
+                step = self._step or 1
+                self._offset = self._last_pts + step - pts
+                out = pts + self._offset
+            if self._last_pts is not None:
+                self._step = out - self._last_pts
+            self._last_pts = out
+            frame.pts, frame.time_base = out, self.time_base
         else:
             frame.pts, frame.time_base = self.frames, self.stream.codec_context.time_base
         for packet in self.stream.encode(frame):
@@ -314,6 +323,7 @@ class OverlayDisplay:
         self.counts = {"frames": 0, "inactive_frames": 0, "alert_frames": 0, "cues": 0}
         self.inactive_spans: list[list[int]] = []  # [first, last] frame ids shown with AI NOT ACTIVE
         self.alert_spans: list[list[int]] = []
+        self.write_error: str | None = None
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -361,7 +371,16 @@ class OverlayDisplay:
                 image = frame.image if frame.image.flags.writeable else frame.image.copy()
                 draw_overlay(image, view, self.options)
                 if isinstance(output, FileOutput):
-                    output.write(image, frame.pts)
+                    try:
+                        output.write(image, frame.pts)
+                    except Exception as exc:  # noqa: BLE001 — an encoder error or a full disk: say so, go on
+                        self.log(f"cannot write {cfg.out}: {exc}; the annotated video ends here")
+                        self.write_error = str(exc)
+                        try:
+                            output.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        output, cfg.output = None, "none"
                     key = None
                 elif isinstance(output, WindowOutput):
                     key = output.show(image)
@@ -451,7 +470,8 @@ class OverlayDisplay:
             "frames_shown": self.counts["frames"], "frames_missed": feed.missed,
             "inactive_frames": self.counts["inactive_frames"], "alert_frames": self.counts["alert_frames"],
             "inactive_spans": self.inactive_spans, "alert_spans": self.alert_spans,
-            "cues": self.counts["cues"], "display_latency_ms": latency_summary(self.latency),
+            "cues": self.counts["cues"], "write_error": self.write_error,
+            "display_latency_ms": latency_summary(self.latency),
             "messages": dict(self.state.counts), "problems": self.state.problems[-20:],
         }
         if self.cfg.summary:

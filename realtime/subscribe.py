@@ -238,8 +238,9 @@ class Subscription:
             n = after["schema_errors"] - self._reported_schema
             self._reported_schema = after["schema_errors"]
             notices.append(notice("schema_error", "warning",
-                                  f"skipped {n} message(s) that are not valid cemd.monitor/1 (garbage bytes or "
-                                  f"another schema version); {after['schema_errors']} so far",
+                                  f"skipped {n} message(s) that are not valid cemd.monitor/1 (last: "
+                                  f"{getattr(self.client, 'last_schema_error', None) or 'garbage bytes or another schema version'}"
+                                  f"); {after['schema_errors']} so far",
                                   skipped=n, schema_errors=after["schema_errors"]))
         missed = {t: n - self._reported_lost[t] for t, n in after["lost"].items() if n > self._reported_lost[t]}
         if missed and (force or self._due("lost", now)):

@@ -123,6 +123,29 @@ def test_draw_overlay_banner_only_with_an_open_event() -> None:
     assert opts.opacity == 1.0
 
 
+def test_window_keys_toggle_heatmap_opacity_and_quit() -> None:
+    from realtime.display import DisplayConfig, OverlayDisplay
+
+    d = OverlayDisplay(DisplayConfig(source="synthetic", output="none"))
+    assert d.options.heatmap and d.options.opacity == 0.45
+    assert not d._key("h") and not d.options.heatmap
+    assert not d._key("+") and d.options.opacity == 0.55
+    assert not d._key("-") and not d._key("-") and d.options.opacity == 0.35
+    assert not d._key(None) and d._key("q")
+
+
+def test_file_output_keeps_timestamps_and_survives_a_looped_source(tmp_path: Path) -> None:
+    from realtime.display import FileOutput
+
+    out = FileOutput(tmp_path / "o.mp4", 10, (1, 10))
+    for pts in (0, 1, 2, 3, 0, 1, 2):  # --loop: the source starts over
+        out.write(np.full((48, 63, 3), 40 * (pts + 1), np.uint8), pts)  # odd width: padded to even
+    out.close()
+    frames = frames_of(tmp_path / "o.mp4")
+    assert [round(f.time, 3) for f in frames] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert (frames[0].width, frames[0].height) == (64, 48)
+
+
 # ---------------------------------------------------------------------------- file mode with a real monitor
 
 
@@ -349,7 +372,8 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
         time.sleep(1.0)
         with AlertPublisher(endpoint, run_dir=tmp_path / "pub", heartbeat_interval=0.2) as pub:
             disp = subprocess.Popen(display_cmd(endpoint, "--source", "synthetic:seconds=30,size=320x240,fps=10",
-                                                "--output", "window", "--summary", str(tmp_path / "d.json")),
+                                                "--output", "window", "--cue", "bell",
+                                                "--summary", str(tmp_path / "d.json")),
                                     cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
             log: list[str] = []
             _lines(disp, log)
@@ -386,6 +410,7 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
         xvfb.kill()
     summary = json.loads((tmp_path / "d.json").read_text())
     assert summary["output"] == "window" and summary["alert_frames"] > 0
+    assert summary["cues"] == 1 and "\a" in "".join(log)  # one event start, one bell
 
 
 def banner_anywhere(shot: np.ndarray) -> bool:
