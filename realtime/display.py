@@ -60,6 +60,9 @@ class RingFeed:
     """
 
     def __init__(self, name: str, poll_s: float = 0.002, idle_end_s: float = 5.0) -> None:
+        """``poll_s``: the shortest sleep between looks at the ring. Between frames it sleeps up to
+        the next frame's expected arrival (a quarter period early), not a fixed 2 ms: each wake-up
+        on a 2-core machine can stall the scorer's OpenMP team for a while."""
         from realtime.ring import FrameRing
 
         try:
@@ -73,6 +76,7 @@ class RingFeed:
         self.fps: float | None = None
         self.time_base: tuple[int, int] | None = None
         self._last_new = time.monotonic()
+        self._period: float | None = None  # seconds between frames, smoothed
         self.finishing = False  # set on stop: take what is left, then end
         self.ring.tap_attach()  # a lossless (--fast) capture now keeps each frame until we have it
 
@@ -87,8 +91,12 @@ class RingFeed:
                     continue
                 image, meta = got
                 self.missed += max(0, seq - self.last_seq - 1)
+                now = time.monotonic()
+                if self.last_seq and seq == self.last_seq + 1 and len(newer) == 1:
+                    gap = now - self._last_new
+                    self._period = gap if self._period is None else 0.9 * self._period + 0.1 * gap
                 self.last_seq = seq
-                self._last_new = time.monotonic()
+                self._last_new = now
                 self.time_base = self.time_base or meta.time_base
                 self.ring.tap_done(seq)
                 return FeedFrame(image, meta.frame_id, meta.pts, meta.time_base, meta.t_capture_mono_ns)
@@ -98,7 +106,10 @@ class RingFeed:
                 return None
             if now >= deadline:
                 return None
-            time.sleep(self.poll_s)
+            nap = self.poll_s
+            if self._period is not None:  # asleep until a quarter period before the next frame is due
+                nap = max(nap, min(0.05, self._last_new + 0.75 * self._period - now))
+            time.sleep(min(nap, max(0.0, deadline - now) + 0.001))
 
     def close(self) -> None:
         self.ring.tap_detach()
@@ -160,7 +171,7 @@ class FileOutput:
         self.stream.pix_fmt = "yuv420p"
         # one encoder thread: the display shares the machine with the scorer, whose OpenMP team
         # stalls whenever another busy thread takes one of its cores
-        self.stream.options = {"preset": "veryfast", "crf": "20", "bf": "0", "threads": "1"}
+        self.stream.options = {"preset": "ultrafast", "crf": "20", "bf": "0", "threads": "1"}
         self.stream.codec_context.thread_count = 1
         self.time_base = Fraction(*time_base) if time_base else None
         self.frames = 0
