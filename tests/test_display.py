@@ -397,6 +397,12 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
                     if banner_anywhere(shot):
                         break
             assert shot is not None and banner_anywhere(shot), "".join(log)
+            # the audible cue: a new event starts now that the display surely listens
+            for j in range(10):
+                pub.publish("alert", {"event": "start" if j == 0 else "update", "event_id": 1, "modality": "wli",
+                                      "frame_id": k + j})
+                pub.publish("score", score_message(k + j, 0.5, event_id=1))
+                time.sleep(0.1)
             import cv2
 
             cv2.imwrite(str(tmp_path / "overlay-window.png"), shot[..., ::-1])
@@ -410,7 +416,7 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
         xvfb.kill()
     summary = json.loads((tmp_path / "d.json").read_text())
     assert summary["output"] == "window" and summary["alert_frames"] > 0
-    assert summary["cues"] == 1 and "\a" in "".join(log)  # one event start, one bell
+    assert summary["cues"] >= 1 and "\a" in "".join(log)  # a bell per event start it received
 
 
 def banner_anywhere(shot: np.ndarray) -> bool:

@@ -56,10 +56,11 @@ class Cli:
         deadline = time.monotonic() + timeout_s
         seen = 0
         while time.monotonic() < deadline:
-            for line in lines[seen:]:
+            new = lines[seen:]  # one snapshot: a line appended meanwhile is read in the next round
+            seen += len(new)
+            for line in new:
                 if done(line):
                     return line
-            seen = len(lines)
             if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
                 break
             time.sleep(0.02)
