@@ -389,6 +389,9 @@ class AlertPublisher:
             wait_ms = max(0.0, min(100.0, (next_beat - time.monotonic()) * 1000))
             ready = dict(poller.poll(wait_ms))
             if pull in ready and self._drain_outbox(pull, xpub):
+                # a last heartbeat after everything else: its last_seq lets a client see that it
+                # lost alerts sent just before the end (no later message would reveal the gap)
+                self._send_heartbeat(xpub)
                 return
             self._answer_subscriptions(xpub)
             if router in ready:

@@ -368,6 +368,28 @@ def test_heartbeat_keeps_beating_while_the_caller_is_blocked(endpoint: str, run_
         assert client.silent_for_s() < 1.0
 
 
+def test_a_final_heartbeat_names_the_last_alert(endpoint: str, run_dir: Path) -> None:
+    pub = AlertPublisher(endpoint, run_dir=run_dir, heartbeat_interval=30.0).start()  # no periodic beat meanwhile
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat")
+        sub.connect(endpoint)
+        sub.poll(2000)
+        while sub.poll(300):  # the start-up beat (and nothing else)
+            sub.recv_multipart()
+        pub.publish("alert", alert_payload(0))
+        pub.publish("alert", alert_payload(1))
+        pub.publish("status", status_payload("stopped"))
+        pub.close()
+        assert sub.poll(5000), "no heartbeat after close"
+        beat = decode(sub.recv_multipart())
+        assert beat["topic"] == "heartbeat" and beat["last_seq"]["alert"] == 1 and beat["last_seq"]["status"] >= 0
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
 def test_late_joiner_gets_the_last_status_at_once(endpoint: str, run_dir: Path) -> None:
     with AlertPublisher(endpoint, run_dir=run_dir, heartbeat_interval=30.0) as pub:
         pub.publish("status", status_payload("running", "all good"))
