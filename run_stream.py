@@ -49,6 +49,8 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
                    help="start the overlay display on the capture's frames: an OpenCV window, or an annotated "
                         "video (--overlay-out, default RUN_DIR/overlay.mp4); default none")
     p.add_argument("--overlay-out", metavar="FILE", help="the annotated video of --overlay file")
+    p.add_argument("--overlay-max-width", type=int, metavar="PX",
+                   help="the overlay shows/writes frames wider than this scaled down to it (less CPU at 1080p)")
     p.add_argument("--dashboard", choices=["auto", "on", "off"], help="live dashboard (default: when interactive)")
     p.add_argument("--no-compile", dest="build_missing", action="store_false", default=None,
                    help="never compile a branch at start; use a compiled artifact only if `cemd export` made one")
@@ -69,6 +71,7 @@ _OVERRIDES = {
     "sensitivity": ("alerts", "sensitivity"), "publish": ("publish", "publish"), "replay": ("publish", "replay"),
     "curve_secret": ("publish", "curve_secret"), "curve_allow": ("publish", "curve_allow"),
     "overlay": ("run", "overlay"), "overlay_out": ("run", "overlay_out"),
+    "overlay_max_width": ("run", "overlay_max_width"),
     "run_dir": ("run", "run_dir"), "dashboard": ("run", "dashboard"), "max_seconds": ("run", "max_seconds"),
 }
 

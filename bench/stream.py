@@ -214,7 +214,10 @@ def display(args: argparse.Namespace) -> dict[str, Any]:
         for overlay in ("none", "file"):
             summary, _ = run_monitor(["--source", str(video), "--realtime", "--loop", "--bundle", args.bundle,
                                       "--backend", args.backend, "--max-seconds", str(args.seconds_each),
-                                      "--overlay", overlay], args.out_dir / f"display-{overlay}-{k}", collect=False,
+                                      "--overlay", overlay,
+                                      *(["--overlay-max-width", str(args.overlay_max_width)]
+                                        if args.overlay_max_width else [])],
+                                     args.out_dir / f"display-{overlay}-{k}", collect=False,
                                      timeout=args.seconds_each + 300)
             row[overlay] = {"frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
                             "e2e_ms": summary["latency_ms"]["end_to_end"]}
@@ -229,7 +232,7 @@ def display(args: argparse.Namespace) -> dict[str, Any]:
               f"{row['file']['frames_read']} read; frame → written p50 {lat.get('p50')} p99 {lat.get('p99')} "
               f"max {lat.get('max')} ms; monitor frame → published p50 {a['p50']} / p99 {a['p99']} ms without the "
               f"display, {b['p50']} / {b['p99']} ms with it")
-    return {"size": f"{args.size[0]}x{args.size[1]}", "rounds": rounds}
+    return {"size": f"{args.size[0]}x{args.size[1]}", "overlay_max_width": args.overlay_max_width, "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="throughput rounds (the machine is shared and noisy)")
     p.add_argument("--minutes", type=float, default=5)
     p.add_argument("--seconds-each", type=float, default=30, help="display: seconds per run")
+    p.add_argument("--overlay-max-width", type=int, help="display: the monitor's --overlay-max-width")
     p.add_argument("--fresh-wait", type=float, default=0.5, help="the monitor's --fresh-wait (latency)")
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench-stream")
     p.add_argument("--json", type=Path)

@@ -66,6 +66,7 @@ class RunConfig:
     status_every_s: float = 1.0
     overlay: str = "none"  # none | window | file: start the overlay display on the capture ring
     overlay_out: str | None = None  # --overlay file: default RUN_DIR/overlay.mp4
+    overlay_max_width: int | None = None  # the display scales wider frames down to this (less CPU)
 
 
 @dataclass

@@ -28,11 +28,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import zmq
 
 from engine.errors import CemdError
-from realtime.overlay import OverlayOptions, ResultState, View, draw_overlay
+from realtime.overlay import OverlayOptions, ResultState, View, draw_overlay, scale_view
 from realtime.schema import SchemaError, decode
 from realtime.stats import latency_summary
 
@@ -315,6 +316,7 @@ class DisplayConfig:
     cue: str | None = None  # "bell" or a sound file
     summary: Path | None = None
     max_seconds: float | None = None
+    max_width: int | None = None  # frames wider than this are shown/written scaled down to it
 
 
 class OverlayDisplay:
@@ -379,7 +381,15 @@ class OverlayDisplay:
                 view = self.state.view()
                 if self.latency:
                     view.display_latency_ms = self.latency[-1]
-                image = frame.image if frame.image.flags.writeable else frame.image.copy()
+                image = frame.image
+                factor = 1.0
+                if cfg.max_width and image.shape[1] > cfg.max_width:  # draw and show/write smaller
+                    factor = cfg.max_width / image.shape[1]
+                    size = (cfg.max_width, max(2, int(round(image.shape[0] * factor))))
+                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                    view = scale_view(view, factor)
+                elif not image.flags.writeable:
+                    image = image.copy()
                 draw_overlay(image, view, self.options)
                 if isinstance(output, FileOutput):
                     try:
@@ -510,6 +520,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cue", help="at each alert start: 'bell' (terminal bell) or a sound file to play")
     p.add_argument("--curve-secret", type=Path, metavar="FILE", help="this client's CURVE secret key (cemd keys)")
     p.add_argument("--curve-server-key", type=Path, metavar="FILE", help="the monitor's CURVE public key")
+    p.add_argument("--max-width", type=int, metavar="PX",
+                   help="show/write frames wider than this scaled down to it (less CPU at 1080p; default: full size)")
     p.add_argument("--summary", type=Path, help="write a JSON summary here at the end")
     p.add_argument("--max-seconds", type=float)
 
@@ -517,6 +529,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> DisplayConfig:
     if not 0.05 <= args.opacity <= 1:
         raise CemdError(f"--opacity must be between 0.05 and 1, got {args.opacity}")
+    if args.max_width is not None and args.max_width < 64:
+        raise CemdError(f"--max-width must be at least 64 pixels, got {args.max_width}")
     if args.max_result_age <= 0:
         raise CemdError(f"--max-result-age must be > 0 s, got {args.max_result_age}")
     if bool(args.curve_secret) != bool(args.curve_server_key):
@@ -528,7 +542,7 @@ def config_from_args(args: argparse.Namespace) -> DisplayConfig:
         paced=not args.fast,
         options=OverlayOptions(heatmap=not args.no_heatmap, opacity=args.opacity, max_result_age_s=args.max_result_age),
         curve=(args.curve_secret, args.curve_server_key) if args.curve_secret else None,
-        cue=args.cue, summary=args.summary, max_seconds=args.max_seconds)
+        cue=args.cue, summary=args.summary, max_seconds=args.max_seconds, max_width=args.max_width)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -192,6 +192,8 @@ class Monitor:
                "--summary", str(self.run_dir / "display.json")]
         if mode == "file":
             cmd += ["--out", str(out)]
+        if self.cfg.run.overlay_max_width:
+            cmd += ["--max-width", str(self.cfg.run.overlay_max_width)]
         self.log(f"starting the overlay display ({mode}{': ' + str(out) if mode == 'file' else ''}) …")
         self.display = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         cwd=Path(__file__).resolve().parent.parent)

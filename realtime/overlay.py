@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -183,6 +183,25 @@ class ResultState:
                     event_id=event.get("event_id") if event_open else None, location=location,
                     heatmap=grid, heat_box=box, result_age_ms=(now - t_score) * 1000,
                     result_frame_id=score.get("frame_id"))
+
+
+def scale_view(view: View, factor: float) -> View:
+    """The same view for a frame resized by ``factor`` (source-pixel coordinates scaled with it)."""
+    if factor == 1.0:
+        return view
+    out = replace(view)
+    if view.location:
+        loc = dict(view.location)
+        if loc.get("contour"):
+            loc["contour"] = [[int(round(x * factor)), int(round(y * factor))] for x, y in loc["contour"]]
+        for key in ("box", "peak"):
+            if loc.get(key):
+                loc[key] = [int(round(v * factor)) for v in loc[key]]
+        out.location = loc
+    if view.heat_box is not None:
+        x0, y0, side = view.heat_box
+        out.heat_box = (int(round(x0 * factor)), int(round(y0 * factor)), max(1, int(round(side * factor))))
+    return out
 
 
 def _num(value: Any) -> float | None:

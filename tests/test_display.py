@@ -146,6 +146,22 @@ def test_file_output_keeps_timestamps_and_survives_a_looped_source(tmp_path: Pat
     assert (frames[0].width, frames[0].height) == (64, 48)
 
 
+def test_scaled_view_and_a_smaller_annotated_video(tmp_path: Path) -> None:
+    from realtime.overlay import scale_view
+
+    v = View(active=True, location={"box": [100, 80, 60, 50], "contour": [[100, 80], [160, 130]], "peak": [130, 105]},
+             heat_box=(40, -20, 240))
+    half = scale_view(v, 0.5)
+    assert half.location == {"box": [50, 40, 30, 25], "contour": [[50, 40], [80, 65]], "peak": [65, 52]}
+    assert half.heat_box == (20, -10, 120) and v.heat_box == (40, -20, 240), "the original is untouched"
+    r = subprocess.run(display_cmd("tcp://127.0.0.1:1", "--source", "synthetic:seconds=1,size=320x240,fps=10", "--fast",
+                                   "--output", "file", "--out", str(tmp_path / "small.mp4"), "--max-width", "160"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    frames = frames_of(tmp_path / "small.mp4")
+    assert len(frames) == 10 and (frames[0].width, frames[0].height) == (160, 120)
+
+
 # ---------------------------------------------------------------------------- file mode with a real monitor
 
 
