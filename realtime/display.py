@@ -359,7 +359,6 @@ class OverlayDisplay:
         output: Any = None
         t0 = time.monotonic()
         was_active: bool | None = None
-        problems_seen = 0
         try:
             receiver.start()
             if cfg.output == "window":
@@ -382,7 +381,6 @@ class OverlayDisplay:
                 if self.latency:
                     view.display_latency_ms = self.latency[-1]
                 image = frame.image
-                factor = 1.0
                 if cfg.max_width and image.shape[1] > cfg.max_width:  # draw and show/write smaller
                     factor = cfg.max_width / image.shape[1]
                     size = (cfg.max_width, max(2, int(round(image.shape[0] * factor))))
@@ -412,10 +410,8 @@ class OverlayDisplay:
                 if was_active is not view.active:
                     self.log("AI active" if view.active else f"AI NOT ACTIVE: {view.reason}")
                     was_active = view.active
-                problems = self.state.problems
-                while problems_seen < len(problems) and problems_seen < 1000:
-                    self.log(f"monitor link: {problems[problems_seen]}")
-                    problems_seen += 1
+                for text in self.state.take_problems():
+                    self.log(f"monitor link: {text}")
                 self._cue()
                 if self._key(key):
                     break

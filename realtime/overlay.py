@@ -102,17 +102,24 @@ class ResultState:
     boot_id: str | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"messages": 0, "bad_messages": 0, "boot_changes": 0,
                                                             "alerts": 0})
-    problems: list[str] = field(default_factory=list)  # shown on the console, newest last
+    problems: list[str] = field(default_factory=list)  # the last 20, newest last (for summaries)
     event_starts: list[int] = field(default_factory=list)  # event ids, for the audible cue
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._unreported: list[str] = []  # problems not yet taken by take_problems()
 
     def problem(self, text: str) -> None:
         with self._lock:
             self.counts["bad_messages"] += 1
-            self.problems.append(text)
-            del self.problems[:-20]
+            self._note(text)
+
+    def _note(self, text: str) -> None:
+        """With the lock held: keep a problem for the summary and for the next take_problems()."""
+        self.problems.append(text)
+        del self.problems[:-20]
+        self._unreported.append(text)
+        del self._unreported[:-100]  # a reader that never takes them costs nothing
 
     def update(self, message: dict[str, Any], now: float | None = None) -> None:
         """Take one decoded, validated message."""
@@ -125,7 +132,7 @@ class ResultState:
             if self.boot_id is not None and boot != self.boot_id:
                 self.counts["boot_changes"] += 1
                 self.open_event, self.score, self.heat = None, None, None  # a restarted monitor starts afresh
-                self.problems.append(f"monitor restarted (boot {str(boot)[:8]})")
+                self._note(f"monitor restarted (boot {str(boot)[:8]})")
             self.boot_id = boot
             if topic == "score":
                 self.score, self.t_score = message, now
@@ -146,6 +153,12 @@ class ResultState:
                 self.status = message
                 if message.get("state") == "stopped":
                     self.open_event = None
+
+    def take_problems(self) -> list[str]:
+        """Problems since the last call (at most the last 100), oldest first."""
+        with self._lock:
+            out, self._unreported = self._unreported, []
+            return out
 
     def take_event_starts(self) -> list[int]:
         with self._lock:

@@ -84,22 +84,16 @@ def plain(value: Any) -> Any:
     raise TypeError(f"cannot put a {type(value).__name__} into a monitor message")
 
 
-def _numpy_value(value: Any) -> Any:
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return plain(tolist())
-    raise TypeError(f"cannot put a {type(value).__name__} into a monitor message")
-
-
 def dumps(value: Any) -> bytes:
     """Compact, strict JSON bytes (no NaN tokens): what ``plain(value)`` would give.
 
-    Straight to the C encoder first (numpy values converted as met), since the score message
-    is encoded between the decision and the send; the slower ``plain()`` copy only when a
-    NaN/inf or an odd key makes the fast path refuse.
+    Straight to the C encoder first (what it cannot encode, numpy values, goes through
+    ``plain`` as met), since the score message is encoded between the decision and the send;
+    the slower ``plain()`` copy of the whole value only when a NaN/inf or an odd key makes the
+    fast path refuse.
     """
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=_numpy_value).encode()
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=plain).encode()
     except (ValueError, TypeError):
         return json.dumps(plain(value), separators=(",", ":"), allow_nan=False).encode()
 

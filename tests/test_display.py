@@ -101,6 +101,10 @@ def test_result_state_active_stale_silent_and_restarted() -> None:
     state.update(stamp("status", 3, boot="c" * 32, state="stopped", source={}, scorer={}, open_events=[],
                        message=None), now=16)
     assert state.view(now=16).reason == "monitor stopped"
+    assert state.take_problems() == [f"monitor restarted (boot {'c' * 8})"] and state.take_problems() == []
+    for k in range(30):  # more than the 20 the summary keeps: the console still hears of each one
+        state.problem(f"bad {k}")
+    assert state.take_problems() == [f"bad {k}" for k in range(30)] and len(state.problems) == 20
 
 
 def test_draw_overlay_banner_only_with_an_open_event() -> None:
