@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--events-out", type=Path, default=None,
                    help="events JSON path (default: beside the video, NAME.events.json)")
     v.add_argument("--codec", default="libx264", help="PyAV encoder (default libx264)")
+    v.add_argument("--no-lesions", action="store_true",
+                   help="the same examination without lesions: normal video, e.g. for cemd calibrate")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=run_synth_video)
 
@@ -110,7 +112,7 @@ def run_synth_video(args: argparse.Namespace) -> int:
     events_out = args.events_out or _default_events_path(out)
     start = time.perf_counter()
     events = render_video(out, args.seed, args.seconds, args.fps, size, events_out,
-                          progress=not args.no_progress, codec=args.codec)
+                          progress=not args.no_progress, codec=args.codec, lesions=not args.no_lesions)
     seconds = time.perf_counter() - start
 
     n = events["frames"]

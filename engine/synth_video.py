@@ -40,7 +40,7 @@ from engine.synth import (
     text_layer,
 )
 
-__all__ = ["PRESENCE_FRACTION", "VideoScene", "render_video", "parse_size"]
+__all__ = ["PRESENCE_FRACTION", "VideoScene", "render_video", "parse_size", "write_frame_dataset"]
 
 PRESENCE_FRACTION = 0.5
 _VIDEO_TAG = 0x56494445  # "VIDE"
@@ -365,9 +365,9 @@ class VideoScene:
         s = (self._clock0 + int(i / self.fps)) % 86400
         return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
-    def frame(self, i: int) -> np.ndarray:
-        """RGB uint8 frame ``i``."""
-        modality = self.modality(i)
+    def frame(self, i: int, modality: str | None = None) -> np.ndarray:
+        """RGB uint8 frame ``i`` (in ``modality`` if given, else the one on screen at ``i``)."""
+        modality = modality or self.modality(i)
         bw, bh = self.x1 - self.x0, self.y1 - self.y0
         m = self.world_to_screen(i)
         m[:, 2] -= (self.x0, self.y0)
@@ -482,8 +482,13 @@ def render_video(
     events_out: Path | None = None,
     progress: bool = True,
     codec: str = "libx264",
+    lesions: bool = True,
 ) -> dict[str, Any]:
-    """Write an H.264 (yuv420p) MP4 of a synthetic examination; return (and optionally write) its events."""
+    """Write an H.264 (yuv420p) MP4 of a synthetic examination; return (and optionally write) its events.
+
+    ``lesions=False`` renders the same examination without lesions (normal video, e.g. for
+    calibration); its events then list no lesions.
+    """
     import av
 
     out = Path(out)
@@ -491,8 +496,10 @@ def render_video(
         raise CemdError(f"{out} is a folder; give a file path for the video, e.g. {out / 'synth.mp4'}")
     if events_out is not None and Path(events_out).is_dir():
         raise CemdError(f"{events_out} is a folder; give a file path for the events JSON")
-    scene = VideoScene(seed, seconds, fps, size)
+    scene = VideoScene(seed, seconds, fps, size, lesions=lesions)
     events = scene.events()
+    if not lesions:
+        events["lesions"] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(scene.fps).limit_denominator(1001)
     try:
@@ -524,3 +531,52 @@ def render_video(
         events_out.parent.mkdir(parents=True, exist_ok=True)
         events_out.write_text(json.dumps(events, indent=2) + "\n", encoding="utf-8")
     return events
+
+
+# --------------------------------------------------------------------------- frame dataset
+
+_DISC_FILL = 0.48  # the monitor's crop: the FOV circle fills 96 % of the square (realtime/preprocess.py)
+
+
+def fov_crop(scene: VideoScene, rgb: np.ndarray, size: int) -> np.ndarray:
+    """The square around the scene's field of view, resized to ``size`` and masked outside it:
+    what the monitor's preprocessing hands the branch (there it is found in the image)."""
+    side = max(8, int(round(scene.radius / _DISC_FILL)))
+    x0, y0 = int(round(scene.cx - side / 2)), int(round(scene.cy - side / 2))
+    canvas = np.zeros((side, side, 3), np.uint8)
+    sx0, sy0 = max(0, x0), max(0, y0)
+    sx1, sy1 = min(scene.width, x0 + side), min(scene.height, y0 + side)
+    canvas[sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    out = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    d = np.sqrt((xx - size / 2) ** 2 + (yy - size / 2) ** 2)
+    disc = np.clip(_DISC_FILL * size + 1.5 - d, 0, 1)[..., None]
+    return (out * disc).astype(np.uint8)
+
+
+def write_frame_dataset(out: Path, seeds: list[int], per_seed: int, seconds: float = 60.0,
+                        video_size: tuple[int, int] = (640, 480), size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Paired normal WLI/NBI training frames from lesion-free synthetic examinations.
+
+    Each seed is one examination (its own tissue, camera path, blur, glints, text); ``per_seed``
+    frames evenly spread over it are rendered in both modalities (the world is coloured in both,
+    so the pair is exact) and cropped like the monitor crops. Layout: docs/DATA.md (train/good).
+    """
+    out = Path(out)
+    total = len(seeds) * per_seed
+    with _progress(progress, total, f"frames → {out}") as advance:
+        for seed in seeds:
+            scene = VideoScene(seed, seconds, 30.0, video_size, lesions=False)
+            for k, i in enumerate(np.linspace(0, scene.n_frames - 1, per_seed).round().astype(int)):
+                name = f"s{seed:04d}_{k:03d}.png"
+                for modality in ("wli", "nbi"):
+                    folder = out / modality / "train" / "good"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    crop = fov_crop(scene, scene.frame(int(i), modality), size)
+                    cv2.imwrite(str(folder / name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+                advance()
+    meta = {"format": "cemd-dataset/1", "synthetic": True, "generator": "engine.synth_video frames",
+            "seeds": list(seeds), "per_seed": per_seed, "size": size, "video_size": list(video_size),
+            "counts": {"train": {"good": total}}}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

@@ -6,26 +6,31 @@ N of the last M scored frames of the same modality were above; it stays open whi
 frames keep coming and ends ``hold_ms`` of source time after the last one (time, not frame
 count, so dropped frames do not stretch it). A modality switch ends the open event: the
 other branch has its own scale. Each event emits ``start``, ``update`` (on a new peak, at
-most ``update_hz`` a second, and at least every ``heartbeat_ms``) and ``end``.
+most ``update_hz`` a second, and at least every ``heartbeat_ms``) and ``end``. The state
+machine itself is ``calibration.debounce.Debouncer``, which calibration replays recorded
+scores through, so calibrated false-alert rates are this logic's rates.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 
+from calibration.debounce import Debouncer
 from realtime.preprocess import map_to_source
+
+
+DEFAULT_N_OF_M = (3, 5)
 
 
 @dataclass
 class AlertConfig:
     sensitivity: float = 1.0
-    n_of_m: tuple[int, int] = (3, 5)
+    n_of_m: tuple[int, int] | None = None  # None: the bundle's calibration, else DEFAULT_N_OF_M
     hold_ms: float = 500.0
     update_hz: float = 5.0
     heartbeat_ms: float = 1000.0
@@ -34,9 +39,10 @@ class AlertConfig:
     def validate(self) -> None:
         from engine.errors import CemdError
 
-        n, m = self.n_of_m
-        if not (1 <= n <= m <= 120):
-            raise CemdError(f"n_of_m must satisfy 1 ≤ N ≤ M ≤ 120, got {n} of {m}")
+        if self.n_of_m is not None:
+            n, m = self.n_of_m
+            if not (1 <= n <= m <= 120):
+                raise CemdError(f"n_of_m must satisfy 1 ≤ N ≤ M ≤ 120, got {n} of {m}")
         if not (0.1 <= self.sensitivity <= 10):
             raise CemdError(f"sensitivity must be between 0.1 and 10 (1.0 = calibrated), got {self.sensitivity}")
         if self.hold_ms < 0:
@@ -45,34 +51,49 @@ class AlertConfig:
 
 @dataclass
 class Thresholds:
-    """Per-modality image-score thresholds and where they came from."""
+    """Per-modality image-score thresholds, the calibrated debouncing, and where they came from."""
 
     values: dict[str, float]
     source: str
     warning: str | None = None
+    n_of_m: tuple[int, int] | None = None  # from the calibration
 
     @classmethod
     def for_bundle(cls, bundle: Any) -> "Thresholds":
-        """From the bundle's calibration; else the highest normal validation score, loudly flagged."""
-        cal = bundle.calibration
-        if cal:
-            mods = cal.get("modalities", cal)
-            values = {m: float(mods[m]["threshold"]) for m in bundle.modalities if m in mods and "threshold" in mods[m]}
-            if len(values) == len(bundle.modalities):
-                return cls(values, f"calibration {bundle.path / 'calibration.json'}")
-        stats = bundle.meta.get("score_stats", {})
-        values = {m: float(stats[m]["max"]) for m in bundle.modalities if m in stats}
+        """From the bundle's calibration; a branch without one gets the highest normal validation
+        score of training, loudly flagged."""
+        cal = bundle.calibration or {}
+        mods = cal.get("modalities", {}) if isinstance(cal.get("modalities"), dict) else {}
+        values = {m: float(mods[m]["threshold"]) for m in bundle.modalities
+                  if isinstance(mods.get(m), dict) and "threshold" in mods[m]}
+        n_of_m = tuple(cal["n_of_m"]) if isinstance(cal.get("n_of_m"), list) and len(cal["n_of_m"]) == 2 else None
+        warnings = []
+        made_for = cal.get("model_files")
+        if values and made_for and made_for != bundle.meta.get("files"):
+            warnings.append(f"{bundle.path / 'calibration.json'} was made for other model weights (the bundle's files "
+                            f"changed since); its thresholds may be wrong: recalibrate with cemd calibrate")
         missing = [m for m in bundle.modalities if m not in values]
-        if missing:
+        if not missing:
+            return cls(values, f"calibration {bundle.path / 'calibration.json'} (version {cal.get('version', '?')})",
+                       " ".join(warnings) or None, n_of_m)
+        stats = bundle.meta.get("score_stats", {})
+        no_stats = [m for m in missing if m not in stats]
+        if no_stats:
             from engine.errors import BundleError
 
             raise BundleError(f"bundle {bundle.path} has neither a calibration nor score statistics for "
-                              f"{', '.join(missing).upper()}; run: cemd calibrate --bundle {bundle.path} --normal VIDEO")
-        shown = ", ".join(f"{m.upper()} {v:.4f}" for m, v in values.items())
-        return cls(values, "default: highest normal validation score per branch", (
-            f"bundle {bundle.path} is not calibrated: using default thresholds ({shown}), the highest score of the "
-            f"training run's normal validation images. Expect false alarms or misses on real video; calibrate on "
-            f"normal video of your own (cemd calibrate)."))
+                              f"{', '.join(no_stats).upper()}; run: cemd calibrate --bundle {bundle.path} --normal VIDEO")
+        for m in missing:
+            values[m] = float(stats[m]["max"])
+        shown = ", ".join(f"{m.upper()} {values[m]:.4f}" for m in missing)
+        warnings.insert(0, (
+            f"bundle {bundle.path} is not calibrated for {', '.join(m.upper() for m in missing)}: using default "
+            f"thresholds ({shown}), the highest score of the training run's normal validation images. Expect false "
+            f"alarms or misses on real video; calibrate on normal video of your own (cemd calibrate)."))
+        source = ("default: highest normal validation score per branch" if len(missing) == len(bundle.modalities)
+                  else f"calibration for {', '.join(m.upper() for m in values if m not in missing)}, default for "
+                       f"{', '.join(m.upper() for m in missing)}")
+        return cls(values, source, " ".join(warnings), n_of_m)
 
 
 def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points: int = 48) -> dict[str, Any] | None:
@@ -138,9 +159,9 @@ class AlertLogic:
         self.thresholds = thresholds
         self.config = config or AlertConfig()
         self.config.validate()
-        n, m = self.config.n_of_m
-        self._window: deque[bool] = deque(maxlen=m)
-        self._modality: str | None = None
+        self.n_of_m = self.config.n_of_m or thresholds.n_of_m or DEFAULT_N_OF_M  # config > calibration > default
+        n, m = self.n_of_m
+        self._debounce = Debouncer(n, m, self.config.hold_ms)
         self._event: _Event | None = None
         self._next_id = 0
         self.events_started = 0
@@ -166,9 +187,12 @@ class AlertLogic:
         return out
 
     def close(self, frame_id: int, pts: int | None, t_ns: int, reason: str) -> list[dict[str, Any]]:
-        """End the open event (source ended, modality switch, shutdown)."""
+        """End the open event (source ended, shutdown)."""
+        self._debounce.close()
+        return self._end(frame_id, pts, t_ns, reason)
+
+    def _end(self, frame_id: int, pts: int | None, t_ns: int, reason: str) -> list[dict[str, Any]]:
         ev, self._event = self._event, None
-        self._window.clear()
         if ev is None:
             return []
         return [self._payload("end", ev, frame_id, pts, ev.peak_score, max(t_ns, ev.start_ns), ev.last_frame, reason)]
@@ -178,21 +202,16 @@ class AlertLogic:
         """One scored frame. ``amap`` may be a callable so the map is fetched only when needed."""
         cfg = self.config
         alerts: list[dict[str, Any]] = []
-        if self._modality is not None and modality != self._modality:
-            alerts += self.close(frame_id, pts, t_ns, "modality_switch")
-        self._modality = modality
         thr = self.threshold(modality)
         above = bool(score > thr)
-        self._window.append(above)
+        step = self._debounce.step(t_ns, modality, above)
+        for reason in step.ended:  # a modality switch, or the hold time ran out
+            alerts += self._end(frame_id, pts, t_ns, reason)
         ev = self._event
-        if ev is not None and not above and (t_ns - ev.last_above_ns) / 1e6 > cfg.hold_ms:
-            alerts += self.close(frame_id, pts, t_ns, "below_threshold")
-            self._window.append(above)
-            ev = None
         location = None
-        if above and (ev is not None or sum(self._window) >= cfg.n_of_m[0]):
+        if step.counts:
             location = locate(amap() if callable(amap) else amap, box, cfg.location_level)
-            if ev is None:
+            if step.opened:
                 ev = self._event = _Event(self._next_id, modality, frame_id, t_ns)
                 self._next_id += 1
                 self.events_started += 1
@@ -201,6 +220,7 @@ class AlertLogic:
                 ev.last_frame = frame_id
                 alerts.append(self._payload("start", ev, frame_id, pts, score, t_ns))
             else:
+                assert ev is not None
                 ev.last_above_ns, ev.last_frame = t_ns, frame_id
                 if score > ev.peak_score:
                     ev.peak_score, ev.peak_frame, ev.location = score, frame_id, location

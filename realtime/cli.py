@@ -11,6 +11,7 @@ import sys
 from rich.console import Console
 from rich.text import Text
 
+from calibration import cli as calibration_cli
 from engine import cli as engine_cli
 from engine.errors import CemdError
 from realtime import display, keys, subscribe
@@ -28,7 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys.register(sub)
     subscribe.register(sub)
     display.register(sub)
+    calibration_cli.register(sub, _replayer)
     return parser
+
+
+def _replayer(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 — the scorer calibration replays video with
+    from realtime.replay import Replayer
+
+    return Replayer(*args, **kwargs)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

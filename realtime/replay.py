@@ -1,0 +1,281 @@
+"""Offline replay: a recorded video (or a folder of frames) through the live monitor's own units.
+
+Calibration and ``cemd evaluate-video`` must see exactly the scores and alerts the monitor
+would produce, so this uses the same ``FramePreprocessor``, ``ModalityRouter``, ``Scorer``
+(``load_scorer``, backend ``auto`` by default) and ``AlertLogic`` in the same order and on the
+same source clock as ``Monitor._score_frame`` — only without the capture process, ring and
+publisher: every frame is decoded and scored, as in ``run_stream.py --fast``.
+
+A decode thread reads ahead (PyAV releases the GIL while decoding and converting), so decode
+and inference overlap on two cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from engine.errors import CemdError
+from realtime.alerts import AlertConfig, AlertLogic, Thresholds
+from realtime.preprocess import FramePreprocessor
+from realtime.routing import ModalityClassifier, ModalityRouter
+from realtime.sources import PyAVReader
+
+Log = Callable[[str], None]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_END = object()
+
+
+@dataclass
+class ScoreTrack:
+    """Per-frame results of one replayed source (arrays of equal length, in frame order)."""
+
+    source: str
+    kind: str  # video | images
+    fps: float
+    width: int
+    height: int
+    sha256: str
+    frame_id: np.ndarray  # int64, 0-based index in the source
+    t_ms: np.ndarray  # float64, source time (PTS for videos, index / fps for image folders)
+    modality: np.ndarray  # <U3, the branch that scored the frame
+    score: np.ndarray  # float32 image score
+    decode_errors: int = 0
+    looks_like: dict[str, int] = field(default_factory=dict)  # colour classifier votes, every 5th frame
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # when replayed with alert logic
+    seconds: float = 0.0  # wall time of the replay
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_id)
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps if self.fps else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "sha256": self.sha256, "frames": self.frames,
+                "fps": round(self.fps, 4), "width": self.width, "height": self.height,
+                "decode_errors": self.decode_errors}
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digest(files: list[Path]) -> str:
+    """One hash over a folder's frames: names and contents, in order."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+    return h.hexdigest()
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- frame sources
+
+
+def _read_images(files: list[Path]) -> Iterator[tuple[np.ndarray, int | None, tuple[int, int] | None]]:
+    import cv2
+
+    for f in files:
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise CemdError(f"{f} is not a readable image")
+        yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None, None
+
+
+def _read_video(reader: PyAVReader) -> Iterator[tuple[np.ndarray, int | None, tuple[int, int] | None]]:
+    while (frame := reader.read()) is not None:
+        yield frame.image, frame.pts, frame.time_base
+
+
+class _ReadAhead:
+    """Runs a frame iterator on a thread, a few frames ahead of the consumer."""
+
+    def __init__(self, frames: Iterator[Any], depth: int = 4) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(frames,), name="replay-decode", daemon=True)
+        self._thread.start()
+
+    def _run(self, frames: Iterator[Any]) -> None:
+        try:
+            for item in frames:
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._q.put(_END)
+        except BaseException as exc:  # noqa: BLE001 — handed to the consumer, raised there
+            self._q.put(exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- the replayer
+
+
+class Replayer:
+    """Loads the branches once; replays any number of sources through them.
+
+    ``modality`` is ``wli``, ``nbi`` or ``auto`` (both branches, routed per frame with the
+    monitor's hysteresis). The router and the field-of-view tracker restart for every source.
+    """
+
+    def __init__(self, bundle: Any, modality: str = "auto", backend: str = "auto", device: str = "cpu",
+                 switch_frames: int = 2, switch_confidence: float = 0.9, redetect_fov_every: int = 15,
+                 log: Log = lambda _s: None, build: bool = True) -> None:
+        from engine.backends import load_scorer
+
+        if modality not in ("wli", "nbi", "auto"):
+            raise CemdError(f"modality must be wli, nbi or auto, got {modality!r}")
+        self.bundle = bundle
+        self.modality = modality
+        if modality != "auto":
+            bundle.branch(modality)  # the clear "bundle has no NBI branch" error
+            modalities = [modality]
+        else:
+            modalities = list(bundle.modalities)
+            if len(modalities) < 2:
+                raise CemdError(f"--modality auto needs both branches but bundle {bundle.path} has only "
+                                f"{', '.join(m.upper() for m in modalities)}; use --modality {modalities[0]}")
+        self.scorers = {m: load_scorer(bundle, m, backend, device, log=log, build=build) for m in modalities}
+        # auto routes with it; a fixed modality still uses it to notice video of the other light
+        self.classifier, warning = ModalityClassifier.for_bundle(bundle.path)
+        if warning and modality == "auto":
+            log(f"warning: {warning}")
+        self._switch = (switch_frames, switch_confidence)
+        self._redetect = redetect_fov_every
+        size = bundle.model.input_size
+        warm = torch.zeros(1, 3, size, size)
+        for scorer in self.scorers.values():
+            for _ in range(2):
+                scorer(warm)
+
+    @property
+    def backends(self) -> dict[str, str]:
+        return {m: s.backend for m, s in self.scorers.items()}
+
+    def _open(self, path: Path) -> tuple[Iterator[Any], str, float, str, int | None, Any]:
+        """(frames, kind, fps, sha256, frame count if known, closer)."""
+        if path.is_dir():
+            files = image_files(path)
+            if not files:
+                raise CemdError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            return _read_images(files), "images", 0.0, folder_digest(files), len(files), None
+        if not path.is_file():
+            raise CemdError(f"{path} does not exist; give a video file or a folder of frames")
+        reader = PyAVReader(str(path), network=False, open_timeout=10.0, read_timeout=10.0)
+        stream = reader._container.streams.video[0]
+        total = int(stream.frames) or None
+        return _read_video(reader), "video", reader.fps or 0.0, file_digest(path), total, reader
+
+    def alert_logic(self, sensitivity: float = 1.0) -> AlertLogic:
+        """The monitor's alert logic with the bundle's calibration (as ``run_stream.py`` sets it up)."""
+        return AlertLogic(Thresholds.for_bundle(self.bundle), AlertConfig(sensitivity=sensitivity))
+
+    def replay(self, path: Path | str, alerts: AlertLogic | None = None,
+               image_fps: float = 30.0, progress: Callable[[int, int | None], None] | None = None) -> ScoreTrack:
+        """Score every frame of ``path``; with ``alerts`` (``alert_logic()``), also raise alerts."""
+        path = Path(path)
+        frames, kind, fps, digest, total, reader = self._open(path)
+        if kind == "images" or not fps:
+            fps = image_fps
+        pre = FramePreprocessor(self.bundle.model.input_size, self._redetect)
+        router = ModalityRouter(self.classifier, *self._switch) if self.modality == "auto" else None
+        votes = {"wli": 0, "nbi": 0}
+        logic = alerts
+        ids: list[int] = []
+        times: list[float] = []
+        mods: list[str] = []
+        scores: list[float] = []
+        fired: list[dict[str, Any]] = []
+        width = height = 0
+        t0 = time.perf_counter()
+        ahead = _ReadAhead(frames)
+        t_first: float | None = None
+        try:
+            for i, (image, pts, tb) in enumerate(ahead):
+                if i == 0:
+                    height, width = image.shape[:2]
+                tensor, crop, box = pre(image)
+                if router is not None:
+                    modality = router.update(crop).modality
+                else:
+                    modality = self.modality
+                    if i % 5 == 0 and (p := self.classifier.p_nbi(crop)) is not None:
+                        votes["nbi" if p >= 0.5 else "wli"] += 1
+                amap, score_t = self.scorers[modality](tensor)
+                score = float(score_t.float()[0])
+                if pts is not None and tb:  # the monitor's source clock for files (Monitor._source_time_ns)
+                    t_ns = int(pts * tb[0] * 1_000_000_000 // tb[1])
+                else:
+                    t_ns = int(round(i * 1e9 / fps))
+                if t_first is None:
+                    t_first = t_ns / 1e6
+                if logic is not None:
+                    decision = logic.update(i, pts, t_ns, modality, score,
+                                            lambda: amap[0, 0].float().cpu().numpy(), box)
+                    fired += decision.alerts
+                ids.append(i)
+                times.append(t_ns / 1e6 - t_first)
+                mods.append(modality)
+                scores.append(score)
+                if progress:
+                    progress(i + 1, total)
+        finally:
+            ahead.close()
+            if reader is not None:
+                reader.close()
+        if not ids:
+            raise CemdError(f"{path} has no decodable video frames")
+        if logic is not None:
+            fired += logic.close(ids[-1], None, int((times[-1] + (t_first or 0)) * 1e6), "source_ended")
+        return ScoreTrack(str(path), kind, float(fps), width, height, digest, np.asarray(ids, np.int64),
+                          np.asarray(times, np.float64), np.asarray(mods, dtype="<U3"),
+                          np.asarray(scores, np.float32), reader.decode_errors if reader else 0,
+                          votes if router is None else {}, fired, time.perf_counter() - t0)
+
+    def check_modality(self, track: ScoreTrack, share: float = 0.6) -> str | None:
+        """With a fixed modality: a message when the video looks like the other light."""
+        votes = track.looks_like
+        total = sum(votes.values())
+        if self.modality == "auto" or not total:
+            return None
+        other = "nbi" if self.modality == "wli" else "wli"
+        if votes[other] / total >= share:
+            return (f"{track.source} looks like {other.upper()} video ({votes[other] / total:.0%} of the frames checked "
+                    f"by the colour classifier), but the {self.modality.upper()} branch was asked for; use "
+                    f"--modality {other} or --modality auto")
+        return None
