@@ -81,6 +81,9 @@ def _add_calibrate(sub: argparse._SubParsersAction, factory: ReplayerFactory) ->
     p.add_argument("--backend", default="auto", help="branch backend: auto (default), aoti, eager, tensorrt")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--image-fps", type=float, default=30.0, help="frame rate assumed for folders of frames")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes scoring chunks of a video in parallel, one torch thread each (default: one per "
+                        "CPU core, at most 8; 1 = a single process)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=lambda args: _run_calibrate(args, factory))
 
@@ -92,6 +95,11 @@ def _run_calibrate(args: argparse.Namespace, factory: ReplayerFactory) -> int:
     console = Console()
     opts = CalibrationOptions(target_false_alerts_per_hour=args.target_false_alerts_per_hour,
                               margin_sigma=args.margin, max_debounce_ms=args.max_debounce_ms)
+    import os
+
+    workers = args.workers if args.workers is not None else max(1, min(8, os.cpu_count() or 1))
+    if workers < 1:
+        raise CemdError("--workers must be ≥ 1")
     bundle = load_bundle(args.bundle)
     precheck(args.normal, list(bundle.modalities) if args.modality == "auto" else [args.modality], opts,
              args.image_fps)  # bad paths, options or far too little video fail before the model loads
@@ -101,7 +109,8 @@ def _run_calibrate(args: argparse.Namespace, factory: ReplayerFactory) -> int:
                        log=lambda s: console.print(f"  {s}", highlight=False))
     with _Progress(not args.no_progress, console) as progress:
         report = calibrate(bundle, replayer, args.normal, opts, report_dir, progress,
-                           log=lambda s: console.print(f"[yellow]{s}[/]", highlight=False), image_fps=args.image_fps)
+                           log=lambda s: console.print(f"[yellow]{s}[/]", highlight=False), image_fps=args.image_fps,
+                           workers=workers)
     table = Table(title=f"calibration v{report['version']} → {args.bundle / 'calibration.json'}"
                         + (" (SYNTHETIC data)" if report.get("synthetic") else ""))
     for col in ("branch", "threshold", "debounce", "rate thr.", "p99 floor", "margin", "normal min",

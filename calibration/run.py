@@ -46,7 +46,7 @@ class Replayer(Protocol):
     def backends(self) -> dict[str, str]: ...
 
     def replay(self, path: Path, alerts: Any = None, image_fps: float = 30.0,
-               progress: Callable[[int, int | None], None] | None = None) -> Any: ...
+               progress: Callable[[int, int | None], None] | None = None, workers: int = 1) -> Any: ...
 
     def check_modality(self, track: Any) -> str | None: ...
 
@@ -187,14 +187,14 @@ def precheck(normal: list[Path], modalities: list[str], opts: CalibrationOptions
 
 def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: CalibrationOptions, report_dir: Path,
               progress: Callable[[str, int, int | None], None] | None = None, log: Log = print,
-              image_fps: float = 30.0, synthetic: bool | None = None) -> dict[str, Any]:
+              image_fps: float = 30.0, synthetic: bool | None = None, workers: int = 1) -> dict[str, Any]:
     """Score the normal data, choose thresholds, write the report and the bundle's calibration."""
     modalities = list(replayer.backends) if replayer.modality == "auto" else [replayer.modality]
     inputs = precheck(normal, modalities, opts, image_fps)
     t0 = time.perf_counter()
     tracks = []
     for path in inputs:
-        track = replayer.replay(path, image_fps=image_fps,
+        track = replayer.replay(path, image_fps=image_fps, workers=workers,
                                 progress=(lambda done, total, p=path: progress(p.name, done, total)) if progress else None)
         problem = replayer.check_modality(track)
         if problem:

@@ -205,67 +205,85 @@ class Replayer:
         """The monitor's alert logic with the bundle's calibration (as ``run_stream.py`` sets it up)."""
         return AlertLogic(Thresholds.for_bundle(self.bundle), AlertConfig(sensitivity=sensitivity))
 
-    def replay(self, path: Path | str, alerts: AlertLogic | None = None,
-               image_fps: float = 30.0, progress: Callable[[int, int | None], None] | None = None) -> ScoreTrack:
-        """Score every frame of ``path``; with ``alerts`` (``alert_logic()``), also raise alerts."""
+    def replay(self, path: Path | str, alerts: AlertLogic | None = None, image_fps: float = 30.0,
+               progress: Callable[[int, int | None], None] | None = None, workers: int = 1) -> ScoreTrack:
+        """Score every frame of ``path``; with ``alerts`` (``alert_logic()``), also raise alerts.
+
+        ``workers`` > 1 (scores only, video files): split the video into chunks scored by that
+        many processes (``replay_parallel``); the result is the same per frame.
+        """
         path = Path(path)
+        if workers > 1 and alerts is None and path.is_file():
+            track = replay_parallel(self, path, workers, progress)
+            if track is not None:
+                return track
         frames, kind, fps, digest, total, reader = self._open(path)
         if kind == "images" or not fps:
             fps = image_fps
-        pre = FramePreprocessor(self.bundle.model.input_size, self._redetect)
-        router = ModalityRouter(self.classifier, *self._switch) if self.modality == "auto" else None
-        votes = {"wli": 0, "nbi": 0}
-        logic = alerts
-        ids: list[int] = []
-        times: list[float] = []
-        mods: list[str] = []
-        scores: list[float] = []
-        fired: list[dict[str, Any]] = []
-        width = height = 0
         t0 = time.perf_counter()
         ahead = _ReadAhead(frames)
-        t_first: float | None = None
         try:
-            for i, (image, pts, tb) in enumerate(ahead):
-                if i == 0:
-                    height, width = image.shape[:2]
-                tensor, crop, box = pre(image)
-                if router is not None:
-                    modality = router.update(crop).modality
-                else:
-                    modality = self.modality
-                    if i % 5 == 0 and (p := self.classifier.p_nbi(crop)) is not None:
-                        votes["nbi" if p >= 0.5 else "wli"] += 1
-                amap, score_t = self.scorers[modality](tensor)
-                score = float(score_t.float()[0])
-                if pts is not None and tb:  # the monitor's source clock for files (Monitor._source_time_ns)
-                    t_ns = int(pts * tb[0] * 1_000_000_000 // tb[1])
-                else:
-                    t_ns = int(round(i * 1e9 / fps))
-                if t_first is None:
-                    t_first = t_ns / 1e6
-                if logic is not None:
-                    decision = logic.update(i, pts, t_ns, modality, score,
-                                            lambda: amap[0, 0].float().cpu().numpy(), box)
-                    fired += decision.alerts
-                ids.append(i)
-                times.append(t_ns / 1e6 - t_first)
-                mods.append(modality)
-                scores.append(score)
-                if progress:
-                    progress(i + 1, total)
+            out = self._score(((i, *f) for i, f in enumerate(ahead)), fps, alerts,
+                              (lambda i: progress(i + 1, total)) if progress else None)
         finally:
             ahead.close()
             if reader is not None:
                 reader.close()
-        if not ids:
+        if not out["ids"]:
             raise CemdError(f"{path} has no decodable video frames")
-        if logic is not None:
-            fired += logic.close(ids[-1], None, int((times[-1] + (t_first or 0)) * 1e6), "source_ended")
-        return ScoreTrack(str(path), kind, float(fps), width, height, digest, np.asarray(ids, np.int64),
-                          np.asarray(times, np.float64), np.asarray(mods, dtype="<U3"),
-                          np.asarray(scores, np.float32), reader.decode_errors if reader else 0,
-                          votes if router is None else {}, fired, time.perf_counter() - t0)
+        return ScoreTrack(str(path), kind, float(fps), out["width"], out["height"], digest,
+                          np.asarray(out["ids"], np.int64), np.asarray(out["times"], np.float64),
+                          np.asarray(out["mods"], dtype="<U3"), np.asarray(out["scores"], np.float32),
+                          reader.decode_errors if reader else 0, out["votes"], out["alerts"],
+                          time.perf_counter() - t0)
+
+    def _score(self, frames: Iterator[tuple[int, np.ndarray, int | None, Any]], fps: float,
+               logic: AlertLogic | None, progress: Callable[[int], None] | None, keep_from: int = 0,
+               t_origin_ms: float | None = None) -> dict[str, Any]:
+        """The monitor's per-frame path (Monitor._score_frame) over (index, image, pts, time_base).
+
+        Frames before ``keep_from`` only warm up the field-of-view tracker and the router (a
+        chunk of a split video starts a little early so that they are settled by then).
+        """
+        pre = FramePreprocessor(self.bundle.model.input_size, self._redetect)
+        router = ModalityRouter(self.classifier, *self._switch) if self.modality == "auto" else None
+        out: dict[str, Any] = {"ids": [], "times": [], "mods": [], "scores": [], "alerts": [], "width": 0,
+                               "height": 0, "votes": {"wli": 0, "nbi": 0} if router is None else {}}
+        t_first = t_origin_ms
+        last_ns = 0
+        for i, image, pts, tb in frames:
+            if not out["width"]:
+                out["height"], out["width"] = image.shape[:2]
+            tensor, crop, box = pre(image)
+            if router is not None:
+                modality = router.update(crop).modality
+            else:
+                modality = self.modality
+                if i % 5 == 0 and i >= keep_from and (p := self.classifier.p_nbi(crop)) is not None:
+                    out["votes"]["nbi" if p >= 0.5 else "wli"] += 1
+            if i < keep_from:
+                continue
+            amap, score_t = self.scorers[modality](tensor)
+            score = float(score_t.float()[0])
+            if pts is not None and tb:  # the monitor's source clock for files (Monitor._source_time_ns)
+                t_ns = int(pts * tb[0] * 1_000_000_000 // tb[1])
+            else:
+                t_ns = int(round(i * 1e9 / fps))
+            if t_first is None:
+                t_first = t_ns / 1e6
+            if logic is not None:
+                decision = logic.update(i, pts, t_ns, modality, score, lambda: amap[0, 0].float().cpu().numpy(), box)
+                out["alerts"] += decision.alerts
+            out["ids"].append(i)
+            out["times"].append(t_ns / 1e6 - t_first)
+            out["mods"].append(modality)
+            out["scores"].append(score)
+            last_ns = t_ns
+            if progress:
+                progress(i)
+        if logic is not None and out["ids"]:
+            out["alerts"] += logic.close(out["ids"][-1], None, last_ns, "source_ended")
+        return out
 
     def check_modality(self, track: ScoreTrack, share: float = 0.6) -> str | None:
         """With a fixed modality: a message when the video looks like the other light."""
@@ -279,3 +297,121 @@ class Replayer:
                     f"by the colour classifier), but the {self.modality.upper()} branch was asked for; use "
                     f"--modality {other} or --modality auto")
         return None
+
+
+# --------------------------------------------------------------------------- parallel replay
+
+_WARM_PERIODS = 3  # a chunk starts this many field-of-view re-detections early, so the tracker and router settle
+_MIN_CHUNK = 300
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(bundle_path: str, modality: str, backend: str, device: str, counter: Any) -> None:
+    from engine.bundle import load_bundle
+
+    torch.set_num_threads(1)  # one process per core: two single-thread branches beat one two-thread one
+    _worker["replayer"] = Replayer(load_bundle(bundle_path), modality, backend, device, build=False)
+    _worker["counter"] = counter
+
+
+def _chunk_frames(path: str, first: int, stop: int, fps: float, pts0: int, tb: Any
+                  ) -> Iterator[tuple[int, np.ndarray, int | None, Any]]:
+    """Frames ``first``…``stop - 1`` of a constant-rate video, found by seeking; index from PTS."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "SLICE", 1
+        if first > 0:
+            container.seek(int(pts0 + first / fps / tb), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                raise CemdError(f"{path}: a frame without a timestamp; cannot split it")
+            i = int(round(float((frame.pts - pts0) * tb) * fps))
+            if i >= stop:
+                return
+            if i >= first:
+                ftb = frame.time_base or tb
+                yield i, frame.to_ndarray(format="rgb24"), frame.pts, (ftb.numerator, ftb.denominator)
+
+
+def _score_chunk(job: tuple[str, int, int, float, int, Any, float]) -> dict[str, Any]:
+    path, a, b, fps, pts0, tb, t0_ms = job
+    rep: Replayer = _worker["replayer"]
+    counter = _worker["counter"]
+    first = max(0, a - _WARM_PERIODS * rep._redetect)  # chunks start on the tracker's re-detection phase
+
+    def tick(i: int) -> None:
+        if i % 10 == 9:
+            with counter.get_lock():
+                counter.value += 10
+
+    out = rep._score(_chunk_frames(path, first, b, fps, pts0, tb), fps, None, tick, keep_from=a, t_origin_ms=t0_ms)
+    out["chunk"] = (a, b)
+    return out
+
+
+def _probe_for_split(path: Path) -> tuple[int, float, int, Any, float] | None:
+    """(frames, fps, first PTS, time base, first time ms) when the video can be split by time."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            rate = s.average_rate or s.guessed_rate
+            n, tb = int(s.frames or 0), s.time_base
+            if not n or not rate or tb is None or (s.guessed_rate and abs(float(s.average_rate or 0) -
+                                                                      float(s.guessed_rate)) > 0.01 * float(rate)):
+                return None  # unknown length or variable frame rate: no exact split
+            first = next(c.decode(s))
+            if first.pts is None:
+                return None
+            return n, float(rate), int(first.pts), tb, float(first.pts * tb) * 1000
+    except (av.error.FFmpegError, StopIteration, IndexError):
+        return None
+
+
+def replay_parallel(rep: Replayer, path: Path, workers: int,
+                    progress: Callable[[int, int | None], None] | None = None) -> ScoreTrack | None:
+    """Scores of ``path`` from ``workers`` processes, each on its own chunks; None when the video
+    cannot be split exactly (unknown length, variable frame rate, missing timestamps): then the
+    caller replays it in one piece."""
+    import multiprocessing as mp
+
+    probe = _probe_for_split(path)
+    if probe is None:
+        return None
+    n, fps, pts0, tb, t0_ms = probe
+    period = rep._redetect  # chunk starts on multiples of it: field-of-view re-detections fall on the same frames
+    size = -(-max(_MIN_CHUNK, -(-n // (workers * 4))) // period) * period
+    jobs = [(str(path), a, min(n, a + size), fps, pts0, tb, t0_ms) for a in range(0, n, size)]
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("l", 0)
+    backend = next(iter(rep.scorers.values())).backend
+    device = next(iter(rep.scorers.values())).device
+    t_start = time.perf_counter()
+    parts: list[dict[str, Any]] = []
+    with ctx.Pool(workers, _init_worker, (str(rep.bundle.path), rep.modality, backend, device, counter)) as pool:
+        pending = pool.imap_unordered(_score_chunk, jobs)
+        while len(parts) < len(jobs):
+            try:
+                parts.append(pending.next(timeout=0.5))
+            except mp.TimeoutError:
+                pass
+            if progress:
+                progress(min(n, counter.value), n)
+    parts.sort(key=lambda p: p["chunk"])
+    ids = np.concatenate([np.asarray(p["ids"], np.int64) for p in parts])
+    if len(ids) != n or not np.array_equal(ids, np.arange(n)):
+        return None  # timestamps did not map onto 0…n-1: not constant-rate after all
+    if progress:
+        progress(n, n)
+    votes: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["votes"].items():
+            votes[k] = votes.get(k, 0) + v
+    return ScoreTrack(str(path), "video", fps, parts[0]["width"], parts[0]["height"], file_digest(path), ids,
+                      np.concatenate([np.asarray(p["times"], np.float64) for p in parts]),
+                      np.concatenate([np.asarray(p["mods"], dtype="<U3") for p in parts]),
+                      np.concatenate([np.asarray(p["scores"], np.float32) for p in parts]), 0, votes, [],
+                      time.perf_counter() - t_start)

@@ -149,7 +149,7 @@ class _FakeReplayer:
     def __init__(self, tracks: dict[str, _Track]) -> None:
         self.tracks = tracks
 
-    def replay(self, path, alerts=None, image_fps=30.0, progress=None):
+    def replay(self, path, alerts=None, image_fps=30.0, progress=None, workers=1):
         return self.tracks[Path(path).name]
 
     def check_modality(self, track):
@@ -187,3 +187,19 @@ def test_lesion_in_normal_data_is_reported_with_where_and_versions_are_kept(tmp_
     rep2 = calibrate(bundle, replayer, [video], opts, tmp_path / "r2", log=logged.append, synthetic=True)
     assert rep2["version"] == 2
     assert json.loads((bundle.path / "calibration-history" / "calibration.v1.json").read_text()) == first
+
+
+@pytest.mark.slow
+def test_parallel_replay_scores_every_frame_like_one_process(tiny_bundle: Path, videos: dict[str, Path]) -> None:
+    from engine.bundle import load_bundle
+    from realtime.replay import Replayer
+
+    rep = Replayer(load_bundle(tiny_bundle), "auto", "eager")
+    seen: list[int] = []
+    one = rep.replay(videos["normal"])
+    two = rep.replay(videos["normal"], workers=2, progress=lambda done, total: seen.append(done))
+    assert two.frames == one.frames == 360 and np.array_equal(two.frame_id, one.frame_id)
+    assert (two.modality == one.modality).all() and set(two.modality) == {"wli", "nbi"}
+    np.testing.assert_allclose(two.score, one.score, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(two.t_ms, one.t_ms, atol=1e-6)
+    assert seen[-1] == 360 and seen == sorted(seen)
