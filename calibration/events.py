@@ -1,7 +1,7 @@
 """Ground-truth events of a video, and event-level metrics of a replay against them.
 
 The events file is the JSON that ``cemd synth-video --events-out`` writes; annotate your own
-videos in the same format (docs/CALIBRATION.md#the-events-file)::
+videos in the same format (docs/DATA.md#2-video-events)::
 
     {"fps": 30.0, "frames": 1800,                 # required: the video's frame rate and count
      "width": 1920, "height": 1080,               # optional: checked against the video
@@ -53,7 +53,7 @@ def load_events(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CemdError(f"events file {path} does not exist; write one with cemd synth-video --events-out, or "
-                        f"annotate your video in that format (docs/CALIBRATION.md#the-events-file)")
+                        f"annotate your video in that format (docs/DATA.md#2-video-events)")
     try:
         ev = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -62,7 +62,7 @@ def load_events(path: Path | str) -> dict[str, Any]:
         raise CemdError(f"events file {path} must hold a JSON object with fps, frames and lesions")
     missing = [k for k in ("fps", "frames", "lesions") if k not in ev]
     if missing:
-        raise CemdError(f"events file {path} lacks {', '.join(missing)} (format: docs/CALIBRATION.md#the-events-file)")
+        raise CemdError(f"events file {path} lacks {', '.join(missing)} (format: docs/DATA.md#2-video-events)")
     where = f"events file {path}:"
     fps = ev["fps"]
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (0 < fps <= 1000) or not math.isfinite(fps):

@@ -433,7 +433,8 @@ class Monitor:
                            for a in starts],
             "backend": {m: s.backend for m, s in self.scorers.items()},
             "device": self.device,
-            "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source}
+            "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source,
+                           "n_of_m": list(self.alerts.n_of_m) if self.alerts else None}
             if self.thresholds else None,
             "modality_mode": self.cfg.scoring.modality,
             "modality_switches": self.router.switches if self.router else 0,

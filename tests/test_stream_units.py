@@ -189,7 +189,20 @@ def test_default_thresholds_warn(tiny_bundle: Path) -> None:
                                                                              "nbi": {"threshold": 0.4}}}))
     try:
         t = Thresholds.for_bundle(load_bundle(tiny_bundle))
-        assert t.warning is None and t.values == {"wli": 0.3, "nbi": 0.4}
+        assert t.warning is None and t.values == {"wli": 0.3, "nbi": 0.4} and t.n_of_m is None
+        # one branch calibrated: the other falls back, loudly; debouncing comes along
+        files = json.loads((tiny_bundle / "bundle.json").read_text())["files"]
+        (tiny_bundle / "calibration.json").write_text(json.dumps(
+            {"version": 3, "n_of_m": [4, 6], "model_files": files, "modalities": {"wli": {"threshold": 0.3}}}))
+        t = Thresholds.for_bundle(load_bundle(tiny_bundle))
+        assert t.values["wli"] == 0.3 and t.values["nbi"] == b.meta["score_stats"]["nbi"]["max"]
+        assert "not calibrated for NBI" in t.warning and t.n_of_m == (4, 6) and "WLI" in t.source
+        # made for other weights: warned
+        (tiny_bundle / "calibration.json").write_text(json.dumps(
+            {"model_files": {"student_wli.pt": "0" * 64}, "modalities": {"wli": {"threshold": 0.3},
+                                                                       "nbi": {"threshold": 0.4}}}))
+        t = Thresholds.for_bundle(load_bundle(tiny_bundle))
+        assert t.values == {"wli": 0.3, "nbi": 0.4} and "other model weights" in t.warning
     finally:
         (tiny_bundle / "calibration.json").unlink()
 
