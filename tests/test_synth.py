@@ -333,3 +333,21 @@ def test_video_cli_and_errors(tmp_path: Path) -> None:
         _cli(["synth-video", "--out", str(tmp_path / "dir.mp4"), "--seed", "1", "--seconds", "1"])
     with pytest.raises(CemdError, match=".mp4"):
         _cli(["synth-video", "--out", str(tmp_path / "clip.gif"), "--seed", "1", "--seconds", "1"])
+
+
+def test_frame_dataset_is_paired_normal_video_frames_cropped_like_the_monitor(tmp_path) -> None:
+    from engine.dataset import paired_train_names, scan_dataset
+    from engine.synth_video import fov_crop, write_frame_dataset
+
+    meta = write_frame_dataset(tmp_path / "frames", [3, 4], 3, seconds=4, video_size=(320, 240), size=96,
+                               progress=False)
+    assert meta["counts"]["train"]["good"] == 6 and meta["synthetic"]
+    index = scan_dataset(tmp_path / "frames", require_train=True)
+    assert len(paired_train_names(index, True)) == 6
+    scene = VideoScene(3, 4, 30, (320, 240), lesions=False)
+    wli, nbi = fov_crop(scene, scene.frame(0, "wli"), 96), fov_crop(scene, scene.frame(0, "nbi"), 96)
+    assert wli.shape == (96, 96, 3) and not np.array_equal(wli, nbi)  # the same view in two lights
+    assert wli[:4, :4].max() == 0 and wli[44:52, 44:52].mean() > 20  # black outside the disc, tissue inside
+    written = cv2.cvtColor(cv2.imread(str(tmp_path / "frames" / "wli" / "train" / "good" / "s0003_000.png")),
+                           cv2.COLOR_BGR2RGB)
+    assert np.array_equal(written, wli)
