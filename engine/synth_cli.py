@@ -53,6 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=run_synth_video)
 
+    f = sub.add_parser(
+        "synth-frames",
+        help="write paired normal WLI/NBI training frames taken from lesion-free synthetic examination videos",
+        description="Training data that looks like the video the monitor sees (motion, defocus, glints, zoom): "
+        "each seed is one lesion-free examination; frames spread over it are rendered in both lights and cropped "
+        "around the field of view as the monitor crops (layout: docs/DATA.md, train/good only).",
+    )
+    f.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    f.add_argument("--seeds", required=True, help="examination seeds: a range A-B (inclusive) or a comma list")
+    f.add_argument("--per-seed", type=int, default=15, help="frames per examination (default 15)")
+    f.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=run_synth_frames)
+
 
 def _check_seed(seed: int) -> None:
     if seed < 0:
@@ -134,4 +148,33 @@ def run_synth_video(args: argparse.Namespace) -> int:
         f"({n / max(seconds, 1e-9):.0f} frames/s); lesion present in {len(lesion_frames) / n:.0%} of frames; "
         f"events → {events_out}"
     )
+    return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        if "-" in text and "," not in text:
+            a, b = (int(v) for v in text.split("-", 1))
+            seeds = list(range(a, b + 1))
+        else:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CemdError(f"--seeds takes a range like 1000-1019 or a list like 1,2,5; got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise CemdError(f"--seeds must name at least one non-negative seed; got {text!r}")
+    return seeds
+
+
+def run_synth_frames(args: argparse.Namespace) -> int:
+    from engine.synth_video import write_frame_dataset
+
+    seeds = parse_seeds(args.seeds)
+    if not 1 <= args.per_seed <= 1000:
+        raise CemdError(f"--per-seed must be between 1 and 1000, got {args.per_seed}")
+    if not 64 <= args.size <= 2048:
+        raise CemdError(f"--size must be between 64 and 2048 pixels, got {args.size}")
+    start = time.perf_counter()
+    meta = write_frame_dataset(args.out, seeds, args.per_seed, size=args.size, progress=not args.no_progress)
+    Console().print(f"{meta['counts']['train']['good']} SYNTHETIC WLI/NBI frame pairs from {len(seeds)} lesion-free "
+                    f"examinations → {args.out} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -351,3 +351,14 @@ def test_frame_dataset_is_paired_normal_video_frames_cropped_like_the_monitor(tm
     written = cv2.cvtColor(cv2.imread(str(tmp_path / "frames" / "wli" / "train" / "good" / "s0003_000.png")),
                            cv2.COLOR_BGR2RGB)
     assert np.array_equal(written, wli)
+
+
+def test_synth_frames_command(tmp_path, capsys) -> None:
+    from realtime.cli import main
+
+    assert main(["synth-frames", "--out", str(tmp_path / "f"), "--seeds", "5-6", "--per-seed", "2", "--size", "64",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "f" / "nbi" / "train" / "good").iterdir()) == [
+        "s0005_000.png", "s0005_001.png", "s0006_000.png", "s0006_001.png"]
+    assert main(["synth-frames", "--out", str(tmp_path / "g"), "--seeds", "x"]) == 2
+    assert "--seeds takes a range" in capsys.readouterr().err
