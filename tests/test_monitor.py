@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,8 +63,12 @@ def test_video_to_subscriber_end_to_end(lesion_video: tuple[Path, dict], tmp_pat
     endpoint = f"tcp://127.0.0.1:{port}"
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # the pipeline is under test, with the alert settings this clip was designed for: the demo
+    # bundle without its calibration (default thresholds, 3-of-5), which alerts once on its lesion
+    bundle = tmp_path / "demo-uncalibrated"
+    shutil.copytree(REPO / "models" / "demo", bundle, ignore=shutil.ignore_patterns("calibration*", "compiled"))
     proc = subprocess.Popen(monitor_cmd("--source", str(video), "--fast", "--backend", "eager", "--publish", endpoint,
-                                        "--run-dir", str(run_dir)),
+                                        "--run-dir", str(run_dir), "--bundle", str(bundle)),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = None
     try:
@@ -157,8 +162,6 @@ def test_stalled_udp_stream_becomes_a_status(tmp_path: Path) -> None:
 ])
 def test_bad_input_one_clear_message(args: list[str], message: str, tmp_path: Path, tiny_bundle: Path) -> None:
     if "BUNDLE_WLI_ONLY" in args:
-        import shutil
-
         only = tmp_path / "wli_only"
         shutil.copytree(tiny_bundle, only)
         meta = json.loads((only / "bundle.json").read_text())
