@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from engine.backbone import file_sha256
 from engine.errors import CemdError
 from realtime.alerts import AlertConfig, AlertLogic, Thresholds
 from realtime.preprocess import FramePreprocessor
@@ -57,29 +58,17 @@ class ScoreTrack:
     def frames(self) -> int:
         return len(self.frame_id)
 
-    @property
-    def duration_s(self) -> float:
-        return self.frames / self.fps if self.fps else 0.0
-
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "sha256": self.sha256, "frames": self.frames,
                 "fps": round(self.fps, 4), "width": self.width, "height": self.height,
                 "decode_errors": self.decode_errors}
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def folder_digest(files: list[Path]) -> str:
     """One hash over a folder's frames: names and contents, in order."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+        h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
     return h.hexdigest()
 
 
@@ -199,7 +188,7 @@ class Replayer:
         reader = PyAVReader(str(path), network=False, open_timeout=10.0, read_timeout=10.0)
         stream = reader._container.streams.video[0]
         total = int(stream.frames) or None
-        return _read_video(reader), "video", reader.fps or 0.0, file_digest(path), total, reader
+        return _read_video(reader), "video", reader.fps or 0.0, file_sha256(path), total, reader
 
     def alert_logic(self, sensitivity: float = 1.0) -> AlertLogic:
         """The monitor's alert logic with the bundle's calibration (as ``run_stream.py`` sets it up)."""
@@ -410,7 +399,7 @@ def replay_parallel(rep: Replayer, path: Path, workers: int,
     for p in parts:
         for k, v in p["votes"].items():
             votes[k] = votes.get(k, 0) + v
-    return ScoreTrack(str(path), "video", fps, parts[0]["width"], parts[0]["height"], file_digest(path), ids,
+    return ScoreTrack(str(path), "video", fps, parts[0]["width"], parts[0]["height"], file_sha256(path), ids,
                       np.concatenate([np.asarray(p["times"], np.float64) for p in parts]),
                       np.concatenate([np.asarray(p["mods"], dtype="<U3") for p in parts]),
                       np.concatenate([np.asarray(p["scores"], np.float32) for p in parts]), 0, votes, [],
