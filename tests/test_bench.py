@@ -51,3 +51,39 @@ def test_time_calls_counts_every_call_and_latency_table_gives_ratio_to_eager() -
     md = latency_markdown(out)
     assert "| WLI | aoti | fp32 | 1 | 20.00 |" in md and "| 0.50 | 45 | 1.0e-07 (200 frames) | True |" in md
     assert "tensorrt" not in md.split("Provenance")[0]
+
+
+def _track(scores: list[float], mods: str, lesions: list[tuple[int, int]]):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from bench.alert_rules import Track
+
+    n = len(scores)
+    events = {"fps": 30.0, "frames": n, "lesions": [{"id": k, "start_frame": a, "end_frame": b, "kind": "x",
+                                                      "visible_in": ["wli", "nbi"]} for k, (a, b) in enumerate(lesions)]}
+    mod = np.array(["wli" if c == "W" else "nbi" for c in mods], "<U3")
+    return Track("t", np.arange(n) * 1000 / 30, mod, np.asarray(scores, np.float64), 30.0, events)
+
+
+def test_alert_rules_baseline_is_causal_and_per_branch() -> None:
+    import numpy as np
+
+    from bench.alert_rules import baseline, smoothed
+
+    tr = _track([0.1] * 40 + [0.9] * 5 + [0.5] * 20, "W" * 45 + "N" * 20, [])
+    b = baseline(tr, frames=20, gap=5, q=50)
+    assert np.isnan(b[:15]).all() and b[15] == 0.1
+    assert b[44] == 0.1  # the jump at 40 is inside the gap: not yet in the baseline
+    assert np.isnan(b[45])  # NBI has no history of its own
+    assert np.isclose(smoothed(tr, 3)[45], 0.5) and np.isclose(smoothed(tr, 3)[42], 0.9)
+
+
+def test_alert_rules_best_threshold_catches_more_with_more_false_alerts_allowed() -> None:
+    from bench.alert_rules import above_abs, best_absolute, pooled
+
+    # one normal spike at 0.6 (3 frames) and a lesion at 0.5: catching the lesion costs a false alert
+    s = [0.1] * 100 + [0.6] * 3 + [0.1] * 100 + [0.5] * 10 + [0.1] * 100
+    tr = _track(s, "W" * len(s), [(203, 212)])
+    assert pooled([tr], [above_abs(tr, {"wli": 0.55, "nbi": 1.0})], 1, 1, 100.0)["false_alerts"] == 1
+    rows = best_absolute([tr], [(1, 1)], 100.0, max_false=1, steps=20)
+    assert [(r["false_alerts_allowed"], r["detected"], r["false_alerts"]) for r in rows] == [(0, 0, 0), (1, 1, 1)]
