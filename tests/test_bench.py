@@ -87,3 +87,21 @@ def test_alert_rules_best_threshold_catches_more_with_more_false_alerts_allowed(
     assert pooled([tr], [above_abs(tr, {"wli": 0.55, "nbi": 1.0})], 1, 1, 100.0)["false_alerts"] == 1
     rows = best_absolute([tr], [(1, 1)], 100.0, max_false=1, steps=20)
     assert [(r["false_alerts_allowed"], r["detected"], r["false_alerts"]) for r in rows] == [(0, 0, 0), (1, 1, 1)]
+
+
+def test_soak_verdicts_flag_growth_new_descriptors_drift_and_lost_alerts() -> None:
+    from bench.soak import process_tree, sample_tree, verdicts
+
+    def minute(k: int, p50: float) -> dict:
+        return {"minute": k, "scored": 100, "e2e_ms": {"p50": p50, "p99": 2 * p50}}
+
+    flat = [{"t_s": 60.0 * k, "rss_mib": 500.0, "fds": 30} for k in range(0, 10)]
+    ok = verdicts(flat, [minute(k, 50) for k in range(1, 10)], 2, [0, 1, 2], {0, 1, 2}, 0)
+    assert ok["pass"] and ok["memory"]["growth"] == 0
+    leak = [dict(s, rss_mib=500.0 + 10 * k, fds=30 + k) for k, s in enumerate(flat)]
+    bad = verdicts(leak, [minute(k, 50 + 20 * k) for k in range(1, 10)], 2, [0, 1, 3], {0, 1}, 0)
+    assert not bad["memory"]["pass"] and not bad["file_handles"]["pass"] and not bad["latency_drift"]["pass"]
+    assert bad["alerts"]["missing"] == [3] and bad["alerts"]["seq_holes_in_log"] == [2] and not bad["pass"]
+    import os
+
+    assert os.getpid() in process_tree(os.getpid()) and sample_tree(os.getpid())["rss_mib"] > 10
