@@ -56,6 +56,8 @@ class PublishConfig:
     heartbeat_s: float = 1.0
     maps: bool = True  # a `map` message (8-bit heat map) after every score, for overlays
     map_size: int = 64
+    sndhwm: int = 10_000  # messages queued per subscriber before a slow one starts losing (alerts: replayable)
+    sndbuf: int | None = None  # kernel send buffer per connection in bytes (None: the OS default)
 
 
 @dataclass
@@ -95,6 +97,11 @@ class MonitorConfig:
             raise CemdError(f"switch_frames must be ≥ 1, got {self.scoring.switch_frames}")
         if not 8 <= self.publish.map_size <= 256:
             raise CemdError(f"map_size must be between 8 and 256, got {self.publish.map_size}")
+        if not 1 <= self.publish.sndhwm <= 10_000_000:
+            raise CemdError(f"sndhwm must be between 1 and 10000000 messages, got {self.publish.sndhwm}")
+        sndbuf = self.publish.sndbuf
+        if sndbuf is not None and (not isinstance(sndbuf, int) or isinstance(sndbuf, bool) or sndbuf < 1024):
+            raise CemdError(f"sndbuf must be at least 1024 bytes (or null for the OS default), got {self.publish.sndbuf}")
         if self.source.ring_slots < 2:
             raise CemdError(f"ring_slots must be ≥ 2, got {self.source.ring_slots}")
         if not 0 <= self.source.fresh_wait < 1:

@@ -105,6 +105,7 @@ class Monitor:
         self.alerts: AlertLogic | None = None
         self.display: subprocess.Popen | None = None  # the overlay display process (--overlay)
         self.display_summary: dict[str, Any] | None = None
+        self._display_lost: str | None = None  # why the overlay display is gone mid-run (the run stays degraded)
 
     # ------------------------------------------------------------------ set-up
 
@@ -160,7 +161,8 @@ class Monitor:
                                 "(a folder of allowed client public keys); make keys with: cemd keys")
             curve = CurveServerConfig(Path(pc.curve_secret), Path(pc.curve_allow))
         self.publisher = AlertPublisher(pc.publish, pc.replay, run_dir=self.run_dir, publisher_id=pc.publisher_id,
-                                        heartbeat_interval=pc.heartbeat_s, curve=curve,
+                                        heartbeat_interval=pc.heartbeat_s, curve=curve, sndhwm=pc.sndhwm,
+                                        sndbuf=pc.sndbuf,
                                         state_provider=lambda: {"state": self.live.state,
                                                                 "last_frame_id": self.live.last_frame_id})
         self.publisher.start()
@@ -246,14 +248,28 @@ class Monitor:
                 "width": s.get("width"), "height": s.get("height"),
                 "last_frame_age_ms": s.get("last_frame_age_ms")}
 
+    def _check_display(self) -> None:
+        """An overlay display that died mid-run is a fault for the rest of the run: the doctor's
+        screen lost its overlay, even though alerts still reach every subscriber."""
+        if self.display is None or self._display_lost or self.display.poll() is None:
+            return
+        self._display_lost = (f"the overlay display exited (code {self.display.returncode}): no overlay on screen; "
+                              f"alerts are still published to subscribers")
+        self._fault(self._display_lost)
+
     def publish_status(self) -> None:
         src = self._source_status()
         self.live.source, self.live.source_state = src, src["state"]
+        if self.live.state in ("running", "degraded"):
+            self._check_display()
         if self.live.state in ("running", "degraded"):  # one consistent view: a bad source degrades the pipeline
             if src["state"] in ("stalled", "reconnecting", "error"):
                 self._fault(self.live.message or f"source {src['state']}")
             elif src["state"] == "running" and self.live.state == "degraded" and not self._scorer_failures:
-                self.live.state, self.live.message = "running", None
+                if self._display_lost:
+                    self.live.message = self._display_lost  # the source is back; the overlay is not
+                else:
+                    self.live.state, self.live.message = "running", None
         ev = self.alerts.open_event if self.alerts else None
         open_events = [a for a in self._alerts[-1:] if ev is not None and a["event_id"] == ev.id]
         payload = {
@@ -304,6 +320,8 @@ class Monitor:
             return
         if self._scorer_failures:
             self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
+            if self._display_lost:
+                self._fault(self._display_lost)
         t_inf = time.monotonic_ns()
         decision = self.alerts.update(frame.frame_id, frame.pts, self._source_time_ns(frame), modality, score,
                                       lambda: amap[0, 0].float().cpu().numpy(), box)

@@ -241,6 +241,8 @@ class PyAVReader:
                 continue
         frame = self._pending.pop(0)
         self._consecutive = 0
+        if frame.is_corrupt:  # decoded with concealed damage: still shown and scored, but counted
+            self.decode_errors += 1
         tb = frame.time_base or self._time_base
         try:
             image = frame.to_ndarray(format="rgb24")
