@@ -255,7 +255,11 @@ class Monitor:
             return
         self._display_lost = (f"the overlay display exited (code {self.display.returncode}): no overlay on screen; "
                               f"alerts are still published to subscribers")
-        self._fault(self._display_lost)
+
+    def _lasting_fault(self) -> str | None:
+        """A fault that outlives a recovered source: the overlay gone, the alert log unwritable."""
+        log_fault = self.publisher.log_fault if self.publisher else None
+        return "; ".join(f for f in (self._display_lost, log_fault) if f) or None
 
     def publish_status(self) -> None:
         src = self._source_status()
@@ -263,13 +267,13 @@ class Monitor:
         if self.live.state in ("running", "degraded"):
             self._check_display()
         if self.live.state in ("running", "degraded"):  # one consistent view: a bad source degrades the pipeline
+            lasting = self._lasting_fault()
             if src["state"] in ("stalled", "reconnecting", "error"):
                 self._fault(self.live.message or f"source {src['state']}")
+            elif lasting and not self._scorer_failures:
+                self._fault(lasting)  # shown on the dashboard and in the log, not only published
             elif src["state"] == "running" and self.live.state == "degraded" and not self._scorer_failures:
-                if self._display_lost:
-                    self.live.message = self._display_lost  # the source is back; the overlay is not
-                else:
-                    self.live.state, self.live.message = "running", None
+                self.live.state, self.live.message = "running", None
         ev = self.alerts.open_event if self.alerts else None
         open_events = [a for a in self._alerts[-1:] if ev is not None and a["event_id"] == ev.id]
         payload = {
@@ -320,8 +324,8 @@ class Monitor:
             return
         if self._scorer_failures:
             self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
-            if self._display_lost:
-                self._fault(self._display_lost)
+            if lasting := self._lasting_fault():
+                self._fault(lasting)
         t_inf = time.monotonic_ns()
         decision = self.alerts.update(frame.frame_id, frame.pts, self._source_time_ns(frame), modality, score,
                                       lambda: amap[0, 0].float().cpu().numpy(), box)

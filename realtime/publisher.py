@@ -487,6 +487,11 @@ class AlertPublisher:
             self._log_fault = None  # recovered: say so with the pipeline's own status
             self._send_status(xpub, self._pipeline_status or _INITIAL_STATUS)
 
+    @property
+    def log_fault(self) -> str | None:
+        """Why the alert log cannot be written right now (None when it can): for the dashboard."""
+        return self._log_fault
+
     def _log_failed(self, exc: OSError) -> None:
         self.log_errors += 1
         self._log_fault = (
@@ -501,7 +506,8 @@ class AlertPublisher:
             payload = {
                 **payload,
                 "state": "degraded" if state in ("starting", "running", None) else state,
-                "message": f"{message}; {self._log_fault}" if message else self._log_fault,
+                "message": (message if message and self._log_fault in message else
+                            f"{message}; {self._log_fault}" if message else self._log_fault),
             }
         self._last_status_frames = self._send(xpub, self._stamp("status", payload))
 

@@ -93,3 +93,19 @@ def test_extreme_frame_rates_paced(exam: Path, tmp_path: Path, fps: int, frames:
     if fps == 120:
         assert s["frames_dropped"] > 0, s  # faster than any CPU branch: latest frame wins, drops counted
     check_no_alert_lost(run)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to simulate a full disk")
+def test_full_disk_for_the_alert_log_still_publishes_every_alert_and_says_so(exam: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "alerts.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC, even for root
+    with MonitorRun(run_dir, "--source", str(exam), "--fast", *ALERTING) as run:
+        run.wait()
+    assert run.returncode == 0, run.output
+    alerts = [m for m in run.messages if m["topic"] == "alert"]
+    assert len(alerts) >= 3 and [m["seq"] for m in alerts] == list(range(len(alerts)))  # published, none lost
+    degraded = [m for m in run.messages if m["topic"] == "status" and m["state"] == "degraded"]
+    assert degraded and "alert log" in degraded[0]["message"], run.states()  # published …
+    assert "alert log" in run.output  # … and shown
+    assert run.summary()["publisher"]["log_errors"] >= len(alerts)
