@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench.provenance import provenance
-from bench.stream import bench_video
+from bench.stream import bench_video, messages_until_exit
 from engine.synth_video import parse_size
 from realtime.stats import latency_summary
 from tests.streams import free_port_pair, wait_for_line
@@ -113,7 +113,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
 
     video = bench_video(args.video, args.seconds, args.size, seed=args.seed)
     seconds = args.minutes * 60
-    run_dir = args.out_dir / "soak-run"
+    run_dir = args.out_dir / time.strftime("soak-%Y%m%d-%H%M%S")  # the alert log appends: one folder per run
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     cmd = [sys.executable, str(REPO / "run_stream.py"), "--dashboard", "off", "--publish", endpoint, "--run-dir",
@@ -127,10 +127,11 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     received: set[int] = set()
     samples: list[dict[str, Any]] = []
     states: list[str] = []
+    boot = None
     t0 = time.monotonic()
     next_sample = t0
     try:
-        while True:
+        for msg in messages_until_exit(client, proc):
             now = time.monotonic()
             if now >= next_sample:
                 samples.append({"t_s": round(now - t0, 1), **sample_tree(proc.pid)})
@@ -138,11 +139,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[{s['t_s'] / 60:5.1f} min since launch] rss {s['rss_mib']:.0f} MiB · fds {s['fds']} · threads "
                       f"{s['threads']} · scored {len(scores)} · alerts {len(received)}", flush=True)
                 next_sample += args.sample_s
-            msg = client.recv(timeout_s=0.5)
             if msg is None:
-                if proc.poll() is not None:
-                    break
                 continue
+            boot = msg["boot_id"]  # this run's: the log is checked for its alerts only
             if msg["topic"] == "score":
                 scores.append((time.monotonic() - t0, msg["frame_id"], (msg["t_mono_ns"] - msg["t_capture_mono_ns"]) / 1e6))
             elif msg["topic"] == "alert":
@@ -160,7 +159,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     if proc.returncode != 0:
         raise SystemExit("monitor failed:\n" + "".join(lines) + (out or ""))
     summary = json.loads((run_dir / "summary.json").read_text())
-    logged = [json.loads(line)["seq"] for line in (run_dir / "alerts.jsonl").read_text().splitlines() if line.strip()]
+    log = run_dir / "alerts.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    logged = [r["seq"] for r in records if boot is None or r["boot_id"] == boot]
     start = scores[0][0] if scores else 0.0  # the first scored frame: loading the model is not soak
     for x in samples:
         x["t_s"] = round(x["t_s"] - start, 1)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -99,6 +99,15 @@ def branch_alone(video: Path, bundle: str, backend: str, frames: int, build: boo
             "backend": {m: sc.backend for m, sc in scorers.items()}}
 
 
+def messages_until_exit(client: Any, proc: subprocess.Popen, deadline: float | None = None) -> Iterator[dict | None]:
+    """A client's messages until the monitor process exits (or ``deadline``); None every idle half second."""
+    while deadline is None or time.monotonic() < deadline:
+        msg = client.recv(timeout_s=0.5)
+        if msg is None and proc.poll() is not None:
+            return
+        yield msg
+
+
 def run_monitor(args: list[str], run_dir: Path, collect: bool, timeout: float) -> tuple[dict, list[dict]]:
     """The monitor as a subprocess; optionally a SUB client records every score message."""
     from realtime.client import MonitorClient
@@ -116,12 +125,8 @@ def run_monitor(args: list[str], run_dir: Path, collect: bool, timeout: float) -
         lines = wait_for_line(proc, "loading bundle")
         if collect:
             client = MonitorClient(endpoint, topics=("score", "status"))
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                msg = client.recv(timeout_s=0.5)
+            for msg in messages_until_exit(client, proc, time.monotonic() + timeout):
                 if msg is None:
-                    if proc.poll() is not None:
-                        break
                     continue
                 if msg["topic"] == "score":
                     scores.append({"frame_id": msg["frame_id"], "e2e_ms": (msg["t_mono_ns"] - msg["t_capture_mono_ns"]) / 1e6,
