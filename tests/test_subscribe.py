@@ -126,8 +126,8 @@ def test_cli_prints_every_alert_of_a_real_monitor_run_in_order(tmp_path: Path) -
     render_video(video, SEED, SECONDS, FPS, SIZE, progress=False)
     endpoint, run_dir = f"tcp://127.0.0.1:{free_port_pair()}", tmp_path / "run"
     monitor = subprocess.Popen([sys.executable, str(REPO / "run_stream.py"), "--dashboard", "off", "--source",
-                                str(video), "--fast", "--bundle", "models/demo", "--publish", endpoint, "--run-dir",
-                                str(run_dir), "--sensitivity", "1.5"],  # the client is tested, not the model:
+                                str(video), "--fast", "--bundle", "models/demo", "--backend", "eager", "--publish", endpoint,
+                                "--run-dir", str(run_dir), "--sensitivity", "1.5"],  # the client is tested, not the model:
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # more alerts
                                text=True)
     cli = None
@@ -137,7 +137,7 @@ def test_cli_prints_every_alert_of_a_real_monitor_run_in_order(tmp_path: Path) -
         cli.wait_message(lambda m: True, timeout_s=30)  # subscribed: the late-joiner status arrived
         log = run_dir / "alerts.jsonl"
         joined_before_any_alert = not log.exists() or log.stat().st_size == 0
-        out, _ = monitor.communicate(timeout=300)  # ~15 s on an idle 2-core machine; far more when it is busy
+        out, _ = monitor.communicate(timeout=300)  # ~15 s on an idle 2-core machine (eager: nothing to compile)
         rc = cli.finish(timeout_s=30)
     finally:
         monitor.kill()
