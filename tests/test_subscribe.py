@@ -27,11 +27,19 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")  # wide: rich must n
 SEED, SECONDS, FPS, SIZE = 3, 6, 10, (320, 240)
 
 
+_AS_FROM_A_SHELL = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+                    "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'cemd'; "
+                    "runpy.run_module('realtime.cli', run_name='__main__')")
+
+
 class Cli:
     """``cemd subscribe ARGS`` in a subprocess; its stdout and stderr lines are collected as they come."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "realtime.cli", "subscribe", *args], cwd=REPO, env=ENV,
+        # Started the way a shell starts it: SIGINT unblocked and at its default. A child inherits blocked and
+        # ignored signals, and the test process may carry them from earlier tests' process machinery; a Ctrl-C
+        # test must not depend on that.
+        self.proc = subprocess.Popen([sys.executable, "-c", _AS_FROM_A_SHELL, "subscribe", *args], cwd=REPO, env=ENV,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
@@ -73,7 +81,15 @@ class Cli:
         return json.loads(self.wait_for(self.err, lambda line: f'"_client":"{kind}"' in line, timeout_s))
 
     def finish(self, timeout_s: float = 20.0) -> int:
-        rc = self.proc.wait(timeout_s)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                sig = [line for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+                       if line.startswith(("State", "Sig", "Shd"))]
+            except OSError:
+                sig = []
+            raise AssertionError(f"cemd subscribe did not exit in {timeout_s} s; {sig}; stderr {self.err[-10:]}") from None
         for reader in self._readers:
             reader.join(5)
         return rc
