@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.calibrated_eval import pool
 from bench.provenance import provenance
 from calibration.debounce import Debouncer
 from calibration.events import event_metrics
@@ -124,23 +125,10 @@ def alert_messages(track: Track, above: np.ndarray, n: int, m: int, hold_ms: flo
 
 def pooled(tracks: list[Track], above: list[np.ndarray], n: int, m: int, hold_ms: float,
            scores: list[np.ndarray] | None = None) -> dict[str, Any]:
-    les = det = false = 0
-    free_min = 0.0
-    tta: list[float] = []
-    for k, (tr, ab) in enumerate(zip(tracks, above)):
-        r = event_metrics(tr.t_ms, tr.modality, tr.score if scores is None else scores[k],
-                          alert_messages(tr, ab, n, m, hold_ms), tr.events, tr.fps)
-        o = r["overall"]
-        les += o["lesion_events"]
-        det += o["detected"]
-        false += o["false_alerts"]
-        free_min += o["lesion_free_minutes"]
-        tta += [e["time_to_first_alert_ms"] for e in r["lesion_events"] if e["detected"]]
-    return {"lesion_events": les, "detected": det, "event_sensitivity": round(det / les, 4) if les else None,
-            "lesion_free_minutes": round(free_min, 2), "false_alerts": false,
-            "false_alerts_per_10_min": round(false / free_min * 10, 2) if free_min else None,
-            "median_time_to_first_alert_ms": round(float(np.median(tta)), 1) if tta else None,
-            "p90_time_to_first_alert_ms": round(float(np.percentile(tta, 90)), 1) if tta else None}
+    """``evaluate-video``'s metrics per track for these above-threshold flags, pooled over the tracks."""
+    return pool([event_metrics(tr.t_ms, tr.modality, tr.score if scores is None else scores[k],
+                               alert_messages(tr, ab, n, m, hold_ms), tr.events, tr.fps)
+                 for k, (tr, ab) in enumerate(zip(tracks, above))])
 
 
 def above_abs(tr: Track, thr: dict[str, float], score: np.ndarray | None = None) -> np.ndarray:

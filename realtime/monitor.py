@@ -264,9 +264,8 @@ class Monitor:
     def publish_status(self) -> None:
         src = self._source_status()
         self.live.source, self.live.source_state = src, src["state"]
-        if self.live.state in ("running", "degraded"):
-            self._check_display()
         if self.live.state in ("running", "degraded"):  # one consistent view: a bad source degrades the pipeline
+            self._check_display()
             lasting = self._lasting_fault()
             if src["state"] in ("stalled", "reconnecting", "error"):
                 self._fault(self.live.message or f"source {src['state']}")

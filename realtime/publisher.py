@@ -502,13 +502,11 @@ class AlertPublisher:
     def _send_status(self, xpub: zmq.Socket, payload: dict[str, Any]) -> None:
         if self._log_fault is not None:
             state = payload.get("state")
-            message = payload.get("message")
-            payload = {
-                **payload,
-                "state": "degraded" if state in ("starting", "running", None) else state,
-                "message": (message if message and self._log_fault in message else
-                            f"{message}; {self._log_fault}" if message else self._log_fault),
-            }
+            message = payload.get("message") or ""
+            if self._log_fault not in message:  # the monitor may already show it in its own message
+                message = f"{message}; {self._log_fault}" if message else self._log_fault
+            payload = {**payload, "state": "degraded" if state in ("starting", "running", None) else state,
+                       "message": message}
         self._last_status_frames = self._send(xpub, self._stamp("status", payload))
 
     def _send_heartbeat(self, xpub: zmq.Socket) -> None:

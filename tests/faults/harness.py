@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+# thresholds a third of the calibrated ones: alerts keep flowing, so that check 3 has something to count
+ALERTING = ("--sensitivity", "3")
 BASE_ARGS = ("--dashboard", "off", "--bundle", str(REPO / "models" / "demo"), "--backend", "eager", "--modality", "wli")
 
 

@@ -16,20 +16,11 @@ from pathlib import Path
 import pytest
 import zmq
 
+from bench.soak import process_tree
 from realtime.client import MonitorClient
-from tests.faults.harness import REPO, MonitorRun, check_no_alert_lost, exam_video
+from tests.faults.harness import ALERTING, REPO, MonitorRun, check_no_alert_lost, exam_video
 
 pytestmark = pytest.mark.slow
-
-ALERTING = ("--sensitivity", "3")  # thresholds a third of the calibrated ones: alerts keep flowing to check for loss
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
 
 
 def _cmdline(pid: int) -> str:
@@ -94,8 +85,8 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
         finally:
             ctx.term()
 
-        display = [p for p in _children(run.proc.pid) if "realtime.display" in _cmdline(p)]
-        assert len(display) == 1, [(p, _cmdline(p)) for p in _children(run.proc.pid)]
+        display = [p for p in process_tree(run.proc.pid) if "realtime.display" in _cmdline(p)]
+        assert len(display) == 1, [(p, _cmdline(p)) for p in process_tree(run.proc.pid)]
         os.kill(display[0], signal.SIGKILL)  # the overlay dies mid-run
 
         second = _subscriber(run.endpoint, "--exit-on-stop")  # the crashed client comes back

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import MonitorRun, check_no_alert_lost, exam_video, transcode
+from tests.faults.harness import ALERTING, MonitorRun, check_no_alert_lost, exam_video, transcode
 
 pytestmark = pytest.mark.slow
-
-ALERTING = ("--sensitivity", "3")  # thresholds a third of the calibrated ones: alerts keep flowing to check for loss
 
 
 @pytest.fixture(scope="module")

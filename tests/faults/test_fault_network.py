@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import MonitorRun, check_no_alert_lost, exam_video, start_file_sender
+from tests.faults.harness import ALERTING, MonitorRun, check_no_alert_lost, exam_video, start_file_sender
 from tests.streams import free_udp_port
 
 pytestmark = pytest.mark.slow
 
 SECONDS, FPS = 8, 10
-ALERTING = ("--sensitivity", "3")  # thresholds a third of the calibrated ones: alerts keep flowing to check for loss
 
 
 def _accounted(s: dict, read_at_least: float) -> None:
