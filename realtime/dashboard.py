@@ -42,8 +42,9 @@ def render(monitor: Any) -> Group:
     sstate = Text(str(src.get("state", live.source_state)), style=_STATE_STYLE.get(str(src.get("state")), ""))
     head.add_row("monitor", state, "source", Text.assemble(sstate, f"  {src.get('target', '')}"))
     size = f"{src.get('width')}×{src.get('height')}" if src.get("width") else "?"
+    failed = f" · branch failed {live.frames_failed}" if live.frames_failed else ""
     head.add_row("frames", f"read {src.get('frames_read', 0)} · scored {live.frames_scored} · "
-                 f"dropped {src.get('frames_dropped', 0)} · decode errors {src.get('decode_errors', 0)}",
+                 f"dropped {src.get('frames_dropped', 0)} · decode errors {src.get('decode_errors', 0)}{failed}",
                  "fps", f"in {src.get('fps', 0):.1f} · scored {live.fps_scored:.1f} · {size}")
     backends = monitor.scorers
     mod = (live.modality or "?").upper()
@@ -89,7 +90,9 @@ def summary_table(summary: dict[str, Any]) -> Group:
             t.add_row(stage, str(s["n"]), *(f"{s[k]:.2f}" for k in ("p50", "p95", "p99", "max", "tail", "flatness")))
     lines = [
         f"frames read {summary['frames_read']} · scored {summary['frames_scored']} · dropped "
-        f"{summary['frames_dropped']} · decode errors {summary['decode_errors']} · {summary['seconds']:.1f} s",
+        f"{summary['frames_dropped']} · decode errors {summary['decode_errors']}"
+        + (f" · branch failed {summary['frames_failed']}" if summary.get("frames_failed") else "")
+        + f" · {summary['seconds']:.1f} s",
         f"alert events {summary['events']} ({summary['alerts']} messages) · backends "
         + ", ".join(f"{m.upper()} {b}" for m, b in summary["backend"].items()),
     ]

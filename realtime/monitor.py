@@ -71,6 +71,7 @@ class LiveState:
     threshold: float | None = None
     recent_alerts: deque = field(default_factory=lambda: deque(maxlen=8))
     frames_scored: int = 0
+    frames_failed: int = 0  # frames the branch raised on: neither scored nor dropped
     last_frame_id: int | None = None
     fps_scored: float = 0.0
     events: int = 0
@@ -89,7 +90,9 @@ class Monitor:
         self._rate = RateMeter()
         self._alerts: list[dict[str, Any]] = []
         self._routes: list[tuple[int, str]] = []
-        self._scorer_failures = 0
+        self._scorer_failures = 0  # in a row
+        self._scorer_gave_up = False
+        self._last_scored: tuple[int, int | None, int] | None = None  # frame_id, pts, source time of the last scored frame
         self._t_first_scored: int | None = None
         self._t_last_scored: int | None = None
         self.exit_code = 0
@@ -277,10 +280,11 @@ class Monitor:
         open_events = [a for a in self._alerts[-1:] if ev is not None and a["event_id"] == ev.id]
         payload = {
             "state": self.live.state, "message": self.live.message, "source": src,
-            "scorer": {"state": "ready" if self.alerts else "loading", "modality": self.live.modality,
+            "scorer": {"state": "failing" if self._scorer_failures else "ready" if self.alerts else "loading",
+                       "modality": self.live.modality,
                        "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
-                       "backends": {m: s.backend for m, s in self.scorers.items()},
-                       "fps": round(self.live.fps_scored, 2)},
+                       "backends": {m: self.scorers[m].backend if m in self.scorers else None for m in ("wli", "nbi")},
+                       "fps": round(self.live.fps_scored, 2), "frames_failed": self.live.frames_failed},
             "open_events": open_events,
         }
         if self.publisher:
@@ -316,17 +320,26 @@ class Monitor:
             score = float(score_t.float()[0])
         except Exception as exc:  # noqa: BLE001 — a scorer fault becomes a status, not a silent stop
             self._scorer_failures += 1
+            self.live.frames_failed += 1
             self._fault(f"{modality.upper()} branch failed on frame {frame.frame_id}: {exc}")
+            if self._scorer_failures == 1:
+                self.publish_status()  # at once: a client must not wait for the next status tick
             if self._scorer_failures >= _MAX_SCORER_FAILURES:
-                raise CemdError(f"the {modality.upper()} branch failed {self._scorer_failures} frames in a row; "
-                                f"last error: {exc}") from exc
+                self._scorer_gave_up = True
+                why = f"the {modality.upper()} branch failed {self._scorer_failures} frames in a row; last error: {exc}"
+                self._fault(f"stopping: {why}")  # the last status says why the monitor stopped
+                raise CemdError(why) from exc
             return
         if self._scorer_failures:
             self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
+            self.log(f"{modality.upper()} branch scoring again from frame {frame.frame_id}")
             if lasting := self._lasting_fault():
                 self._fault(lasting)
+            self.publish_status()
         t_inf = time.monotonic_ns()
-        decision = self.alerts.update(frame.frame_id, frame.pts, self._source_time_ns(frame), modality, score,
+        source_ns = self._source_time_ns(frame)
+        self._last_scored = (frame.frame_id, frame.pts, source_ns)  # where an event still open at the end ends
+        decision = self.alerts.update(frame.frame_id, frame.pts, source_ns, modality, score,
                                       lambda: amap[0, 0].float().cpu().numpy(), box)
         t_dec = time.monotonic_ns()
         payload = {
@@ -400,6 +413,7 @@ class Monitor:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if self.cfg.run.max_seconds and now - self.t_running >= self.cfg.run.max_seconds:
+                    self._stop.set()  # a stop like Ctrl-C: an open event ends with reason "stopped"
                     break
                 frame = self.capture.next_frame(timeout=0.05, copy=False, fresh=self.cfg.source.fresh_wait)
                 self._handle_source_events()
@@ -422,9 +436,10 @@ class Monitor:
     # ------------------------------------------------------------------ the end
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        if self.alerts and self.live.last_frame_id is not None:
-            reason = "stopped" if self._stop.is_set() else "source_ended"
-            for alert in self.alerts.close(self.live.last_frame_id, None, time.monotonic_ns(), reason):
+        if self.alerts and self._last_scored is not None:
+            reason = "scorer_failed" if self._scorer_gave_up else "stopped" if self._stop.is_set() else "source_ended"
+            # on the scoring clock (PTS for files), so the event's duration is in the source's time
+            for alert in self.alerts.close(*self._last_scored, reason):
                 self._emit_alert(alert)
         src = self._source_status() if self.capture else {}
         if self.capture:
@@ -446,7 +461,8 @@ class Monitor:
         out: dict[str, Any] = {
             "schema": "cemd.summary/1", "run_dir": str(self.run_dir), "seconds": round(seconds, 2),
             "source": src, "frames_read": src.get("frames_read", 0), "frames_scored": self.live.frames_scored,
-            "frames_dropped": src.get("frames_dropped", 0), "decode_errors": src.get("decode_errors", 0),
+            "frames_dropped": src.get("frames_dropped", 0), "frames_failed": self.live.frames_failed,
+            "decode_errors": src.get("decode_errors", 0),
             "scoring_seconds": round(scoring_s, 3),
             "fps_scored": round(self.live.frames_scored / scoring_s, 2) if scoring_s > 0 else None,
             "latency_ms": lat, "alerts": len(self._alerts), "events": len(starts),

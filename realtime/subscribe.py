@@ -456,10 +456,13 @@ class LiveView:
                 f"read {_text(src.get('frames_read'))} · dropped {_text(src.get('frames_dropped'))} · "
                 f"decode errors {_text(src.get('decode_errors'))}"))
         if scorer:
-            backends = ", ".join(f"{_text(m).upper()} {_text(b)}" for m, b in _dict(scorer.get("backends")).items())
-            grid.add_row("scoring", Text(f"modality {_text(scorer.get('modality')).upper()} "
-                                         f"({_text(scorer.get('modality_mode'))}) · backend {backends or '–'} · "
-                                         f"{_number(scorer.get('fps'), '.1f')} fps scored"))
+            backends = ", ".join(f"{_text(m).upper()} {_text(b)}" for m, b in _dict(scorer.get("backends")).items()
+                                 if b is not None)  # a branch not loaded is null
+            failed = scorer.get("frames_failed")
+            grid.add_row("scoring", Text.assemble(
+                f"modality {_text(scorer.get('modality')).upper()} ({_text(scorer.get('modality_mode'))}) · "
+                f"backend {backends or '–'} · {_number(scorer.get('fps'), '.1f')} fps scored",
+                (f" · {_text(failed)} frames failed", "bold red") if failed else ""))
         if self.heartbeat_at is None:
             beat = Text("none yet", style="yellow")
         else:

@@ -42,14 +42,15 @@ class MonitorRun:
     """One monitor subprocess and one in-process subscriber; use as a context manager."""
 
     def __init__(self, run_dir: Path, *args: str, topics: tuple[str, ...] = ("alert", "status", "heartbeat"),
-                 wait_for: str = "opening source") -> None:
+                 wait_for: str = "opening source", entry: tuple[str, ...] = ("run_stream.py",)) -> None:
+        """``entry``: the script and its leading arguments (a fault-injecting wrapper of run_stream.py)."""
         from tests.streams import free_port_pair
 
         self.run_dir = run_dir
         self.port = free_port_pair()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.replay_endpoint = f"tcp://127.0.0.1:{self.port + 1}"
-        self.cmd = [sys.executable, str(REPO / "run_stream.py"), *BASE_ARGS, "--publish", self.endpoint,
+        self.cmd = [sys.executable, str(REPO / entry[0]), *entry[1:], *BASE_ARGS, "--publish", self.endpoint,
                     "--run-dir", str(run_dir), *args]
         self.topics = topics
         self.wait_for = wait_for
@@ -127,7 +128,12 @@ class MonitorRun:
 
 def check_no_alert_lost(run: MonitorRun, logged: list[dict[str, Any]] | None = None) -> int:
     """Every alert in the durable log reached the subscriber (live or replayed), once, with no hole
-    in the log's seq. Returns how many alerts there were."""
+    in the log's seq; and every message the subscriber got is valid against the published JSON
+    Schema (docs/schema). Returns how many alerts there were."""
+    from tests.jsonschema_check import JSON_SCHEMA, check
+
+    for m in run.messages:
+        check(m, JSON_SCHEMA, where=f"{m.get('topic')} seq {m.get('seq')}")
     logged = run.alerts_logged() if logged is None else logged
     seqs = [a["seq"] for a in logged]
     assert seqs == list(range(len(seqs))), f"alert log seq has holes or is out of order: {seqs[:30]}"
