@@ -84,6 +84,10 @@ def _add_calibrate(sub: argparse._SubParsersAction, factory: ReplayerFactory) ->
     p.add_argument("--workers", type=int, default=None,
                    help="processes scoring chunks of a video in parallel, one torch thread each (default: one per "
                         "CPU core, at most 8; 1 = a single process)")
+    p.add_argument("--score-cache", type=Path, default=Path("runs/score-cache"), metavar="DIR",
+                   help="keep each video's scores here, so calibrating again with other options does not score it "
+                        "again (default runs/score-cache)")
+    p.add_argument("--no-score-cache", action="store_true", help="score every video now; keep nothing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=lambda args: _run_calibrate(args, factory))
 
@@ -110,7 +114,7 @@ def _run_calibrate(args: argparse.Namespace, factory: ReplayerFactory) -> int:
     with _Progress(not args.no_progress, console) as progress:
         report = calibrate(bundle, replayer, args.normal, opts, report_dir, progress,
                            log=lambda s: console.print(f"[yellow]{s}[/]", highlight=False), image_fps=args.image_fps,
-                           workers=workers)
+                           workers=workers, score_cache=None if args.no_score_cache else args.score_cache)
     table = Table(title=f"calibration v{report['version']} → {args.bundle / 'calibration.json'}"
                         + (" (SYNTHETIC data)" if report.get("synthetic") else ""))
     for col in ("branch", "threshold", "debounce", "rate thr.", "p99 floor", "margin", "normal min",
@@ -120,8 +124,11 @@ def _run_calibrate(args: argparse.Namespace, factory: ReplayerFactory) -> int:
         table.add_row(*row)
     console.print(table)
     frames = sum(d["frames"] for d in report["data"])
+    cached = len(report.get("scores_from_cache", []))
     console.print(f"{frames} frames scored in {report['score_seconds']:.0f} s "
-                  f"({frames / max(report['score_seconds'], 1e-9):.1f} frames/s); target "
+                  + (f"({cached} of {len(report['data'])} sources from the score cache); " if cached else
+                     f"({frames / max(report['score_seconds'], 1e-9):.1f} frames/s); ")
+                  + "target "
                   f"{opts.target_false_alerts_per_hour:g} false alerts/h; report: {report_dir}", highlight=False)
     return 0
 

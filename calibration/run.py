@@ -46,7 +46,8 @@ class Replayer(Protocol):
     def backends(self) -> dict[str, str]: ...
 
     def replay(self, path: Path, alerts: Any = None, image_fps: float = 30.0,
-               progress: Callable[[int, int | None], None] | None = None, workers: int = 1) -> Any: ...
+               progress: Callable[[int, int | None], None] | None = None, workers: int = 1,
+               cache: Path | None = None) -> Any: ...
 
     def check_modality(self, track: Any) -> str | None: ...
 
@@ -187,22 +188,34 @@ def precheck(normal: list[Path], modalities: list[str], opts: CalibrationOptions
 
 def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: CalibrationOptions, report_dir: Path,
               progress: Callable[[str, int, int | None], None] | None = None, log: Log = print,
-              image_fps: float = 30.0, synthetic: bool | None = None, workers: int = 1) -> dict[str, Any]:
-    """Score the normal data, choose thresholds, write the report and the bundle's calibration."""
+              image_fps: float = 30.0, synthetic: bool | None = None, workers: int = 1,
+              score_cache: Path | None = None) -> dict[str, Any]:
+    """Score the normal data, choose thresholds, write the report and the bundle's calibration.
+
+    ``score_cache``: a folder keeping each source's scores, so that calibrating again (another
+    target, margin, or more data next to the same videos) does not score them again."""
     modalities = list(replayer.backends) if replayer.modality == "auto" else [replayer.modality]
     inputs = precheck(normal, modalities, opts, image_fps)
     t0 = time.perf_counter()
     tracks = []
     for path in inputs:
-        track = replayer.replay(path, image_fps=image_fps, workers=workers,
+        track = replayer.replay(path, image_fps=image_fps, workers=workers, cache=score_cache,
                                 progress=(lambda done, total, p=path: progress(p.name, done, total)) if progress else None)
+        if getattr(track, "cached", False):
+            log(f"{path}: scores read from the score cache {score_cache} (same content, model and settings)")
         problem = replayer.check_modality(track)
         if problem:
             raise CemdError(problem)
         tracks.append(track)
     score_seconds = time.perf_counter() - t0
     data = gather(tracks, modalities)
-    _check_amount(data, modalities, opts)
+    try:
+        _check_amount(data, modalities, opts)
+    except CemdError as exc:
+        if score_cache is None:
+            raise
+        raise CemdError(f"{exc} The scores are kept in {score_cache}: calibrating again does not score these "
+                        f"videos again.") from None
     fps = float(np.median([t.fps for t in tracks]))
     chosen, table = choose(data, opts, fps)
 
@@ -248,6 +261,7 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
                             f"--modality auto for one consistent setting")
     report = {**record, "options": asdict(opts), "candidates": table, "warnings": warnings,
               "score_seconds": round(score_seconds, 1),
+              "scores_from_cache": [t.source for t in tracks if getattr(t, "cached", False)],
               "curves": {m: c.curve for m, c in chosen.items()}}
     report_dir.mkdir(parents=True, exist_ok=True)
     _plots(report_dir, data, chosen, opts, synthetic)

@@ -13,6 +13,8 @@ and inference overlap on two cores.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import queue
 import threading
 import time
@@ -53,6 +55,7 @@ class ScoreTrack:
     looks_like: dict[str, int] = field(default_factory=dict)  # colour classifier votes, every 5th frame
     alerts: list[dict[str, Any]] = field(default_factory=list)  # when replayed with alert logic
     seconds: float = 0.0  # wall time of the replay
+    cached: bool = False  # read back from a score cache, not scored now
 
     @property
     def frames(self) -> int:
@@ -194,14 +197,42 @@ class Replayer:
         """The monitor's alert logic with the bundle's calibration (as ``run_stream.py`` sets it up)."""
         return AlertLogic(Thresholds.for_bundle(self.bundle), AlertConfig(sensitivity=sensitivity))
 
+    def score_key(self, digest: str, image_fps: float) -> str:
+        """What a source's scores depend on: its content, the model files, the colour classifier,
+        the branch backends and the routing and field-of-view settings (not the thresholds)."""
+        return hashlib.sha256(json.dumps({
+            "format": SCORE_CACHE_FORMAT, "source": digest, "image_fps": image_fps,
+            "model": self.bundle.meta.get("files", {}), "config": self.bundle.meta.get("model"),
+            "classifier": self.classifier.to_json(), "modality": self.modality, "backends": self.backends,
+            "switch": list(self._switch), "redetect_fov_every": self._redetect,
+        }, sort_keys=True, default=str).encode()).hexdigest()
+
     def replay(self, path: Path | str, alerts: AlertLogic | None = None, image_fps: float = 30.0,
-               progress: Callable[[int, int | None], None] | None = None, workers: int = 1) -> ScoreTrack:
+               progress: Callable[[int, int | None], None] | None = None, workers: int = 1,
+               cache: Path | None = None) -> ScoreTrack:
         """Score every frame of ``path``; with ``alerts`` (``alert_logic()``), also raise alerts.
 
         ``workers`` > 1 (scores only, video files): split the video into chunks scored by that
         many processes (``replay_parallel``); the result is the same per frame.
+
+        ``cache`` (scores only): a folder where the scores of each source are kept, keyed by
+        ``score_key``; a source already scored with the same model and settings is read back
+        instead of scored again (``ScoreTrack.cached``).
         """
         path = Path(path)
+        entry = None
+        if cache is not None and alerts is None:
+            digest = folder_digest(image_files(path)) if path.is_dir() else file_sha256(path)
+            entry = Path(cache) / f"{path.name}-{self.score_key(digest, image_fps)[:20]}.npz"
+            if (hit := _read_cached(entry, path)) is not None:
+                return hit
+        track = self._replay(path, alerts, image_fps, progress, workers)
+        if entry is not None:
+            _write_cached(entry, track)
+        return track
+
+    def _replay(self, path: Path, alerts: AlertLogic | None, image_fps: float,
+                progress: Callable[[int, int | None], None] | None, workers: int) -> ScoreTrack:
         if workers > 1 and alerts is None and path.is_file():
             track = replay_parallel(self, path, workers, progress)
             if track is not None:
@@ -285,6 +316,43 @@ class Replayer:
             return (f"{track.source} looks like {other.upper()} video ({votes[other] / total:.0%} of the frames checked "
                     f"by the colour classifier), but the {self.modality.upper()} branch was asked for; use "
                     f"--modality {other} or --modality auto")
+        return None
+
+
+# --------------------------------------------------------------------------- score cache
+
+SCORE_CACHE_FORMAT = 1
+_CACHED_ARRAYS = ("frame_id", "t_ms", "modality", "score")
+
+
+def _write_cached(entry: Path, track: ScoreTrack) -> None:
+    """Keep a track's scores (atomically: a half-written entry is never read)."""
+    meta = {"format": SCORE_CACHE_FORMAT, "kind": track.kind, "fps": track.fps, "width": track.width,
+            "height": track.height, "sha256": track.sha256, "decode_errors": track.decode_errors,
+            "looks_like": track.looks_like, "seconds": track.seconds}
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.asarray(json.dumps(meta)), **{k: getattr(track, k) for k in _CACHED_ARRAYS})
+    os.replace(tmp, entry)
+
+
+def _read_cached(entry: Path, path: Path) -> ScoreTrack | None:
+    """The kept scores of ``path``, or None (no entry, or one that cannot be read: scored again)."""
+    if not entry.is_file():
+        return None
+    try:
+        with np.load(entry, allow_pickle=False) as d:
+            meta = json.loads(str(d["meta"]))
+            arrays = {k: d[k] for k in _CACHED_ARRAYS}
+        if meta.get("format") != SCORE_CACHE_FORMAT or len({len(a) for a in arrays.values()}) != 1:
+            return None
+        return ScoreTrack(str(path), meta["kind"], float(meta["fps"]), int(meta["width"]), int(meta["height"]),
+                          meta["sha256"], arrays["frame_id"].astype(np.int64), arrays["t_ms"].astype(np.float64),
+                          arrays["modality"].astype("<U3"), arrays["score"].astype(np.float32),
+                          int(meta["decode_errors"]), dict(meta["looks_like"]), [], float(meta["seconds"]),
+                          cached=True)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

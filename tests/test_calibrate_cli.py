@@ -44,9 +44,12 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_calibrate_then_evaluate_video(bundle: Path, videos: dict[str, Path], tmp_path: Path) -> None:
     report = tmp_path / "report"
+    cache = tmp_path / "cache"
     r = cemd("calibrate", "--bundle", str(bundle), "--normal", str(videos["normal"]), "--backend", "eager",
-             "--target-false-alerts-per-hour", "600", "--report", str(report), "--no-progress")
+             "--target-false-alerts-per-hour", "600", "--report", str(report), "--no-progress",
+             "--score-cache", str(cache))
     assert r.returncode == 0, r.stderr + r.stdout
+    assert "score cache" not in r.stdout and len(list(cache.glob("*.npz"))) == 1
     cal = json.loads((bundle / "calibration.json").read_text())
     assert cal["format"] == "cemd-calibration/1" and cal["version"] == 1 and cal["synthetic"] is True
     assert cal["data"][0]["frames"] == 360 and len(cal["data"][0]["sha256"]) == 64
@@ -83,6 +86,16 @@ def test_calibrate_then_evaluate_video(bundle: Path, videos: dict[str, Path], tm
         calibration = cal
     th = Thresholds.for_bundle(B)
     assert th.warning is None and th.n_of_m == tuple(cal["n_of_m"]) and "version 1" in th.source
+
+    # calibrating again with another target reads the kept scores instead of scoring the video again
+    r = cemd("calibrate", "--bundle", str(bundle), "--normal", str(videos["normal"]), "--backend", "eager",
+             "--target-false-alerts-per-hour", "1200", "--report", str(tmp_path / "report2"), "--no-progress",
+             "--score-cache", str(cache))
+    assert r.returncode == 0, r.stderr + r.stdout
+    said = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "scores read from the score cache" in said and "calibration v2" in said, r.stdout
+    rep2 = json.loads((tmp_path / "report2" / "report.json").read_text())
+    assert rep2["scores_from_cache"] == [str(videos["normal"])] and rep2["data"] == rep["data"]
 
 
 def test_evaluate_video_refuses_events_of_another_video(bundle: Path, videos: dict[str, Path], tmp_path: Path) -> None:
@@ -149,7 +162,7 @@ class _FakeReplayer:
     def __init__(self, tracks: dict[str, _Track]) -> None:
         self.tracks = tracks
 
-    def replay(self, path, alerts=None, image_fps=30.0, progress=None, workers=1):
+    def replay(self, path, alerts=None, image_fps=30.0, progress=None, workers=1, cache=None):
         return self.tracks[Path(path).name]
 
     def check_modality(self, track):
@@ -203,3 +216,35 @@ def test_parallel_replay_scores_every_frame_like_one_process(tiny_bundle: Path, 
     np.testing.assert_allclose(two.score, one.score, rtol=0, atol=1e-5)
     np.testing.assert_allclose(two.t_ms, one.t_ms, atol=1e-6)
     assert seen[-1] == 360 and seen == sorted(seen)
+
+
+@pytest.mark.slow
+def test_score_cache_returns_the_same_scores_and_never_a_stale_or_broken_entry(tiny_bundle: Path,
+                                                                                tmp_path: Path) -> None:
+    from engine.bundle import load_bundle
+    from realtime.replay import Replayer
+
+    video = tmp_path / "short.mp4"
+    render_video(video, 5, 2, 10, (160, 120), progress=False, lesions=False)
+    cache = tmp_path / "cache"
+    rep = Replayer(load_bundle(tiny_bundle), "auto", "eager")
+    first = rep.replay(video, cache=cache)
+    assert not first.cached and first.frames == 20
+    [entry] = list(cache.iterdir())
+    again = rep.replay(video, cache=cache)
+    assert again.cached
+    for k in ("frame_id", "t_ms", "modality", "score"):
+        assert np.array_equal(getattr(first, k), getattr(again, k)), k
+    assert (again.sha256, again.fps, again.looks_like) == (first.sha256, first.fps, first.looks_like)
+    # other settings are another entry: a fixed branch scores every frame with WLI
+    wli = Replayer(load_bundle(tiny_bundle), "wli", "eager")
+    assert not wli.replay(video, cache=cache).cached and len(list(cache.iterdir())) == 2
+    # other content under the same name is another entry too
+    render_video(video, 6, 2, 10, (160, 120), progress=False, lesions=False)
+    assert not rep.replay(video, cache=cache).cached and len(list(cache.iterdir())) == 3
+    # a broken entry is scored again (and replaced), never read
+    entry.write_bytes(b"not an npz")
+    render_video(video, 5, 2, 10, (160, 120), progress=False, lesions=False)
+    rescored = rep.replay(video, cache=cache)
+    assert not rescored.cached and np.array_equal(rescored.score, first.score)
+    assert rep.replay(video, cache=cache).cached
