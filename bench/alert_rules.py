@@ -3,7 +3,8 @@
     python -m bench.alert_rules --bundle B --normal N1.mp4 … --videos V1.mp4 … [--json OUT] [--cache DIR]
 
 Every frame of the normal (calibration) and evaluation videos is scored once with the
-monitor's own replay (``realtime.replay.Replayer``, cached per video and model in ``--cache``);
+monitor's own replay (``realtime.replay.Replayer``, kept in the score cache ``cemd calibrate``
+uses, ``--cache``, default runs/score-cache);
 the rules below then run on those scores through the live alert state machine
 (``calibration.debounce.Debouncer``) and are scored with ``calibration.events.event_metrics``,
 as ``cemd evaluate-video`` does. Videos without a ``NAME.events.json`` beside them count as
@@ -52,27 +53,18 @@ class Track:
 
 
 def score_videos(bundle_path: Path, videos: list[Path], cache: Path, workers: int) -> list[Track]:
-    from engine.backbone import file_sha256
+    """Every frame scored by the monitor's replay, kept in the same score cache as `cemd calibrate`."""
     from engine.bundle import load_bundle
     from realtime.replay import Replayer
 
-    bundle = load_bundle(bundle_path)
-    model = "-".join(v[:8] for _, v in sorted(bundle.meta.get("files", {}).items()))
-    cache.mkdir(parents=True, exist_ok=True)
-    rep = None
+    rep = Replayer(load_bundle(bundle_path), "auto", "auto", "cpu")
     out = []
     for i, v in enumerate(videos, 1):
-        f = cache / f"{v.stem}-{file_sha256(v)[:12]}-{model}.npz"
-        if not f.exists():
-            rep = rep or Replayer(bundle, "auto", "auto", "cpu")
-            print(f"[{i}/{len(videos)}] scoring {v} …", file=sys.stderr, flush=True)
-            tr = rep.replay(v, workers=workers)
-            np.savez(f, t_ms=tr.t_ms, modality=tr.modality, score=tr.score, fps=tr.fps)
-        d = np.load(f)
+        print(f"[{i}/{len(videos)}] {v} …", file=sys.stderr, flush=True)
+        tr = rep.replay(v, workers=workers, cache=cache)
         ev_file = v.with_name(v.stem + ".events.json")
         events = json.loads(ev_file.read_text()) if ev_file.exists() else None
-        out.append(Track(v.stem, d["t_ms"], d["modality"].astype("<U3"), d["score"].astype(np.float64),
-                         float(d["fps"]), events))
+        out.append(Track(v.stem, tr.t_ms, tr.modality, tr.score.astype(np.float64), tr.fps, events))
     return out
 
 
