@@ -179,6 +179,8 @@ class ResultState:
             reason = f"monitor silent for {now - t_message:.0f} s"
         elif status is not None and status.get("state") in ("stopped", "error"):
             reason = f"monitor {status.get('state')}"
+        elif status is not None and isinstance(status.get("scorer"), dict) and status["scorer"].get("state") == "failing":
+            reason = "the monitor's branch is failing"  # said at once: no need to wait for the results to age
         elif score is None:
             reason = "no results yet"
         elif now - t_score > opts.max_result_age_s:

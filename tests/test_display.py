@@ -101,6 +101,15 @@ def test_result_state_active_stale_silent_and_restarted() -> None:
     state.update(stamp("status", 3, boot="c" * 32, state="stopped", source={}, scorer={}, open_events=[],
                        message=None), now=16)
     assert state.view(now=16).reason == "monitor stopped"
+    # a branch that throws: the monitor says so at once, and the overlay with it, before results age
+    state.update(stamp("score", 1, boot="c" * 32, **score_message(1, 0.1)), now=17)
+    failing = dict(state="degraded", source={}, open_events=[], message="WLI branch failed on frame 2: …")
+    state.update(stamp("status", 4, boot="c" * 32, scorer={"state": "failing"}, **failing), now=17.1)
+    assert state.view(now=17.1).reason == "the monitor's branch is failing"
+    state.update(stamp("status", 5, boot="c" * 32, scorer={"state": "ready"}, **{**failing, "state": "running"}),
+                 now=17.2)
+    state.update(stamp("score", 2, boot="c" * 32, **score_message(3, 0.1)), now=17.2)
+    assert state.view(now=17.3).active
     assert state.take_problems() == [f"monitor restarted (boot {'c' * 8})"] and state.take_problems() == []
     for k in range(30):  # more than the 20 the summary keeps: the console still hears of each one
         state.problem(f"bad {k}")
