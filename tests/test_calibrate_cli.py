@@ -129,7 +129,7 @@ def test_calibrate_refuses_video_of_the_other_modality(bundle: Path, tmp_path: P
     for i in range(0, 180):
         cv2.imwrite(str(frames / f"{i:04d}.png"), cv2.cvtColor(scene.frame(i, "wli"), cv2.COLOR_RGB2BGR))
     r = cemd("calibrate", "--bundle", str(bundle), "--normal", str(frames), "--modality", "nbi", "--backend",
-             "eager", "--target-false-alerts-per-hour", "600", "--no-progress")
+             "eager", "--target-false-alerts-per-hour", "600", "--no-progress", "--no-score-cache")
     assert r.returncode == 2, r.stdout
     assert "looks like WLI video" in r.stderr and "--modality wli" in r.stderr
     assert not (bundle / "calibration.json").exists()
