@@ -115,6 +115,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         monitor.request_stop()
         console.print("[yellow]interrupted[/]")
         return 130
+    except CemdError:
+        if monitor.final_summary is not None:  # a fault that ended a run: what it did, then the error
+            console.print()
+            console.print(summary_table(monitor.final_summary))
+        raise
     console.print()
     console.print(summary_table(summary))
     if summary.get("message") and summary.get("state") != "running":

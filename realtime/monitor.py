@@ -92,6 +92,7 @@ class Monitor:
         self._routes: list[tuple[int, str]] = []
         self._scorer_failures = 0  # in a row
         self._scorer_gave_up = False
+        self.final_summary: dict[str, Any] | None = None  # once a run that got past set-up has finished
         self._last_scored: tuple[int, int | None, int] | None = None  # frame_id, pts, source time of the last scored frame
         self._t_first_scored: int | None = None
         self._t_last_scored: int | None = None
@@ -452,6 +453,8 @@ class Monitor:
         summary = self.summary(seconds, src)
         if self.run_dir.exists():
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.live.frames_scored or self.live.frames_failed:
+            self.final_summary = summary
         return summary
 
     def summary(self, seconds: float, src: dict[str, Any]) -> dict[str, Any]:

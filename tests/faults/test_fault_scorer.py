@@ -52,6 +52,9 @@ def test_branch_that_keeps_failing_stops_the_monitor_with_one_clear_message(exam
     assert run.returncode == 2, run.output
     assert "error: the WLI branch failed 10 frames in a row; last error: injected fault" in run.output, run.output
     assert "Traceback" not in run.output
+    # what the run did is shown before the error, as at the end of any run
+    assert "branch failed 10" in run.output and "run folder" in run.output, run.output
+    assert run.output.index("run folder") < run.output.index("error: the WLI branch")
     states = _scorer_states(run)
     assert ("degraded", "failing", 1) in states, states
     last = [m for m in run.messages if m["topic"] == "status"][-1]
