@@ -149,8 +149,9 @@ def gather(tracks: list[Any], modalities: list[str]) -> dict[str, NormalScores]:
 
 
 def _check_amount(data: dict[str, NormalScores], modalities: list[str], opts: CalibrationOptions,
-                  total: float | None = None) -> None:
-    """Enough normal video per branch to check the target; ``total``: before scoring, from headers."""
+                  total: float | None = None, kept_in: Path | None = None) -> None:
+    """Enough normal video per branch to check the target; ``total``: before scoring, from headers;
+    ``kept_in``: the score cache that holds the scores already computed."""
     need = min_minutes(opts)
     if total is not None:
         short = [("all branches together", total)]
@@ -168,7 +169,9 @@ def _check_amount(data: dict[str, NormalScores], modalities: list[str], opts: Ca
         f"too little normal video to check a target of {opts.target_false_alerts_per_hour:g} false alerts per hour: "
         f"{'; '.join(lines)}, and each branch needs at least {need:.1f} min of its own normal video (at the target "
         f"rate, that much video would hold {opts.min_minutes_factor:g} false alerts: less cannot show the target is "
-        f"met). Add more normal video{'' if total is not None else ' of that modality'}, or {fix}.")
+        f"met). Add more normal video{'' if total is not None else ' of that modality'}, or {fix}."
+        + (f" The scores are kept in {kept_in}: calibrating again does not score these videos again."
+           if kept_in is not None else ""))
 
 
 def precheck(normal: list[Path], modalities: list[str], opts: CalibrationOptions, image_fps: float) -> list[Path]:
@@ -198,10 +201,12 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
     inputs = precheck(normal, modalities, opts, image_fps)
     t0 = time.perf_counter()
     tracks = []
+    from_cache = []
     for path in inputs:
         track = replayer.replay(path, image_fps=image_fps, workers=workers, cache=score_cache,
                                 progress=(lambda done, total, p=path: progress(p.name, done, total)) if progress else None)
         if getattr(track, "cached", False):
+            from_cache.append(track.source)
             log(f"{path}: scores read from the score cache {score_cache} (same content, model and settings)")
         problem = replayer.check_modality(track)
         if problem:
@@ -209,13 +214,7 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
         tracks.append(track)
     score_seconds = time.perf_counter() - t0
     data = gather(tracks, modalities)
-    try:
-        _check_amount(data, modalities, opts)
-    except CemdError as exc:
-        if score_cache is None:
-            raise
-        raise CemdError(f"{exc} The scores are kept in {score_cache}: calibrating again does not score these "
-                        f"videos again.") from None
+    _check_amount(data, modalities, opts, kept_in=score_cache)
     fps = float(np.median([t.fps for t in tracks]))
     chosen, table = choose(data, opts, fps)
 
@@ -261,7 +260,7 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
                             f"--modality auto for one consistent setting")
     report = {**record, "options": asdict(opts), "candidates": table, "warnings": warnings,
               "score_seconds": round(score_seconds, 1),
-              "scores_from_cache": [t.source for t in tracks if getattr(t, "cached", False)],
+              "scores_from_cache": from_cache,
               "curves": {m: c.curve for m, c in chosen.items()}}
     report_dir.mkdir(parents=True, exist_ok=True)
     _plots(report_dir, data, chosen, opts, synthetic)

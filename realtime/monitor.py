@@ -334,9 +334,7 @@ class Monitor:
         if self._scorer_failures:
             self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
             self.log(f"{modality.upper()} branch scoring again from frame {frame.frame_id}")
-            if lasting := self._lasting_fault():
-                self._fault(lasting)
-            self.publish_status()
+            self.publish_status()  # shows a lasting fault (display gone, log unwritable) again, if any
         t_inf = time.monotonic_ns()
         source_ns = self._source_time_ns(frame)
         self._last_scored = (frame.frame_id, frame.pts, source_ns)  # where an event still open at the end ends

@@ -179,19 +179,19 @@ class Replayer:
     def backends(self) -> dict[str, str]:
         return {m: s.backend for m, s in self.scorers.items()}
 
-    def _open(self, path: Path) -> tuple[Iterator[Any], str, float, str, int | None, Any]:
-        """(frames, kind, fps, sha256, frame count if known, closer)."""
+    def _open(self, path: Path, digest: str | None = None) -> tuple[Iterator[Any], str, float, str, int | None, Any]:
+        """(frames, kind, fps, sha256, frame count if known, closer); ``digest``: the sha256 if already known."""
         if path.is_dir():
             files = image_files(path)
             if not files:
                 raise CemdError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            return _read_images(files), "images", 0.0, folder_digest(files), len(files), None
+            return _read_images(files), "images", 0.0, digest or folder_digest(files), len(files), None
         if not path.is_file():
             raise CemdError(f"{path} does not exist; give a video file or a folder of frames")
         reader = PyAVReader(str(path), network=False, open_timeout=10.0, read_timeout=10.0)
         stream = reader._container.streams.video[0]
         total = int(stream.frames) or None
-        return _read_video(reader), "video", reader.fps or 0.0, file_sha256(path), total, reader
+        return _read_video(reader), "video", reader.fps or 0.0, digest or file_sha256(path), total, reader
 
     def alert_logic(self, sensitivity: float = 1.0) -> AlertLogic:
         """The monitor's alert logic with the bundle's calibration (as ``run_stream.py`` sets it up)."""
@@ -220,24 +220,24 @@ class Replayer:
         instead of scored again (``ScoreTrack.cached``).
         """
         path = Path(path)
-        entry = None
-        if cache is not None and alerts is None:
+        entry = digest = None
+        if cache is not None and alerts is None and path.exists():  # a missing one: _open says so clearly
             digest = folder_digest(image_files(path)) if path.is_dir() else file_sha256(path)
             entry = Path(cache) / f"{path.name}-{self.score_key(digest, image_fps)[:20]}.npz"
             if (hit := _read_cached(entry, path)) is not None:
                 return hit
-        track = self._replay(path, alerts, image_fps, progress, workers)
+        track = self._replay(path, alerts, image_fps, progress, workers, digest)
         if entry is not None:
             _write_cached(entry, track)
         return track
 
     def _replay(self, path: Path, alerts: AlertLogic | None, image_fps: float,
-                progress: Callable[[int, int | None], None] | None, workers: int) -> ScoreTrack:
+                progress: Callable[[int, int | None], None] | None, workers: int, digest: str | None) -> ScoreTrack:
         if workers > 1 and alerts is None and path.is_file():
-            track = replay_parallel(self, path, workers, progress)
+            track = replay_parallel(self, path, workers, progress, digest)
             if track is not None:
                 return track
-        frames, kind, fps, digest, total, reader = self._open(path)
+        frames, kind, fps, digest, total, reader = self._open(path, digest)
         if kind == "images" or not fps:
             fps = image_fps
         t0 = time.perf_counter()
@@ -429,10 +429,11 @@ def _probe_for_split(path: Path) -> tuple[int, float, int, Any, float] | None:
 
 
 def replay_parallel(rep: Replayer, path: Path, workers: int,
-                    progress: Callable[[int, int | None], None] | None = None) -> ScoreTrack | None:
+                    progress: Callable[[int, int | None], None] | None = None,
+                    digest: str | None = None) -> ScoreTrack | None:
     """Scores of ``path`` from ``workers`` processes, each on its own chunks; None when the video
     cannot be split exactly (unknown length, variable frame rate, missing timestamps): then the
-    caller replays it in one piece."""
+    caller replays it in one piece. ``digest``: the file's sha256 if already known."""
     import multiprocessing as mp
 
     probe = _probe_for_split(path)
@@ -467,7 +468,7 @@ def replay_parallel(rep: Replayer, path: Path, workers: int,
     for p in parts:
         for k, v in p["votes"].items():
             votes[k] = votes.get(k, 0) + v
-    return ScoreTrack(str(path), "video", fps, parts[0]["width"], parts[0]["height"], file_sha256(path), ids,
+    return ScoreTrack(str(path), "video", fps, parts[0]["width"], parts[0]["height"], digest or file_sha256(path), ids,
                       np.concatenate([np.asarray(p["times"], np.float64) for p in parts]),
                       np.concatenate([np.asarray(p["mods"], dtype="<U3") for p in parts]),
                       np.concatenate([np.asarray(p["scores"], np.float32) for p in parts]), 0, votes, [],

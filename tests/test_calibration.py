@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,9 @@ def test_too_little_normal_video_says_how_much_is_needed() -> None:
     msg = str(err.value)
     assert "WLI has 2.0 min" in msg and "NBI" not in msg.split("and each")[0] and "5.0 min" in msg
     assert "15.0" in msg  # the target the given data could check
+    assert "kept" not in msg
+    with pytest.raises(CemdError, match="The scores are kept in cache-dir: calibrating again does not score"):
+        _check_amount(data, ["wli", "nbi"], opts, kept_in=Path("cache-dir"))  # after scoring, with a cache
     _check_amount({"wli": _normal(4, 5.5), "nbi": _normal(5, 6)}, ["wli", "nbi"], opts)
 
 
