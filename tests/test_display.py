@@ -393,15 +393,12 @@ def read_xwd(data: bytes) -> np.ndarray:
 @pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("xwd") is None,
                     reason="needs Xvfb and xwd (apt-get install xvfb x11-apps; .ci/run installs them)")
 def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
-    screen = 90 + os.getpid() % 100
-    xvfb = subprocess.Popen(["Xvfb", f":{screen}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    xvfb, screen = start_xvfb()
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     env = dict(ENV, DISPLAY=f":{screen}", QT_QPA_PLATFORM="xcb")
     disp = None
     try:
-        time.sleep(1.0)
         with AlertPublisher(endpoint, run_dir=tmp_path / "pub", heartbeat_interval=0.2) as pub:
             disp = subprocess.Popen(display_cmd(endpoint, "--source", "synthetic:seconds=30,size=320x240,fps=10",
                                                 "--output", "window", "--cue", "bell",
@@ -428,7 +425,14 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
                     shot = read_xwd(r.stdout)
                     if banner_anywhere(shot):
                         break
-            assert shot is not None and banner_anywhere(shot), "".join(log)
+            if shot is not None and not banner_anywhere(shot):
+                import cv2
+
+                cv2.imwrite(str(tmp_path / "overlay-window-failed.png"), shot[..., ::-1])
+            assert shot is not None and banner_anywhere(shot), (
+                f"no red banner on screen :{screen} after {k} frames published "
+                f"({'no screenshot taken' if shot is None else f'screen mean {shot.mean():.1f}, saved to {tmp_path}'}); "
+                f"display log:\n{''.join(log)}")
             # the audible cue: a new event starts now that the display surely listens
             for j in range(10):
                 pub.publish("alert", {"event": "start" if j == 0 else "update", "event_id": 1, "modality": "wli",
@@ -446,9 +450,31 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
         if disp is not None and disp.poll() is None:
             disp.kill()
         xvfb.kill()
+        xvfb.wait(timeout=10)
     summary = json.loads((tmp_path / "d.json").read_text())
     assert summary["output"] == "window" and summary["alert_frames"] > 0
     assert summary["cues"] >= 1 and "\a" in "".join(log)  # a bell per event start it received
+
+
+def start_xvfb() -> tuple[subprocess.Popen, int]:
+    """A virtual X server on a display number it picks itself (``-displayfd``: no clash with a server
+    already running, and it writes the number only once it accepts clients)."""
+    import tempfile
+
+    read_fd, write_fd = os.pipe()
+    errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server must never block on it
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "640x480x24", "-nolisten", "tcp"],
+                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=errors)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        number = pipe.readline().strip()  # "" at EOF: Xvfb exited without a screen
+    if not number.isdigit():
+        xvfb.kill()
+        xvfb.wait(timeout=10)
+        errors.seek(0)
+        raise AssertionError(f"Xvfb did not start: {errors.read().decode(errors='replace')[-500:]}")
+    errors.close()
+    return xvfb, int(number)
 
 
 def banner_anywhere(shot: np.ndarray) -> bool:
