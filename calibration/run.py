@@ -241,6 +241,7 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
     record = {
         "format": CALIBRATION_FORMAT, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cemd_version": __version__, "model_files": bundle.meta.get("files", {}),
+        "model_config": bundle.meta.get("model", {}),  # the score's definition (reduction, scales, smoothing…)
         "target_false_alerts_per_hour": opts.target_false_alerts_per_hour,
         "hold_ms": opts.hold_ms, "n_of_m": list(next(iter(chosen.values())).n_of_m),
         "modalities": {m: c.to_json() for m, c in chosen.items()},

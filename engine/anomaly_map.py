@@ -88,11 +88,39 @@ class FieldOfViewMask(nn.Module):
         return self._any(eroded).to(rgb01.dtype)
 
 
-def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float) -> torch.Tensor:
+def masked_median(flat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Lower median of each row of ``flat`` (N×P) over the positions where ``mask`` (N×P) > 0.
+
+    Static shapes only (sort, count, gather), so every backend compiles it: masked-out values
+    are pushed below everything, then the median sits at (outside count + (inside − 1) // 2).
+    A row with nothing inside gives 0.
+    """
+    if mask is None:
+        return flat.median(dim=1).values
+    inside = mask > 0
+    ordered = torch.where(inside, flat, torch.full_like(flat, float("-inf"))).sort(dim=1).values
+    n_in = inside.sum(dim=1)
+    idx = (flat.shape[1] - n_in) + (n_in - 1).clamp(min=0) // 2
+    med = ordered.gather(1, idx.clamp(max=flat.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return torch.where(n_in > 0, med, torch.zeros_like(med))
+
+
+def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float,
+                 fov: torch.Tensor | None = None) -> torch.Tensor:
+    """Image score of an N×1×H×W map: ``max``, ``mean``, ``topk`` (mean of the top ``topk_fraction``)
+    or ``topk_minus_median`` (that mean minus the map's median inside the field of view ``fov``,
+    N×1×H×W, or the whole map without one): a lesion is a local rise over the frame's own level,
+    and the level itself moves with lighting and tissue from one examination to the next."""
     flat = amap.flatten(1)
     if reduction == "max":
         return flat.amax(dim=1)
     if reduction == "mean":
         return flat.mean(dim=1)
     k = max(int(flat.shape[1] * topk_fraction), 1)
-    return flat.topk(k, dim=1).values.mean(dim=1)
+    top = flat.topk(k, dim=1).values.mean(dim=1)
+    if reduction == "topk_minus_median":
+        # on every 4th pixel each way: the map is smooth (upsampled stride-16 features, σ-4 blur),
+        # and sorting 65 536 values would cost half as much as the branch itself on a CPU
+        sub = amap[..., ::4, ::4].flatten(1)
+        return top - masked_median(sub, None if fov is None else fov[..., ::4, ::4].flatten(1))
+    return top

@@ -48,6 +48,8 @@ class StudentBranch(nn.Module):
         feats = self.encoder(frames)
         amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size, self.score_scales)
         amap = self.blur(amap)
+        fov = None
         if self.fov is not None:
-            amap = amap * self.fov(frames)
-        return amap, reduce_score(amap, self.score_reduction, self.topk_fraction)
+            fov = self.fov(frames)
+            amap = amap * fov
+        return amap, reduce_score(amap, self.score_reduction, self.topk_fraction, fov)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.config import ModelConfig, TrainConfig
+from engine.config import SCORE_REDUCTIONS, ModelConfig, TrainConfig
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     abl.add_argument("--mask-mode", choices=("complementary", "independent"), default=ModelConfig.mask_mode)
     abl.add_argument("--student-loss", choices=("global", "pixel"), default=ModelConfig.student_loss)
     abl.add_argument("--hard-mining", action="store_true", help="hard-mining global cosine (ReContrast)")
-    abl.add_argument("--score-reduction", choices=("max", "mean", "topk"), default=ModelConfig.score_reduction)
+    abl.add_argument("--score-reduction", choices=SCORE_REDUCTIONS, default=ModelConfig.score_reduction)
     abl.add_argument("--score-scales", default=",".join(map(str, ModelConfig.score_scales)),
                      help="encoder scales summed into the anomaly map: 0 = stride 4, 1 = stride 8, 2 = stride 16 "
                           "(RD4AD: 0,1,2)")

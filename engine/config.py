@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 MODALITIES = ("wli", "nbi")
+SCORE_REDUCTIONS = ("topk", "topk_minus_median", "max", "mean")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ModelConfig:
     # (students still learn all three). Ablation: docs/RESULTS.md.
     score_scales: tuple[int, ...] = (2,)
     smoothing_sigma: float = 4.0
-    # Image score: mean of the top `topk_fraction` of the map (robust to single hot pixels) | max | mean.
+    # Image score: mean of the top `topk_fraction` of the map (robust to single hot pixels) | max | mean |
+    # topk_minus_median (that mean minus the map's median inside the field of view: the frame's own level).
     score_reduction: str = "topk"
     topk_fraction: float = 0.01
     # Zero the anomaly map outside the lit field of view (black border, on-screen text).
@@ -57,8 +59,9 @@ class ModelConfig:
             raise BundleError(f"mask_mode must be complementary or independent, not {self.mask_mode!r}")
         if self.student_loss not in ("global", "pixel"):
             raise BundleError(f"student_loss must be global or pixel, not {self.student_loss!r}")
-        if self.score_reduction not in ("max", "mean", "topk"):
-            raise BundleError(f"score_reduction must be max, mean or topk, not {self.score_reduction!r}")
+        if self.score_reduction not in SCORE_REDUCTIONS:
+            raise BundleError(f"score_reduction must be one of {', '.join(SCORE_REDUCTIONS)}, "
+                              f"not {self.score_reduction!r}")
         if not self.score_scales or any(k not in (0, 1, 2) for k in self.score_scales):
             raise BundleError(f"score_scales must be a non-empty subset of (0, 1, 2), not {self.score_scales}")
         if self.input_size % 32:

@@ -72,6 +72,12 @@ class Thresholds:
         if values and made_for and made_for != bundle.meta.get("files"):
             warnings.append(f"{bundle.path / 'calibration.json'} was made for other model weights (the bundle's files "
                             f"changed since); its thresholds may be wrong: recalibrate with cemd calibrate")
+        made_cfg, cfg = cal.get("model_config"), bundle.meta.get("model") or {}
+        if values and isinstance(made_cfg, dict) and made_cfg != cfg:
+            changed = sorted(k for k in set(made_cfg) | set(cfg) if made_cfg.get(k) != cfg.get(k))
+            warnings.append(f"{bundle.path / 'calibration.json'} was made for another score definition (bundle.json "
+                            f"model settings changed since: {', '.join(changed)}); its thresholds do not fit these "
+                            f"scores: recalibrate with cemd calibrate")
         missing = [m for m in bundle.modalities if m not in values]
         if not missing:
             return cls(values, f"calibration {bundle.path / 'calibration.json'} (version {cal.get('version', '?')})",

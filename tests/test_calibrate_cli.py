@@ -54,6 +54,7 @@ def test_calibrate_then_evaluate_video(bundle: Path, videos: dict[str, Path], tm
     assert cal["format"] == "cemd-calibration/1" and cal["version"] == 1 and cal["synthetic"] is True
     assert cal["data"][0]["frames"] == 360 and len(cal["data"][0]["sha256"]) == 64
     assert cal["model_files"] == json.loads((bundle / "bundle.json").read_text())["files"]
+    assert cal["model_config"] == json.loads((bundle / "bundle.json").read_text())["model"]
     rep = json.loads((report / "report.json").read_text())
     for m in ("wli", "nbi"):
         c = cal["modalities"][m]

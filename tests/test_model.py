@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, reduce_score
+from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, masked_median, reduce_score
 from engine.backbone import FrozenEncoder, build_lite0
 from engine.branch import StudentBranch
 from engine.config import ModelConfig
@@ -111,6 +111,33 @@ def test_score_reductions() -> None:
     assert reduce_score(amap, "max", 0.01).item() == 5.0
     assert abs(reduce_score(amap, "mean", 0.01).item() - 0.05) < 1e-6
     assert reduce_score(amap, "topk", 0.02).item() == 2.5
+
+
+def test_masked_median_matches_the_median_of_the_values_inside() -> None:
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(3, 500, generator=g)
+    mask = (torch.rand(3, 500, generator=g) > 0.4).float()
+    mask[2] = 0  # nothing inside: 0, not -inf
+    got = masked_median(values, mask)
+    for i in range(2):
+        assert got[i] == values[i][mask[i] > 0].median()
+    assert got[2] == 0
+    assert torch.equal(masked_median(values, None), values.median(dim=1).values)
+
+
+def test_topk_minus_median_scores_a_local_rise_over_the_frames_own_level() -> None:
+    """The same lesion on a quiet and on a noisy-but-normal frame: the top-k score moves with the
+    frame's level, the contrast score does not; the black border (outside the FOV) counts for nothing."""
+    fov = torch.zeros(1, 1, 64, 64)
+    fov[..., 8:56, 8:56] = 1
+    quiet = torch.full((1, 1, 64, 64), 0.2) * fov
+    quiet[..., 28:36, 28:36] = 0.9  # 64 px, more than the top 1 % (40 px)
+    loud = torch.where(fov > 0, quiet + 0.15, quiet)
+    k_quiet = reduce_score(quiet, "topk_minus_median", 0.01, fov)
+    k_loud = reduce_score(loud, "topk_minus_median", 0.01, fov)
+    assert abs(reduce_score(loud, "topk", 0.01) - reduce_score(quiet, "topk", 0.01)).item() > 0.1
+    assert abs(k_loud - k_quiet).item() < 1e-6
+    assert abs(k_quiet.item() - (0.9 - 0.2)) < 1e-6
 
 
 def test_gaussian_blur_preserves_mass_and_spreads_a_peak() -> None:

@@ -203,6 +203,18 @@ def test_default_thresholds_warn(tiny_bundle: Path) -> None:
                                                                        "nbi": {"threshold": 0.4}}}))
         t = Thresholds.for_bundle(load_bundle(tiny_bundle))
         assert t.values == {"wli": 0.3, "nbi": 0.4} and "other model weights" in t.warning
+        # made for another score definition (e.g. score_reduction changed in bundle.json): warned, naming it
+        model = dict(json.loads((tiny_bundle / "bundle.json").read_text())["model"])
+        (tiny_bundle / "calibration.json").write_text(json.dumps(
+            {"model_files": files, "model_config": model, "modalities": {"wli": {"threshold": 0.3},
+                                                                         "nbi": {"threshold": 0.4}}}))
+        assert Thresholds.for_bundle(load_bundle(tiny_bundle)).warning is None
+        model["score_reduction"] = "max" if model["score_reduction"] != "max" else "topk"
+        (tiny_bundle / "calibration.json").write_text(json.dumps(
+            {"model_files": files, "model_config": model, "modalities": {"wli": {"threshold": 0.3},
+                                                                         "nbi": {"threshold": 0.4}}}))
+        t = Thresholds.for_bundle(load_bundle(tiny_bundle))
+        assert "another score definition" in t.warning and "score_reduction" in t.warning
     finally:
         (tiny_bundle / "calibration.json").unlink()
 
