@@ -393,26 +393,41 @@ class Trainer:
         info["paired_images"] = len(self.paired)
         return info
 
-    @torch.no_grad()
     def _score_stats(self, meta: dict[str, Any]) -> None:
         """Image scores of held-out normal training images: a first, uncalibrated scale for alerts."""
-        bundle = load_bundle(self.out)
-        for m in bundle.modalities:
-            names = self.val_names.get(m) or []
-            if not names:
-                continue
-            images = ds.load_images([self.train_paths[m][n] for n in names], self.model_cfg.input_size)
-            branch = bundle.branch(m)
-            scores = []
-            for i in range(0, len(images), 16):
-                x = torch.from_numpy(images[i : i + 16]).permute(0, 3, 1, 2).float().div_(255)
-                scores.append(branch(x)[1])
-            s = torch.cat(scores).numpy()
-            meta["score_stats"][m] = {
-                "n": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
-                "p50": float(np.percentile(s, 50)), "p95": float(np.percentile(s, 95)),
-                "p99": float(np.percentile(s, 99)), "max": float(s.max()),
-            }
+        meta["score_stats"].update(score_stats(load_bundle(self.out), {
+            m: [self.train_paths[m][n] for n in self.val_names.get(m) or []] for m in self.train_paths}))
+
+
+@torch.no_grad()
+def score_stats(bundle: Any, images_by_modality: dict[str, list[Path]]) -> dict[str, dict[str, float]]:
+    """Summary of each branch's image scores on these (normal) images, as the bundle scores them now."""
+    out = {}
+    for m in bundle.modalities:
+        paths = images_by_modality.get(m) or []
+        if not paths:
+            continue
+        images = ds.load_images(paths, bundle.model.input_size)
+        branch = bundle.branch(m)
+        scores = []
+        for i in range(0, len(images), 16):
+            x = torch.from_numpy(images[i : i + 16]).permute(0, 3, 1, 2).float().div_(255)
+            scores.append(branch(x)[1])
+        s = torch.cat(scores).numpy()
+        out[m] = {"n": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
+                  "p50": float(np.percentile(s, 50)), "p95": float(np.percentile(s, 95)),
+                  "p99": float(np.percentile(s, 99)), "max": float(s.max())}
+    return out
+
+
+def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, list[Path]]:
+    """The held-out normal training images of a dataset, split as training split it."""
+    index = ds.scan_dataset(data, require_train=True)
+    out = {}
+    for m in index.modalities:
+        paths = {p.stem: p for p in index.modalities[m].train}
+        out[m] = [paths[n] for n in _split_names(sorted(paths), val_fraction, seed)[1]]
+    return out
 
 
 def train_bundle(data: Path, out: Path, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
