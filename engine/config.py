@@ -45,7 +45,7 @@ class ModelConfig:
     smoothing_sigma: float = 4.0
     # Image score: mean of the top `topk_fraction` of the map (robust to single hot pixels) | max | mean |
     # topk_minus_median (that mean minus the map's median inside the field of view: the frame's own level).
-    score_reduction: str = "topk"
+    score_reduction: str = "topk_minus_median"
     topk_fraction: float = 0.01
     # Zero the anomaly map outside the lit field of view (black border, on-screen text).
     fov_mask: bool = True

@@ -101,8 +101,17 @@ def test_branch_returns_map_and_score_and_masks_outside_field_of_view() -> None:
     assert amap.shape == (2, 1, 128, 128) and score.shape == (2,)
     assert amap[0, 0, :5, :5].abs().max() == 0  # black corner: never anomalous
     assert amap[0, 0, 64, 64] > 0
+    # the default image score: top 1 % of the map minus its median inside the lit field of view
+    # (on every 4th pixel each way; the median ignores the black border, whose map is 0)
     k = int(128 * 128 * 0.01)
-    torch.testing.assert_close(score, amap.flatten(1).topk(k, dim=1).values.mean(1))
+    top = amap.flatten(1).topk(k, dim=1).values.mean(1)
+    sub = amap[..., ::4, ::4].flatten(1)
+    with torch.no_grad():
+        inside = branch.fov(frames)[..., ::4, ::4].flatten(1) > 0
+    assert 0.4 < inside.float().mean() < 0.6  # the lit disc, not the black border
+    med = torch.stack([sub[i][inside[i]].median() for i in range(2)])
+    torch.testing.assert_close(score, top - med)
+    assert (score < top).all()
 
 
 def test_score_reductions() -> None:
