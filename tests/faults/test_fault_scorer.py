@@ -47,7 +47,10 @@ def test_branch_failing_for_a_few_frames_is_reported_and_scoring_resumes(exam: P
 
 
 def test_branch_that_keeps_failing_stops_the_monitor_with_one_clear_message(exam: Path, tmp_path: Path) -> None:
-    with MonitorRun(tmp_path / "run", "--source", str(exam), "--fast", *ALERTING, entry=(FAILING, "15")) as run:
+    # sensitivity 5: the calibrated WLI threshold ÷ 5 is below every score of this clip's first 15
+    # frames (0.06–0.09), so an event is surely open when the branch starts failing
+    with MonitorRun(tmp_path / "run", "--source", str(exam), "--fast", "--sensitivity", "5",
+                    entry=(FAILING, "15")) as run:
         run.wait()
     assert run.returncode == 2, run.output
     assert "error: the WLI branch failed 10 frames in a row; last error: injected fault" in run.output, run.output
@@ -66,7 +69,7 @@ def test_branch_that_keeps_failing_stops_the_monitor_with_one_clear_message(exam
     ends = [a for a in logged if a["event"] == "end"]
     starts = [a for a in logged if a["event"] == "start"]
     assert len(ends) == len(starts)  # no event left open
-    # This examination has an event open at frame 14 (sensitivity 3): it ends at the last scored
+    # This examination has an event open at frame 14: it ends at the last scored
     # frame, for that reason, with its duration on the file's clock (10 fps: 100 ms a frame).
     last = ends[-1]
     assert last["reason"] == "scorer_failed" and last["end_frame_id"] == 14, last
