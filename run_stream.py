@@ -30,6 +30,9 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="model bundle folder (default models/demo)")
     p.add_argument("--backend", choices=["auto", "tensorrt", "aoti", "eager"], help="default auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--inference-workers", type=int, metavar="N",
+                   help="run the branch in N single-thread worker processes (CPU; 1 = in the scoring thread, "
+                        "the default); 2 on a 2-core machine raises --fast throughput (docs/STREAMING.md)")
     p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556; "
                                                          "replay on the next port)")
     p.add_argument("--replay", metavar="ENDPOINT", help="replay (REQ/ROUTER) endpoint (default: publish port + 1)")
@@ -68,6 +71,7 @@ _OVERRIDES = {
     "fresh_wait": ("source", "fresh_wait"),
     "bundle": ("scoring", "bundle"), "modality": ("scoring", "modality"), "backend": ("scoring", "backend"),
     "device": ("scoring", "device"), "build_missing": ("scoring", "build_missing"),
+    "inference_workers": ("scoring", "inference_workers"),
     "sensitivity": ("alerts", "sensitivity"), "publish": ("publish", "publish"), "replay": ("publish", "replay"),
     "curve_secret": ("publish", "curve_secret"), "curve_allow": ("publish", "curve_allow"),
     "overlay": ("run", "overlay"), "overlay_out": ("run", "overlay_out"),

@@ -68,14 +68,18 @@ def decode_alone(video: Path) -> dict[str, Any]:
     return {"frames": n, "seconds": round(s, 3), "fps": round(n / s, 2)}
 
 
-def branch_alone(video: Path, bundle: str, backend: str, frames: int, build: bool) -> dict[str, Any]:
-    """Preprocess + route + branch, the scorer's whole per-frame work, on frames already decoded."""
+def _branch_loop(video: str, bundle: str, backend: str, frames: int, build: bool, threads: int | None = None,
+                 barrier: Any = None, results: Any = None) -> dict[str, Any]:
+    """Preprocess + route + branch, the scorer's whole per-frame work, on frames already decoded.
+    In a worker process (``barrier``, ``results``): starts timing with its siblings, reports to ``results``."""
     from engine.backends import load_scorer
     from engine.bundle import load_bundle
     from realtime.preprocess import FramePreprocessor
     from realtime.routing import ModalityClassifier, ModalityRouter
     from realtime.sources import open_reader, parse_source
 
+    if threads:
+        torch.set_num_threads(threads)
     reader = open_reader(parse_source(str(video)))
     images = []
     try:
@@ -90,13 +94,42 @@ def branch_alone(video: Path, bundle: str, backend: str, frames: int, build: boo
     for img in images[:5]:  # warm-up
         t, crop, _ = pre(img)
         scorers[router.update(crop).modality](t)
+    if barrier is not None:
+        barrier.wait()
     t0 = time.perf_counter()
     for i in range(frames):
         t, crop, _ = pre(images[i % len(images)])
         scorers[router.update(crop).modality](t)
     s = time.perf_counter() - t0
-    return {"frames": frames, "seconds": round(s, 3), "fps": round(frames / s, 2),
-            "backend": {m: sc.backend for m, sc in scorers.items()}}
+    out = {"frames": frames, "seconds": round(s, 3), "fps": round(frames / s, 2),
+           "backend": {m: sc.backend for m, sc in scorers.items()}}
+    if results is not None:
+        results.put(out)
+    return out
+
+
+def branch_alone(video: Path, bundle: str, backend: str, frames: int, build: bool, workers: int = 1
+                 ) -> dict[str, Any]:
+    """The branch's throughput alone: in this process with its torch threads (``workers`` 1), or in
+    ``workers`` single-thread processes side by side, each on ``frames / workers`` frames, as the
+    monitor's --inference-workers runs it (fps = all frames / the slowest worker's time)."""
+    if workers < 2:
+        return _branch_loop(str(video), bundle, backend, frames, build)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    each = -(-frames // workers)
+    procs = [ctx.Process(target=_branch_loop, args=(str(video), bundle, backend, each, False, 1, barrier, results))
+             for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    parts = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    s = max(p["seconds"] for p in parts)
+    return {"frames": each * workers, "seconds": s, "fps": round(each * workers / s, 2), "workers": workers,
+            "backend": parts[0]["backend"]}
 
 
 def messages_until_exit(client: Any, proc: subprocess.Popen, deadline: float | None = None) -> Iterator[dict | None]:
@@ -144,24 +177,35 @@ def run_monitor(args: list[str], run_dir: Path, collect: bool, timeout: float) -
 
 
 def throughput_round(args: argparse.Namespace, video: Path, k: int) -> dict[str, Any]:
+    """Decode alone, the branch alone and the --fast pipeline for each --inference-workers count, in
+    one round; the bound uses the fastest branch-alone configuration, whichever the pipeline used."""
     dec = decode_alone(video)
-    br = branch_alone(video, args.bundle, args.backend, args.branch_frames, build=True)
-    summary, _ = run_monitor(["--source", str(video), "--fast", "--bundle", args.bundle, "--backend", args.backend],
-                             args.out_dir / f"throughput-run{k}", collect=False, timeout=1800)
-    pipe = summary["fps_scored"]
-    serial = 1 / (1 / dec["fps"] + 1 / br["fps"])
-    parallel = min(dec["fps"], br["fps"])
-    print(f"round {k}: decode alone {dec['fps']:.2f} fps · branch alone {br['fps']:.2f} fps ({br['backend']}) · "
-          f"pipeline --fast {pipe:.2f} fps, {summary['frames_scored']} frames, dropped {summary['frames_dropped']} · "
-          f"shared-core bound {serial:.2f} → ratio {pipe / serial:.3f} · spare-core bound {parallel:.2f} → "
-          f"{pipe / parallel:.3f}", flush=True)
-    return {"decode_alone": dec, "branch_alone": br,
-            "pipeline": {"fps": pipe, "frames_scored": summary["frames_scored"],
-                         "frames_dropped": summary["frames_dropped"], "backend": summary["backend"],
-                         "latency_ms": summary["latency_ms"]},
-            "shared_cores_bound_fps": round(serial, 2), "spare_cores_bound_fps": round(parallel, 2),
+    workers = args.workers or [1, 2]
+    branch = {w: branch_alone(video, args.bundle, args.backend, args.branch_frames, build=True, workers=w)
+              for w in workers}
+    best = max(b["fps"] for b in branch.values())
+    serial = 1 / (1 / dec["fps"] + 1 / best)
+    parallel = min(dec["fps"], best)
+    out: dict[str, Any] = {"decode_alone": dec, "branch_alone": {str(w): b for w, b in branch.items()},
+                           "branch_alone_best_fps": best, "shared_cores_bound_fps": round(serial, 2),
+                           "spare_cores_bound_fps": round(parallel, 2), "pipelines": {}}
+    print(f"round {k}: decode alone {dec['fps']:.2f} fps · branch alone "
+          + ", ".join(f"{w} worker{'s' if w > 1 else ''} {b['fps']:.2f} fps" for w, b in branch.items())
+          + f" ({branch[workers[0]]['backend']}) · shared-core bound {serial:.2f} fps", flush=True)
+    for w in workers:
+        summary, _ = run_monitor(["--source", str(video), "--fast", "--bundle", args.bundle, "--backend", args.backend,
+                                  "--inference-workers", str(w)],
+                                 args.out_dir / f"throughput-run{k}-w{w}", collect=False, timeout=1800)
+        pipe = summary["fps_scored"]
+        print(f"  pipeline --fast --inference-workers {w}: {pipe:.2f} fps, {summary['frames_scored']} frames, "
+              f"dropped {summary['frames_dropped']} → ratio to the shared-core bound {pipe / serial:.3f}, "
+              f"to the spare-core bound {pipe / parallel:.3f}", flush=True)
+        out["pipelines"][str(w)] = {
+            "fps": pipe, "frames_scored": summary["frames_scored"], "frames_dropped": summary["frames_dropped"],
+            "backend": summary["backend"], "latency_ms": summary["latency_ms"],
             "ratio_to_shared_cores_bound": round(pipe / serial, 3),
             "ratio_to_spare_cores_bound": round(pipe / parallel, 3)}
+    return out
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,21 +213,31 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     video = bench_video(args.video, args.seconds, args.size)
     torch.set_num_threads(os.cpu_count() or 1)
     rounds = [throughput_round(args, video, k) for k in range(1, args.repeat + 1)]
-    shared = [r["ratio_to_shared_cores_bound"] for r in rounds]
-    spare = [r["ratio_to_spare_cores_bound"] for r in rounds]
-    print(f"ratio to the shared-core bound: median {float(np.median(shared)):.3f} (rounds {shared}; target ≥ 0.9) · "
-          f"to the spare-core bound: median {float(np.median(spare)):.3f} (rounds {spare})")
-    return {"rounds": rounds, "median_ratio_to_shared_cores_bound": round(float(np.median(shared)), 3),
-            "median_ratio_to_spare_cores_bound": round(float(np.median(spare)), 3)}
+    medians: dict[str, Any] = {}
+    for w in args.workers or [1, 2]:
+        shared = [r["pipelines"][str(w)]["ratio_to_shared_cores_bound"] for r in rounds]
+        spare = [r["pipelines"][str(w)]["ratio_to_spare_cores_bound"] for r in rounds]
+        medians[str(w)] = {"median_ratio_to_shared_cores_bound": round(float(np.median(shared)), 3),
+                           "median_ratio_to_spare_cores_bound": round(float(np.median(spare)), 3)}
+        print(f"--inference-workers {w}: ratio to the shared-core bound median {float(np.median(shared)):.3f} "
+              f"(rounds {shared}; target ≥ 0.9) · to the spare-core bound median {float(np.median(spare)):.3f} "
+              f"(rounds {spare})")
+    return {"rounds": rounds, "medians": medians}
 
 
 def latency(args: argparse.Namespace) -> dict[str, Any]:
+    """One paced run per --workers value (default: 1), in the order given."""
+    runs = [latency_run(args, w) for w in (args.workers or [1])]
+    return runs[0] if len(runs) == 1 else {"runs": runs}
+
+
+def latency_run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     video = bench_video(args.video, args.seconds, args.size)
     seconds = args.minutes * 60
     summary, scores = run_monitor(["--source", str(video), "--realtime", "--loop", "--bundle", args.bundle,
                                    "--backend", args.backend, "--max-seconds", str(seconds),
-                                   "--fresh-wait", str(args.fresh_wait)],
-                                  args.out_dir / "latency-run", collect=True, timeout=seconds + 600)
+                                   "--fresh-wait", str(args.fresh_wait), "--inference-workers", str(workers)],
+                                  args.out_dir / f"latency-run-w{workers}", collect=True, timeout=seconds + 600)
     if not scores:
         raise SystemExit("no score message received")
     t0 = scores[0]["t_mono_ns"]
@@ -193,14 +247,14 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         if part:
             minutes.append({"minute": m + 1, "scored": len(part), "e2e_ms": latency_summary(s["e2e_ms"] for s in part),
                             "publish_ms": latency_summary(s["publish_ms"] for s in part)})
-    res = {"minutes": args.minutes, "fresh_wait": args.fresh_wait, "frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
+    res = {"minutes": args.minutes, "fresh_wait": args.fresh_wait, "inference_workers": workers, "frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
            "frames_dropped": summary["frames_dropped"], "fps_scored": summary["fps_scored"],
            "backend": summary["backend"], "received_scores": len(scores),
            "e2e_ms": latency_summary(s["e2e_ms"] for s in scores),
            "publish_ms": latency_summary(s["publish_ms"] for s in scores),  # decision → stamped
            "publish_sent_ms": summary["latency_ms"]["publish"],  # decision → send returned
            "stages_ms": summary["latency_ms"], "per_minute": minutes}
-    print(f"paced {args.size[0]}x{args.size[1]} at 30 fps for {args.minutes:g} min: scored {summary['frames_scored']} of {summary['frames_read']} read, "
+    print(f"paced {args.size[0]}x{args.size[1]} at 30 fps for {args.minutes:g} min, --inference-workers {workers}: scored {summary['frames_scored']} of {summary['frames_read']} read, "
           f"dropped {summary['frames_dropped']}; frame→published p50 {res['e2e_ms']['p50']:.1f} p99 "
           f"{res['e2e_ms']['p99']:.1f} max {res['e2e_ms']['max']:.1f} ms; decision → sent (summary) p99 "
           f"{summary['latency_ms']['publish']['p99']:.3f} ms, decision → stamped (messages) p99 "
@@ -249,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20, help="length of the rendered video")
     p.add_argument("--size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT of the rendered video")
     p.add_argument("--branch-frames", type=int, default=150)
+    p.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")],
+                   help="the monitor's --inference-workers counts to compare, e.g. 1,2 (throughput's default; "
+                        "latency's is 1)")
     p.add_argument("--repeat", type=int, default=3, help="throughput rounds (the machine is shared and noisy)")
     p.add_argument("--minutes", type=float, default=5)
     p.add_argument("--seconds-each", type=float, default=30, help="display: seconds per run")

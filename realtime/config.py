@@ -44,6 +44,9 @@ class ScoringConfig:
     switch_frames: int = 2
     switch_confidence: float = 0.9
     redetect_fov_every: int = 15
+    # ≥ 2: the branch runs in that many single-thread worker processes (CPU only), frames complete
+    # in order; 1: in the scoring thread (docs/STREAMING.md "Inference workers")
+    inference_workers: int = 1
 
 
 @dataclass
@@ -93,6 +96,8 @@ class MonitorConfig:
                             "cemd display ENDPOINT --ring NAME --curve-secret … --curve-server-key …")
         if self.run.dashboard not in ("auto", "on", "off"):
             raise CemdError(f"dashboard must be auto, on or off, not {self.run.dashboard!r}")
+        if isinstance(self.scoring.inference_workers, bool) or not 1 <= self.scoring.inference_workers <= 64:
+            raise CemdError(f"inference_workers must be between 1 and 64, got {self.scoring.inference_workers}")
         if self.scoring.switch_frames < 1:
             raise CemdError(f"switch_frames must be ≥ 1, got {self.scoring.switch_frames}")
         if not 8 <= self.publish.map_size <= 256:

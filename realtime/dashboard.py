@@ -49,7 +49,8 @@ def render(monitor: Any) -> Group:
     backends = monitor.scorers
     mod = (live.modality or "?").upper()
     head.add_row("modality", f"{mod} ({'auto' if monitor.cfg.scoring.modality == 'auto' else 'fixed'})",
-                 "backend", ", ".join(f"{m.upper()} {s.backend}" for m, s in backends.items()) or "loading")
+                 "backend", (", ".join(f"{m.upper()} {s.backend}" for m, s in backends.items()) or "loading")
+                 + (f" · {monitor.pool.workers} workers" if monitor.pool is not None else ""))
     if live.message:
         head.add_row("fault", Text(live.message, style="bold red"), "", "")
 
@@ -94,7 +95,8 @@ def summary_table(summary: dict[str, Any]) -> Group:
         + (f" · branch failed {summary['frames_failed']}" if summary.get("frames_failed") else "")
         + f" · {summary['seconds']:.1f} s",
         f"alert events {summary['events']} ({summary['alerts']} messages) · backends "
-        + ", ".join(f"{m.upper()} {b}" for m, b in summary["backend"].items()),
+        + ", ".join(f"{m.upper()} {b}" for m, b in summary["backend"].items())
+        + (f" · {summary['inference_workers']} inference workers" if summary.get("inference_workers", 1) > 1 else ""),
     ]
     gt = summary.get("synthetic_ground_truth")
     if gt:

@@ -78,6 +78,27 @@ class LiveState:
     open_event: int | None = None
 
 
+@dataclass
+class _Job:
+    """One frame between the scorer's in-order stages and its branch call (possibly in a worker)."""
+
+    frame_id: int
+    pts: int | None
+    time_base: tuple[int, int] | None
+    t_capture_wall_ns: int
+    t_capture_mono_ns: int
+    source_ns: int
+    tensor: torch.Tensor
+    box: tuple[int, int, int]
+    modality: str
+    t_got: int
+    t_pre: int
+    t_inf: int = 0
+    amap: torch.Tensor | None = None
+    score: float = float("nan")
+    error: Any = None  # the branch's exception (or a worker's message): counted, never scored
+
+
 class Monitor:
     def __init__(self, config: MonitorConfig, log: Log = print) -> None:
         config.validate()
@@ -107,6 +128,7 @@ class Monitor:
         self.thresholds: Thresholds | None = None
         self.router: ModalityRouter | None = None
         self.alerts: AlertLogic | None = None
+        self.pool: Any = None  # realtime.infer_pool.InferencePool with --inference-workers ≥ 2
         self.display: subprocess.Popen | None = None  # the overlay display process (--overlay)
         self.display_summary: dict[str, Any] | None = None
         self._display_lost: str | None = None  # why the overlay display is gone mid-run (the run stays degraded)
@@ -155,6 +177,23 @@ class Monitor:
             for _ in range(2):
                 scorer(warm)
         self.alerts = AlertLogic(self.thresholds, self.cfg.alerts)
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        n = self.cfg.scoring.inference_workers
+        if n < 2:
+            return
+        if self.device != "cpu":
+            self._warn(f"--inference-workers {n} is for CPUs; on {self.device} the branch runs in the scoring thread")
+            return
+        from realtime.infer_pool import InferencePool
+
+        self.log(f"starting {n} inference workers (one thread each) …")
+        torch.set_num_threads(1)  # this process now only prepares frames; its OpenMP threads would spin
+        self.pool = InferencePool(str(self.bundle.path), {m: (s.backend, s.precision) for m, s in self.scorers.items()},
+                                  self.device, n, self.bundle.model.input_size)
+        self.pool.start()
+        self.log(f"inference workers ready (pids {', '.join(str(p) for p in self.pool.pids)})")
 
     def _start_publisher(self) -> None:
         pc = self.cfg.publish
@@ -285,7 +324,8 @@ class Monitor:
                        "modality": self.live.modality,
                        "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
                        "backends": {m: self.scorers[m].backend if m in self.scorers else None for m in ("wli", "nbi")},
-                       "fps": round(self.live.fps_scored, 2), "frames_failed": self.live.frames_failed},
+                       "fps": round(self.live.fps_scored, 2), "frames_failed": self.live.frames_failed,
+                       "inference_workers": self.pool.workers if self.pool is not None else 1},
             "open_events": open_events,
         }
         if self.publisher:
@@ -306,48 +346,64 @@ class Monitor:
             return int(frame.pts * num * 1_000_000_000 // den)
         return int(frame.t_capture_mono_ns)
 
-    def _score_frame(self, frame: Any) -> None:
+    def _prepare(self, frame: Any) -> _Job | None:
+        """Field of view, crop, routing: the in-order part before the branch; None when the capture
+        lapped the slot while it was read (counted as dropped)."""
         t_got = time.monotonic_ns()
         tensor, crop, box = self.preprocess(frame.image)  # reads the crop straight out of the ring
         if not self.capture.release(frame):
-            return  # the capture process lapped this slot while we read it: counted as dropped
+            return None
         if self.router is not None:
             modality = self.router.update(crop).modality
         else:
             modality = self.cfg.scoring.modality
-        t_pre = time.monotonic_ns()
+        return _Job(frame.frame_id, frame.pts, frame.time_base, frame.t_capture_wall_ns, frame.t_capture_mono_ns,
+                    self._source_time_ns(frame), tensor, box, modality, t_got, time.monotonic_ns())
+
+    def _score_frame(self, frame: Any) -> None:
+        """One frame start to end on this thread (no inference workers)."""
+        job = self._prepare(frame)
+        if job is None:
+            return
         try:
-            amap, score_t = self.scorers[modality](tensor)
-            score = float(score_t.float()[0])
+            amap, score_t = self.scorers[job.modality](job.tensor)
+            job.amap, job.score = amap, float(score_t.float()[0])
         except Exception as exc:  # noqa: BLE001 — a scorer fault becomes a status, not a silent stop
+            job.error = exc
+        job.t_inf = time.monotonic_ns()
+        self._complete(job)
+
+    def _complete(self, job: _Job) -> None:
+        """Alert logic and publishing for a frame whose branch call is done, in frame order."""
+        modality, exc = job.modality, job.error
+        if exc is not None:
             self._scorer_failures += 1
             self.live.frames_failed += 1
-            self._fault(f"{modality.upper()} branch failed on frame {frame.frame_id}: {exc}")
+            self._fault(f"{modality.upper()} branch failed on frame {job.frame_id}: {exc}")
             if self._scorer_failures == 1:
                 self.publish_status()  # at once: a client must not wait for the next status tick
             if self._scorer_failures >= _MAX_SCORER_FAILURES:
                 self._scorer_gave_up = True
                 why = f"the {modality.upper()} branch failed {self._scorer_failures} frames in a row; last error: {exc}"
                 self._fault(f"stopping: {why}")  # the last status says why the monitor stopped
-                raise CemdError(why) from exc
+                raise CemdError(why) from (exc if isinstance(exc, BaseException) else None)
             return
         if self._scorer_failures:
             self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
-            self.log(f"{modality.upper()} branch scoring again from frame {frame.frame_id}")
+            self.log(f"{modality.upper()} branch scoring again from frame {job.frame_id}")
             self.publish_status()  # shows a lasting fault (display gone, log unwritable) again, if any
-        t_inf = time.monotonic_ns()
-        source_ns = self._source_time_ns(frame)
-        self._last_scored = (frame.frame_id, frame.pts, source_ns)  # where an event still open at the end ends
-        decision = self.alerts.update(frame.frame_id, frame.pts, source_ns, modality, score,
-                                      lambda: amap[0, 0].float().cpu().numpy(), box)
+        amap, score, t_inf = job.amap, job.score, job.t_inf
+        self._last_scored = (job.frame_id, job.pts, job.source_ns)  # where an event still open at the end ends
+        decision = self.alerts.update(job.frame_id, job.pts, job.source_ns, modality, score,
+                                      lambda: amap[0, 0].float().cpu().numpy(), job.box)
         t_dec = time.monotonic_ns()
         payload = {
-            "frame_id": frame.frame_id, "pts": frame.pts,
-            "time_base": list(frame.time_base) if frame.time_base else None,
-            "t_capture_wall_ns": frame.t_capture_wall_ns, "t_capture_mono_ns": frame.t_capture_mono_ns,
-            "timings_ms": {"capture": round((t_got - frame.t_capture_mono_ns) / 1e6, 3),
-                           "preprocess": round((t_pre - t_got) / 1e6, 3),
-                           "inference": round((t_inf - t_pre) / 1e6, 3),
+            "frame_id": job.frame_id, "pts": job.pts,
+            "time_base": list(job.time_base) if job.time_base else None,
+            "t_capture_wall_ns": job.t_capture_wall_ns, "t_capture_mono_ns": job.t_capture_mono_ns,
+            "timings_ms": {"capture": round((job.t_got - job.t_capture_mono_ns) / 1e6, 3),
+                           "preprocess": round((job.t_pre - job.t_got) / 1e6, 3),
+                           "inference": round((t_inf - job.t_pre) / 1e6, 3),
                            "decision": round((t_dec - t_inf) / 1e6, 3)},
             "modality": modality, "modality_mode": "auto" if self.router else "fixed",
             "backend": self.scorers[modality].backend, "score": round(score, 6),
@@ -359,22 +415,22 @@ class Monitor:
             self._emit_alert(alert)
         if self.cfg.publish.maps:  # after the score is out: the overlay's heat map, never in its way
             heat = encode_heatmap(amap[0, 0], self.cfg.publish.map_size, 2 * decision.threshold)
-            self.publisher.publish("map", {"frame_id": frame.frame_id, "modality": modality,
-                                           "box": [int(v) for v in box], **heat})
+            self.publisher.publish("map", {"frame_id": job.frame_id, "modality": modality,
+                                           "box": [int(v) for v in job.box], **heat})
         for stage, ms in payload["timings_ms"].items():
             self.latency.add(stage, ms)
         if publish_ms is not None:  # sent: the frame's last two stages
             self.latency.add("publish", publish_ms)
-            self.latency.add("end_to_end", (t_dec - frame.t_capture_mono_ns) / 1e6 + publish_ms)
-        self._routes.append((frame.frame_id, modality))
+            self.latency.add("end_to_end", (t_dec - job.t_capture_mono_ns) / 1e6 + publish_ms)
+        self._routes.append((job.frame_id, modality))
         live = self.live
         live.frames_scored += 1
-        live.last_frame_id, live.modality, live.threshold = frame.frame_id, modality, decision.threshold
+        live.last_frame_id, live.modality, live.threshold = job.frame_id, modality, decision.threshold
         live.scores.append(score)
         live.open_event = decision.event_id
         self._rate.tick(t_dec)
         if self._t_first_scored is None:
-            self._t_first_scored = t_got
+            self._t_first_scored = job.t_got
         self._t_last_scored = t_dec
         live.fps_scored = self._rate.rate(t_dec)
 
@@ -408,29 +464,103 @@ class Monitor:
         try:
             self.setup()
             self.t_running = time.monotonic()
-            next_status = 0.0
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if self.cfg.run.max_seconds and now - self.t_running >= self.cfg.run.max_seconds:
-                    self._stop.set()  # a stop like Ctrl-C: an open event ends with reason "stopped"
-                    break
-                frame = self.capture.next_frame(timeout=0.05, copy=False, fresh=self.cfg.source.fresh_wait)
-                self._handle_source_events()
-                if frame is not None:
-                    self._score_frame(frame)
-                elif self.capture.ended:
-                    break
-                elif not self.capture.alive:
-                    self._fault(self.capture.stats().get("message") or "capture process died")
-                    self.exit_code = 1
-                    break
-                if now >= next_status:
-                    self.publish_status()
-                    next_status = now + self.cfg.run.status_every_s
+            if self.pool is not None:
+                try:
+                    self._loop_with_workers(self.pool)
+                except CemdError as exc:
+                    if not self._scorer_gave_up:  # a worker died: the run cannot go on without its branch
+                        self._scorer_gave_up = True
+                        self._fault(f"stopping: {exc}")
+                    raise
+            else:
+                self._loop()
         finally:
             summary = self._finish(time.monotonic() - t0)
             sys.setswitchinterval(switch)
         return summary
+
+    def _out_of_time(self, now: float) -> bool:
+        if self.cfg.run.max_seconds and now - self.t_running >= self.cfg.run.max_seconds:
+            self._stop.set()  # a stop like Ctrl-C: an open event ends with reason "stopped"
+            return True
+        return False
+
+    def _capture_lost(self) -> bool:
+        if self.capture.alive:
+            return False
+        self._fault(self.capture.stats().get("message") or "capture process died")
+        self.exit_code = 1
+        return True
+
+    def _loop(self) -> None:
+        """One frame at a time on this thread: take, prepare, branch, decide, publish."""
+        next_status = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._out_of_time(now):
+                break
+            frame = self.capture.next_frame(timeout=0.05, copy=False, fresh=self.cfg.source.fresh_wait)
+            self._handle_source_events()
+            if frame is not None:
+                self._score_frame(frame)
+            elif self.capture.ended or self._capture_lost():
+                break
+            if now >= next_status:
+                self.publish_status()
+                next_status = now + self.cfg.run.status_every_s
+
+    def _loop_with_workers(self, pool: Any) -> None:
+        """Branch calls in worker processes, one frame in flight per worker; this thread prepares
+        the next frame while they run and completes frames strictly in frame order. A live source
+        hands over a frame only when a worker is free (latest frame wins, nothing waits to go stale);
+        a file in --fast mode has the next frame prepared and waiting."""
+        next_status = 0.0
+        in_flight: deque[_Job] = deque()
+        by_worker: dict[int, _Job] = {}
+        ready: _Job | None = None
+        source_done = False
+        lossless = not self.spec.is_live and not self.cfg.source.realtime
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._out_of_time(now):
+                break
+            if ready is None and not source_done and (pool.free or lossless):
+                # wait for a frame only when there is nothing to collect meanwhile
+                frame = self.capture.next_frame(timeout=0.002 if in_flight else 0.05, copy=False,
+                                                fresh=self.cfg.source.fresh_wait)
+                self._handle_source_events()
+                if frame is not None:
+                    ready = self._prepare(frame)
+                elif self.capture.ended or self._capture_lost():
+                    source_done = True
+            if ready is not None and pool.free:
+                by_worker[pool.submit(ready.modality, ready.tensor)] = ready
+                ready.tensor = None  # in the worker's buffer now
+                in_flight.append(ready)
+                ready = None
+            if in_flight:
+                idle = ready is not None or not pool.free or source_done
+                self._collect(pool, by_worker, in_flight, 0.05 if idle else 0.0)
+            elif source_done:
+                break
+            if now >= next_status:
+                self.publish_status()
+                next_status = now + self.cfg.run.status_every_s
+        # stopped (Ctrl-C, --max-seconds): the frames already in the workers still get their result
+        deadline = time.monotonic() + 10
+        while in_flight and time.monotonic() < deadline:
+            self._collect(pool, by_worker, in_flight, 0.05)
+
+    def _collect(self, pool: Any, by_worker: dict[int, _Job], in_flight: deque[_Job], timeout: float) -> None:
+        """Take the workers' results (waiting up to ``timeout`` s), then complete the frames at the
+        head of the queue whose result is in: a frame finished early waits for the ones before it."""
+        for result in pool.collect(timeout):
+            job = by_worker.pop(result.worker)
+            job.t_inf = time.monotonic_ns()
+            job.amap, job.error = result.amap, result.error
+            job.score = result.score if result.score is not None else float("nan")
+        while in_flight and in_flight[0].t_inf:
+            self._complete(in_flight.popleft())
 
     # ------------------------------------------------------------------ the end
 
@@ -441,6 +571,8 @@ class Monitor:
             for alert in self.alerts.close(*self._last_scored, reason):
                 self._emit_alert(alert)
         src = self._source_status() if self.capture else {}
+        if self.pool is not None:
+            self.pool.close()
         if self.capture:
             self.capture.stop()
         self._stop_display()  # before the publisher closes: its last frames still get their results
@@ -471,6 +603,7 @@ class Monitor:
                            for a in starts],
             "backend": {m: s.backend for m, s in self.scorers.items()},
             "device": self.device,
+            "inference_workers": self.pool.workers if self.pool is not None else 1,
             "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source,
                            "n_of_m": list(self.alerts.n_of_m) if self.alerts else None}
             if self.thresholds else None,
