@@ -30,9 +30,9 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="model bundle folder (default models/demo)")
     p.add_argument("--backend", choices=["auto", "tensorrt", "aoti", "eager"], help="default auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
-    p.add_argument("--inference-workers", type=int, metavar="N",
-                   help="run the branch in N single-thread worker processes (CPU; 1 = in the scoring thread, "
-                        "the default); 2 on a 2-core machine raises --fast throughput (docs/STREAMING.md)")
+    p.add_argument("--inference-workers", type=_workers, metavar="N|auto",
+                   help="run the branch in N single-thread worker processes (CPU; 1 = in the scoring thread); "
+                        "default auto: one per core for --fast files on a CPU, else 1 (docs/STREAMING.md)")
     p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5556; "
                                                          "replay on the next port)")
     p.add_argument("--replay", metavar="ENDPOINT", help="replay (REQ/ROUTER) endpoint (default: publish port + 1)")
@@ -63,6 +63,15 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
                                                                "(docs/STREAMING.md); options given here win")
     p.add_argument("--print-config", action="store_true", help="print a config file with every default and exit")
     return p
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number, not {value!r}") from None
 
 
 # command-line option → (config section, key)

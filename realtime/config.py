@@ -45,8 +45,9 @@ class ScoringConfig:
     switch_confidence: float = 0.9
     redetect_fov_every: int = 15
     # ≥ 2: the branch runs in that many single-thread worker processes (CPU only), frames complete
-    # in order; 1: in the scoring thread (docs/STREAMING.md "Inference workers")
-    inference_workers: int = 1
+    # in order; 1: in the scoring thread; "auto": one per core (at most 8) for --fast file analysis
+    # on a CPU with ≥ 2 cores, else 1 (docs/STREAMING.md "Inference workers")
+    inference_workers: int | str = "auto"
 
 
 @dataclass
@@ -96,8 +97,9 @@ class MonitorConfig:
                             "cemd display ENDPOINT --ring NAME --curve-secret … --curve-server-key …")
         if self.run.dashboard not in ("auto", "on", "off"):
             raise CemdError(f"dashboard must be auto, on or off, not {self.run.dashboard!r}")
-        if isinstance(self.scoring.inference_workers, bool) or not 1 <= self.scoring.inference_workers <= 64:
-            raise CemdError(f"inference_workers must be between 1 and 64, got {self.scoring.inference_workers}")
+        w = self.scoring.inference_workers
+        if w != "auto" and (not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 64):
+            raise CemdError(f"inference_workers must be auto or a whole number from 1 to 64, got {w!r}")
         if self.scoring.switch_frames < 1:
             raise CemdError(f"switch_frames must be ≥ 1, got {self.scoring.switch_frames}")
         if not 8 <= self.publish.map_size <= 256:
@@ -126,6 +128,8 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
             raise CemdError(f"[{section}] n_of_m must be a pair of integers like [3, 5], got {value!r}")
         return tuple(value)
+    if key == "inference_workers":  # "auto" or a count; validate() says what is allowed
+        return value
     if isinstance(default, bool) and not isinstance(value, bool):
         raise CemdError(f"[{section}] {key} must be true or false, got {value!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -133,6 +137,16 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     if default is not None and not isinstance(value, type(default)):
         raise CemdError(f"[{section}] {key} must be a {type(default).__name__}, got {value!r}")
     return value
+
+
+def auto_inference_workers(lossless_file: bool, device: str) -> int:
+    """What ``inference_workers = "auto"`` means here: one single-thread branch process per usable
+    core (at most 8) for --fast file analysis on a CPU with two or more cores, else 1 (paced and
+    live sources keep the two-thread branch in the scoring thread: lower latency per frame)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 8) if lossless_file and device == "cpu" and cores >= 2 else 1
 
 
 def load_config(path: Path | None) -> MonitorConfig:

@@ -33,7 +33,7 @@ from engine.bundle import load_bundle
 from engine.errors import CemdError
 from realtime.alerts import AlertLogic, Thresholds
 from realtime.capture import CaptureProcess
-from realtime.config import MonitorConfig
+from realtime.config import MonitorConfig, auto_inference_workers
 from realtime.overlay import encode_heatmap
 from realtime.preprocess import FramePreprocessor
 from realtime.publisher import AlertPublisher, CurveServerConfig
@@ -181,6 +181,8 @@ class Monitor:
 
     def _start_workers(self) -> None:
         n = self.cfg.scoring.inference_workers
+        if n == "auto":
+            n = auto_inference_workers(not self.spec.is_live and not self.cfg.source.realtime, self.device)
         if n < 2:
             return
         if self.device != "cpu":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,22 @@ def test_config_file_round_trip_and_errors(tmp_path: Path) -> None:
     cfg.alerts.n_of_m = (5, 3)
     with pytest.raises(CemdError, match="N ≤ M"):
         cfg.validate()
+    good.write_text("[scoring]\ninference_workers = 3\n")
+    assert load_config(good).scoring.inference_workers == 3
+    for value in ('"many"', "0", "true", "2.5"):
+        good.write_text(f"[scoring]\ninference_workers = {value}\n")
+        with pytest.raises(CemdError, match="inference_workers must be auto or a whole number"):
+            load_config(good).validate()
+
+
+def test_auto_inference_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from realtime.config import auto_inference_workers
+
+    for cores, fast_cpu in ((1, 1), (2, 2), (16, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert auto_inference_workers(True, "cpu") == fast_cpu
+        assert auto_inference_workers(False, "cpu") == 1, "paced and live: the branch in the scoring thread"
+        assert auto_inference_workers(True, "cuda") == 1
 
 
 # --------------------------------------------------------------------------- capture device
