@@ -141,6 +141,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "run_stream.py") -> int:
+    from engine.malloc import tune_malloc
+
+    tune_malloc()  # before frames flow: big per-frame buffers stay in the heap (engine/malloc.py)
     args = build_parser(prog).parse_args(argv)
     console = Console()
     if args.print_config:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bench.provenance import provenance
+from engine.malloc import tune_malloc
 from engine.synth_video import parse_size
 from realtime.stats import latency_summary
 from tests.streams import free_port_pair, wait_for_line
@@ -312,11 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlay-max-width", type=int, help="display: the monitor's --overlay-max-width")
     p.add_argument("--fresh-wait", type=float, default=0.5, help="the monitor's --fresh-wait (latency)")
     p.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench-stream")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="glibc's default malloc settings everywhere (to measure what engine/malloc.py changes)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    # the stages alone get the allocator settings the monitor runs with (engine/malloc.py); with
+    # --default-malloc neither does (the monitor subprocesses inherit the environment)
+    if args.default_malloc:
+        os.environ["CEMD_DEFAULT_MALLOC"] = "1"
+    malloc = tune_malloc()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     res = {"throughput": throughput, "latency": latency, "display": display}[args.what](args)
-    out = {"benchmark": f"stream.{args.what}", "synthetic": True, "provenance": provenance(),
+    out = {"benchmark": f"stream.{args.what}", "synthetic": True, "provenance": provenance(), "malloc": malloc,
            "config": {k: str(v) for k, v in vars(args).items()}, "results": res}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

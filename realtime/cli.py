@@ -73,6 +73,9 @@ def _fit_modality(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.malloc import tune_malloc
+
+    tune_malloc()  # calibration and evaluation score frame after frame too (engine/malloc.py)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         import run_stream

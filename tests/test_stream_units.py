@@ -336,3 +336,28 @@ def test_message_encoding_is_strict_json_of_plain_values() -> None:
     assert b"NaN" not in dumps(value) and b"Infinity" not in dumps(value)
     with pytest.raises(TypeError, match="cannot put a object"):
         dumps({"x": object()})
+
+
+# --------------------------------------------------------------------------- malloc settings
+
+
+@pytest.mark.parametrize("env, applied", [({}, True), ({"CEMD_DEFAULT_MALLOC": "1"}, False),
+                                          ({"MALLOC_TRIM_THRESHOLD_": "4096"}, False)])
+def test_malloc_tuning_reaches_child_processes_unless_turned_off(env: dict, applied: bool) -> None:
+    import subprocess
+    import sys
+
+    code = ("import json, os, subprocess, sys; from engine.malloc import tune_malloc; got = tune_malloc(); "
+            "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"MALLOC_MMAP_THRESHOLD_\"), "
+            "os.environ.get(\"MALLOC_TRIM_THRESHOLD_\"))'], capture_output=True, text=True).stdout.split(); "
+            "print(json.dumps({'got': got, 'child': child}))")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CEMD_DEFAULT_MALLOC"}
+    r = subprocess.run([sys.executable, "-c", code], env={**base, **env, "PYTHONPATH": str(Path(__file__).parent.parent)},
+                       capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout)
+    if applied:
+        assert out["got"] == {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+        assert out["child"] == [str(32 << 20), str(1 << 30)]
+    else:
+        assert out["got"] == {}
+        assert out["child"] == ["None", env.get("MALLOC_TRIM_THRESHOLD_", "None")]
