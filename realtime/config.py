@@ -62,6 +62,9 @@ class PublishConfig:
     map_size: int = 64
     sndhwm: int = 10_000  # messages queued per subscriber before a slow one starts losing (alerts: replayable)
     sndbuf: int | None = None  # kernel send buffer per connection in bytes (None: the OS default)
+    # decision → score message sent at real-time priority (Linux SCHED_FIFO 1) where the OS allows
+    # it; the branch never runs at it (realtime/priority.py)
+    rt_send: bool = True
 
 
 @dataclass

@@ -36,6 +36,7 @@ from realtime.capture import CaptureProcess
 from realtime.config import MonitorConfig, auto_inference_workers
 from realtime.overlay import encode_heatmap
 from realtime.preprocess import FramePreprocessor
+from realtime.priority import RealtimeStep
 from realtime.publisher import AlertPublisher, CurveServerConfig
 from realtime.routing import ModalityClassifier, ModalityRouter
 from realtime.sources import SourceSpec, parse_source, synthetic_events
@@ -112,6 +113,7 @@ class Monitor:
         self._alerts: list[dict[str, Any]] = []
         self._routes: list[tuple[int, str]] = []
         self._scorer_failures = 0  # in a row
+        self._send_step = RealtimeStep(config.publish.rt_send)  # decision → score sent at SCHED_FIFO 1
         self._scorer_gave_up = False
         self.final_summary: dict[str, Any] | None = None  # once a run that got past set-up has finished
         self._last_scored: tuple[int, int | None, int] | None = None  # frame_id, pts, source time of the last scored frame
@@ -394,25 +396,10 @@ class Monitor:
             self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
             self.log(f"{modality.upper()} branch scoring again from frame {job.frame_id}")
             self.publish_status()  # shows a lasting fault (display gone, log unwritable) again, if any
-        amap, score, t_inf = job.amap, job.score, job.t_inf
+        amap, score = job.amap, job.score
         self._last_scored = (job.frame_id, job.pts, job.source_ns)  # where an event still open at the end ends
-        decision = self.alerts.update(job.frame_id, job.pts, job.source_ns, modality, score,
-                                      lambda: amap[0, 0].float().cpu().numpy(), job.box)
-        t_dec = time.monotonic_ns()
-        payload = {
-            "frame_id": job.frame_id, "pts": job.pts,
-            "time_base": list(job.time_base) if job.time_base else None,
-            "t_capture_wall_ns": job.t_capture_wall_ns, "t_capture_mono_ns": job.t_capture_mono_ns,
-            "timings_ms": {"capture": round((job.t_got - job.t_capture_mono_ns) / 1e6, 3),
-                           "preprocess": round((job.t_pre - job.t_got) / 1e6, 3),
-                           "inference": round((t_inf - job.t_pre) / 1e6, 3),
-                           "decision": round((t_dec - t_inf) / 1e6, 3)},
-            "modality": modality, "modality_mode": "auto" if self.router else "fixed",
-            "backend": self.scorers[modality].backend, "score": round(score, 6),
-            "threshold": round(decision.threshold, 6), "event_state": decision.event_state,
-            "event_id": decision.event_id, "location": decision.location, "t_decision_mono_ns": t_dec,
-        }
-        publish_ms = self.publisher.publish_score_now(payload)
+        with self._send_step():
+            decision, t_dec, payload, publish_ms = self._decide_and_send(job)
         for alert in decision.alerts:
             self._emit_alert(alert)
         if self.cfg.publish.maps:  # after the score is out: the overlay's heat map, never in its way
@@ -435,6 +422,27 @@ class Monitor:
             self._t_first_scored = job.t_got
         self._t_last_scored = t_dec
         live.fps_scored = self._rate.rate(t_dec)
+
+    def _decide_and_send(self, job: _Job) -> tuple[Any, int, dict[str, Any], float | None]:
+        """Alert logic, then the score message sent: the frame's last, short, urgent step."""
+        amap, modality, score, t_inf = job.amap, job.modality, job.score, job.t_inf
+        decision = self.alerts.update(job.frame_id, job.pts, job.source_ns, modality, score,
+                                      lambda: amap[0, 0].float().cpu().numpy(), job.box)
+        t_dec = time.monotonic_ns()
+        payload = {
+            "frame_id": job.frame_id, "pts": job.pts,
+            "time_base": list(job.time_base) if job.time_base else None,
+            "t_capture_wall_ns": job.t_capture_wall_ns, "t_capture_mono_ns": job.t_capture_mono_ns,
+            "timings_ms": {"capture": round((job.t_got - job.t_capture_mono_ns) / 1e6, 3),
+                           "preprocess": round((job.t_pre - job.t_got) / 1e6, 3),
+                           "inference": round((t_inf - job.t_pre) / 1e6, 3),
+                           "decision": round((t_dec - t_inf) / 1e6, 3)},
+            "modality": modality, "modality_mode": "auto" if self.router else "fixed",
+            "backend": self.scorers[modality].backend, "score": round(score, 6),
+            "threshold": round(decision.threshold, 6), "event_state": decision.event_state,
+            "event_id": decision.event_id, "location": decision.location, "t_decision_mono_ns": t_dec,
+        }
+        return decision, t_dec, payload, self.publisher.publish_score_now(payload)
 
     def _emit_alert(self, alert: dict[str, Any]) -> None:
         self.publisher.publish("alert", alert)
@@ -611,7 +619,7 @@ class Monitor:
             if self.thresholds else None,
             "modality_mode": self.cfg.scoring.modality,
             "modality_switches": self.router.switches if self.router else 0,
-            "publisher": {"endpoint": self.cfg.publish.publish,
+            "publisher": {"endpoint": self.cfg.publish.publish, "rt_send": self._send_step.state,
                           "boot_id": self.publisher.boot_id if self.publisher else None,
                           "log_errors": self.publisher.log_errors if self.publisher else 0},
             "display": self.display_summary,

@@ -184,7 +184,8 @@ def test_overlay_file_marks_exactly_the_alert_frames(lesion_video: tuple[Path, d
     run_dir = tmp_path / "run"
     port = free_port_pair()
     proc = subprocess.run([sys.executable, str(REPO / "run_stream.py"), "--dashboard", "off", "--source", str(video),
-                           "--fast", "--backend", "eager", "--publish", f"tcp://127.0.0.1:{port}",
+                           "--fast", "--inference-workers", "1", "--backend", "eager",
+                           "--publish", f"tcp://127.0.0.1:{port}",
                            "--run-dir", str(run_dir), "--overlay", "file",
                            # this checks the overlay, not the model: 1.5× the calibrated sensitivity makes
                            # the demo bundle alert on this short clip's lesion

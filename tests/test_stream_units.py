@@ -361,3 +361,30 @@ def test_malloc_tuning_reaches_child_processes_unless_turned_off(env: dict, appl
     else:
         assert out["got"] == {}
         assert out["child"] == ["None", env.get("MALLOC_TRIM_THRESHOLD_", "None")]
+
+
+# --------------------------------------------------------------------------- real-time send step
+
+
+def test_realtime_step_raises_priority_for_its_body_only() -> None:
+    from realtime.priority import RealtimeStep
+
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    step = RealtimeStep(True)
+    inside = []
+    for _ in range(2):
+        with step():
+            inside.append(os.sched_getscheduler(0))
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER, "back to normal after every step"
+    with pytest.raises(ValueError):  # an exception in the body still restores the priority
+        with step():
+            raise ValueError
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    if step.state == "on":  # root or CAP_SYS_NICE (the build machine, CI)
+        assert inside == [os.SCHED_FIFO, os.SCHED_FIFO]
+    else:  # elsewhere: the body still runs, at normal priority, and the state says why
+        assert step.state.startswith("not permitted") and inside == [os.SCHED_OTHER] * 2
+    off = RealtimeStep(False)
+    with off():
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert off.state == "off"

@@ -142,7 +142,8 @@ def test_cli_prints_every_alert_of_a_real_monitor_run_in_order(tmp_path: Path) -
     render_video(video, SEED, SECONDS, FPS, SIZE, progress=False)
     endpoint, run_dir = f"tcp://127.0.0.1:{free_port_pair()}", tmp_path / "run"
     monitor = subprocess.Popen([sys.executable, str(REPO / "run_stream.py"), "--dashboard", "off", "--source",
-                                str(video), "--fast", "--bundle", "models/demo", "--backend", "eager", "--publish", endpoint,
+                                str(video), "--fast", "--inference-workers", "1", "--bundle", "models/demo",
+                                "--backend", "eager", "--publish", endpoint,
                                 "--run-dir", str(run_dir), "--sensitivity", "1.5"],  # the client is tested, not the model:
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # more alerts
                                text=True)

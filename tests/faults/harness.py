@@ -35,7 +35,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 # thresholds a third of the calibrated ones: alerts keep flowing, so that check 3 has something to count
 ALERTING = ("--sensitivity", "3")
-BASE_ARGS = ("--dashboard", "off", "--bundle", str(REPO / "models" / "demo"), "--backend", "eager", "--modality", "wli")
+# the branch in the scoring thread: these faults are about sources, clients and the branch call
+# that failing_branch.py wraps in this process (inference workers and their faults:
+# tests/test_infer_pool.py); it also spares each --fast run the workers' start-up
+BASE_ARGS = ("--dashboard", "off", "--bundle", str(REPO / "models" / "demo"), "--backend", "eager", "--modality", "wli",
+             "--inference-workers", "1")
 
 
 class MonitorRun:
