@@ -181,7 +181,7 @@ def throughput_round(args: argparse.Namespace, video: Path, k: int) -> dict[str,
     """Decode alone, the branch alone and the --fast pipeline for each --inference-workers count, in
     one round; the bound uses the fastest branch-alone configuration, whichever the pipeline used."""
     dec = decode_alone(video)
-    workers = args.workers or [1, 2]
+    workers = args.workers
     branch = {w: branch_alone(video, args.bundle, args.backend, args.branch_frames, build=True, workers=w)
               for w in workers}
     best = max(b["fps"] for b in branch.values())
@@ -213,9 +213,10 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     """``--repeat`` rounds of (decode alone, branch alone, pipeline): each ratio uses its own round."""
     video = bench_video(args.video, args.seconds, args.size)
     torch.set_num_threads(os.cpu_count() or 1)
+    args.workers = args.workers or [1, 2]
     rounds = [throughput_round(args, video, k) for k in range(1, args.repeat + 1)]
     medians: dict[str, Any] = {}
-    for w in args.workers or [1, 2]:
+    for w in args.workers:
         shared = [r["pipelines"][str(w)]["ratio_to_shared_cores_bound"] for r in rounds]
         spare = [r["pipelines"][str(w)]["ratio_to_spare_cores_bound"] for r in rounds]
         medians[str(w)] = {"median_ratio_to_shared_cores_bound": round(float(np.median(shared)), 3),

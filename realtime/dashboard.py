@@ -50,7 +50,7 @@ def render(monitor: Any) -> Group:
     mod = (live.modality or "?").upper()
     head.add_row("modality", f"{mod} ({'auto' if monitor.cfg.scoring.modality == 'auto' else 'fixed'})",
                  "backend", (", ".join(f"{m.upper()} {s.backend}" for m, s in backends.items()) or "loading")
-                 + (f" · {monitor.pool.workers} workers" if monitor.pool is not None else ""))
+                 + (f" · {monitor.inference_workers} workers" if monitor.inference_workers > 1 else ""))
     if live.message:
         head.add_row("fault", Text(live.message, style="bold red"), "", "")
 

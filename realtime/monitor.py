@@ -181,10 +181,20 @@ class Monitor:
         self.alerts = AlertLogic(self.thresholds, self.cfg.alerts)
         self._start_workers()
 
+    @property
+    def _lossless(self) -> bool:
+        """A file analysed --fast: every frame, none dropped (live and paced sources: latest wins)."""
+        return not self.spec.is_live and not self.cfg.source.realtime
+
+    @property
+    def inference_workers(self) -> int:
+        """Branch worker processes in use; 1 = the branch runs in the scoring thread."""
+        return self.pool.workers if self.pool is not None else 1
+
     def _start_workers(self) -> None:
         n = self.cfg.scoring.inference_workers
         if n == "auto":
-            n = auto_inference_workers(not self.spec.is_live and not self.cfg.source.realtime, self.device)
+            n = auto_inference_workers(self._lossless, self.device)
         if n < 2:
             return
         if self.device != "cpu":
@@ -329,7 +339,7 @@ class Monitor:
                        "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
                        "backends": {m: self.scorers[m].backend if m in self.scorers else None for m in ("wli", "nbi")},
                        "fps": round(self.live.fps_scored, 2), "frames_failed": self.live.frames_failed,
-                       "inference_workers": self.pool.workers if self.pool is not None else 1},
+                       "inference_workers": self.inference_workers},
             "open_events": open_events,
         }
         if self.publisher:
@@ -529,7 +539,7 @@ class Monitor:
         by_worker: dict[int, _Job] = {}
         ready: _Job | None = None
         source_done = False
-        lossless = not self.spec.is_live and not self.cfg.source.realtime
+        lossless = self._lossless
         while not self._stop.is_set():
             now = time.monotonic()
             if self._out_of_time(now):
@@ -613,7 +623,7 @@ class Monitor:
                            for a in starts],
             "backend": {m: s.backend for m, s in self.scorers.items()},
             "device": self.device,
-            "inference_workers": self.pool.workers if self.pool is not None else 1,
+            "inference_workers": self.inference_workers,
             "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source,
                            "n_of_m": list(self.alerts.n_of_m) if self.alerts else None}
             if self.thresholds else None,
