@@ -148,7 +148,8 @@ class Trainer:
             fit, val = _split_names(sorted(self.train_paths[m]), self.cfg.val_fraction, self.cfg.seed)
             self.fit_names[m], self.val_names[m] = fit, val
         self.paired: list[str] = []
-        if self.model_cfg.fusion and self.model_cfg.teacher_training and len(available) == 2:
+        # pairs matter to stage 1 only: students train on each modality's images alone (unpaired is fine)
+        if self.stage != "students" and self.model_cfg.fusion and self.model_cfg.teacher_training and len(available) == 2:
             names = ds.paired_train_names(index, paired=True)
             fit = set(self.fit_names["wli"]) & set(self.fit_names["nbi"])
             self.paired = [n for n in names if n in fit]

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_cli.register(sub)
     _add_run(sub)
     _add_fit_modality(sub)
+    _add_video_frames(sub)
     keys.register(sub)
     subscribe.register(sub)
     display.register(sub)
@@ -69,6 +70,70 @@ def _fit_modality(args: argparse.Namespace) -> int:
     out = args.bundle / CLASSIFIER_FILE
     out.write_text(json.dumps(classifier.to_json(), indent=2) + "\n")
     Console().print(f"wrote {out} (fitted on {args.data})")
+    return 0
+
+
+def _add_video_frames(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("video-frames", help="normal training frames from video, cropped and routed as the monitor does",
+                       description="Write every Nth frame of lesion-free videos as the monitor hands it to a branch "
+                                   "(field-of-view crop, mask, input size) into wli/ and nbi/ training folders "
+                                   "(docs/DATA.md), sorted by the monitor's router; then train the students on them "
+                                   "with cemd train --stage students (docs/MODEL.md#students-on-video).")
+    p.add_argument("--videos", type=Path, nargs="+", required=True, help="lesion-free video files or folders of them")
+    p.add_argument("--out", type=Path, required=True,
+                   help="new or empty folder, or an existing dataset to add the frames to")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="take the colour classifier and input size from this bundle (default: built-in, 256)")
+    p.add_argument("--every", type=int, default=10, help="keep every Nth frame (default 10: 3 per second at 30 fps)")
+    p.add_argument("--modality", choices=("auto", "wli", "nbi"), default="auto",
+                   help="auto: sort by the monitor's router; wli/nbi: every frame is that modality")
+    p.add_argument("--size", type=int, default=None, help="frame side in pixels (default: the bundle's input size)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_video_frames)
+
+
+def _video_frames(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from realtime.frames import extract_frames, find_videos
+    from realtime.routing import DEFAULT_CLASSIFIER, ModalityClassifier
+
+    console = Console()
+    videos = find_videos(args.videos)
+    size = args.size
+    if args.bundle is not None:
+        from engine.bundle import load_bundle
+
+        bundle = load_bundle(args.bundle, require_students=False)
+        classifier, warning = ModalityClassifier.for_bundle(args.bundle)
+        if warning and args.modality == "auto":
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        size = size or bundle.model.input_size
+    else:
+        classifier = ModalityClassifier.from_json(DEFAULT_CLASSIFIER)
+    size = size or 256
+    if size < 32:
+        raise CemdError(f"--size must be at least 32, got {size}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=args.no_progress) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"frames of {name}", total=total)
+            if done % 30 == 0 or done == total:
+                bar.update(tasks[name], completed=done)
+
+        report = extract_frames(videos, args.out, classifier, size, args.every, args.modality, progress=progress)
+    total = sum(report.written.values())
+    if not total:
+        raise CemdError(f"no frame was written from {len(videos)} video(s): every kept frame was inside a lesion "
+                        f"interval or a modality switch")
+    console.print(f"wrote {total} frames to {args.out} (WLI {report.written['wli']}, NBI {report.written['nbi']}) "
+                  f"from {len(videos)} video(s); left out: {report.skipped_lesion} inside lesion intervals, "
+                  f"{report.skipped_switch} at modality switches", highlight=False)
     return 0
 
 
