@@ -38,6 +38,7 @@ class FramesReport:
     skipped_lesion: int = 0
     skipped_switch: int = 0
     videos: list[dict[str, Any]] = field(default_factory=list)
+    synthetic: bool = True  # every video's events file says "synthetic": true (numbers from it must say so)
 
 
 def find_videos(paths: list[Path]) -> list[Path]:
@@ -56,15 +57,16 @@ def find_videos(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _lesion_frames(video: Path, frames: int | None) -> tuple[np.ndarray | None, str | None]:
-    """Frames inside a lesion interval, from ``NAME.events.json`` beside the video (or None)."""
+def _lesion_frames(video: Path) -> tuple[np.ndarray | None, str | None, bool]:
+    """Frames inside a lesion interval, from ``NAME.events.json`` beside the video (or None), and
+    whether that file marks the video synthetic."""
     from calibration.events import lesion_mask, load_events
 
     ev_file = video.with_name(video.stem + ".events.json")
     if not ev_file.is_file():
-        return None, None
+        return None, None, False
     events = load_events(ev_file)
-    return lesion_mask(events, events["frames"]), str(ev_file)
+    return lesion_mask(events, events["frames"]), str(ev_file), events.get("synthetic") is True
 
 
 def _check_out(out: Path) -> None:
@@ -83,10 +85,12 @@ def _check_out(out: Path) -> None:
 def _update_meta(out: Path, report: FramesReport, every: int, size: int) -> None:
     path = out / "dataset.json"
     meta: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {
-        "format": "cemd-dataset/1", "generator": GENERATOR, "size": size}
+        "format": "cemd-dataset/1", "synthetic": report.synthetic, "generator": GENERATOR, "size": size}
+    if meta.get("synthetic") is True and not report.synthetic:
+        meta["synthetic"] = False  # now mixed with video not known to be synthetic
     meta.setdefault("video_frames", []).append({
         "generator": GENERATOR, "every": every, "size": size, "videos": report.videos,
-        "written": report.written, "skipped_lesion_frames": report.skipped_lesion,
+        "written": report.written, "synthetic": report.synthetic, "skipped_lesion_frames": report.skipped_lesion,
         "skipped_switch_frames": report.skipped_switch})
     counts = meta.setdefault("counts", {}).setdefault("train", {})
     counts["good"] = int(counts.get("good", 0)) + sum(report.written.values())
@@ -109,7 +113,8 @@ def extract_frames(videos: list[Path], out: Path, classifier: ModalityClassifier
     _check_out(out)
     report = FramesReport()
     for video in videos:
-        lesions, ev_file = _lesion_frames(video, None)
+        lesions, ev_file, synthetic = _lesion_frames(video)
+        report.synthetic &= synthetic
         reader = PyAVReader(str(video), network=False, open_timeout=10.0, read_timeout=10.0)
         total = int(reader._container.streams.video[0].frames) or None
         if lesions is not None and total and len(lesions) != total:

@@ -58,12 +58,17 @@ def test_frames_are_cropped_routed_and_skip_lesions(videos: Path, tmp_path: Path
     assert seen == sum(run["written"].values()) == kept - run["skipped_lesion_frames"] - run["skipped_switch_frames"]
     assert run["skipped_lesion_frames"] == int(lesion[::5].sum()) > 0
     assert got["wli"] and got["nbi"]
+    assert meta["synthetic"] is False  # normal.mp4 has no events file saying it is synthetic
     assert "wrote" in capsys.readouterr().out
 
     # run again into the same dataset: same names, counts add up in the metadata
     assert cemd(["video-frames", "--videos", str(videos / "normal.mp4"), "--out", str(out), "--every", "30",
                  "--size", "96", "--no-progress"]) == 0
     assert len(json.loads((out / "dataset.json").read_text())["video_frames"]) == 2
+    # the simulator's events mark its video synthetic; a dataset of such frames says so
+    assert cemd(["video-frames", "--videos", str(videos / "lesion.mp4"), "--out", str(tmp_path / "syn"),
+                 "--every", "60", "--size", "96", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "syn" / "dataset.json").read_text())["synthetic"] is True
 
 
 def test_bad_input_is_one_clear_error(videos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
