@@ -21,15 +21,15 @@ from engine.errors import CemdError
 ReplayerFactory = Callable[..., Any]
 
 
-class _Progress:
+class FrameProgress:
     """A rich bar over frames, one task per source; nothing with --no-progress."""
 
-    def __init__(self, enabled: bool, console: Console) -> None:
-        self.enabled, self.console = enabled, console
+    def __init__(self, enabled: bool, console: Console, verb: str = "scoring") -> None:
+        self.enabled, self.console, self.verb = enabled, console, verb
         self._bar: Any = None
         self._tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> "FrameProgress":
         if self.enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -45,7 +45,7 @@ class _Progress:
             return
         task = self._tasks.get(name)
         if task is None:
-            task = self._tasks[name] = self._bar.add_task(f"scoring {name}", total=total, fps="–")
+            task = self._tasks[name] = self._bar.add_task(f"{self.verb} {name}", total=total, fps="–")
             self._t0 = time.perf_counter()
         if done % 10 == 0 or done == total:
             rate = done / max(time.perf_counter() - self._t0, 1e-9)
@@ -111,7 +111,7 @@ def _run_calibrate(args: argparse.Namespace, factory: ReplayerFactory) -> int:
     console.print(f"loading the {args.modality.upper()} branch(es) of {args.bundle} …", highlight=False)
     replayer = factory(bundle, args.modality, args.backend, args.device,
                        log=lambda s: console.print(f"  {s}", highlight=False))
-    with _Progress(not args.no_progress, console) as progress:
+    with FrameProgress(not args.no_progress, console) as progress:
         report = calibrate(bundle, replayer, args.normal, opts, report_dir, progress,
                            log=lambda s: console.print(f"[yellow]{s}[/]", highlight=False), image_fps=args.image_fps,
                            workers=workers, score_cache=None if args.no_score_cache else args.score_cache)
@@ -168,7 +168,7 @@ def _run_evaluate_video(args: argparse.Namespace, factory: ReplayerFactory) -> i
     logic = replayer.alert_logic(args.sensitivity)
     if logic.thresholds.warning:
         console.print(f"[yellow]warning:[/] {logic.thresholds.warning}", highlight=False)
-    with _Progress(not args.no_progress, console) as progress:
+    with FrameProgress(not args.no_progress, console) as progress:
         track = replayer.replay(args.video, alerts=logic, progress=lambda d, t: progress(args.video.name, d, t))
     check_fits(events, track.frames, track.fps, track.width, track.height)
     problem = replayer.check_modality(track)

@@ -95,8 +95,6 @@ def _add_video_frames(sub: argparse._SubParsersAction) -> None:
 
 
 def _video_frames(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from realtime.frames import extract_frames, find_videos
     from realtime.routing import DEFAULT_CLASSIFIER, ModalityClassifier
 
@@ -116,16 +114,7 @@ def _video_frames(args: argparse.Namespace) -> int:
     size = size or 256
     if size < 32:
         raise CemdError(f"--size must be at least 32, got {size}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=args.no_progress) as bar:
-        tasks: dict[str, object] = {}
-
-        def progress(name: str, done: int, total: int | None) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(f"frames of {name}", total=total)
-            if done % 30 == 0 or done == total:
-                bar.update(tasks[name], completed=done)
-
+    with calibration_cli.FrameProgress(not args.no_progress, console, "frames of") as progress:
         report = extract_frames(videos, args.out, classifier, size, args.every, args.modality, progress=progress)
     total = sum(report.written.values())
     if not total:

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cv2
-import numpy as np
 
+from calibration.events import check_fits, lesion_mask, load_events
+from calibration.run import VIDEO_SUFFIXES, probe_video
 from engine.errors import CemdError
 from realtime.preprocess import FramePreprocessor
 from realtime.routing import MODALITIES, ModalityClassifier, ModalityRouter
 from realtime.sources import PyAVReader
 
 GENERATOR = "cemd video-frames"
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".ts", ".webm")
 
 
 @dataclass
@@ -57,16 +57,10 @@ def find_videos(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _lesion_frames(video: Path) -> tuple[np.ndarray | None, str | None, bool]:
-    """Frames inside a lesion interval, from ``NAME.events.json`` beside the video (or None), and
-    whether that file marks the video synthetic."""
-    from calibration.events import lesion_mask, load_events
-
+def _events_beside(video: Path) -> dict[str, Any] | None:
+    """The video's ``NAME.events.json`` (validated), or None when there is none."""
     ev_file = video.with_name(video.stem + ".events.json")
-    if not ev_file.is_file():
-        return None, None, False
-    events = load_events(ev_file)
-    return lesion_mask(events, events["frames"]), str(ev_file), events.get("synthetic") is True
+    return load_events(ev_file) if ev_file.is_file() else None
 
 
 def _check_out(out: Path) -> None:
@@ -113,13 +107,16 @@ def extract_frames(videos: list[Path], out: Path, classifier: ModalityClassifier
     _check_out(out)
     report = FramesReport()
     for video in videos:
-        lesions, ev_file, synthetic = _lesion_frames(video)
-        report.synthetic &= synthetic
+        frames, fps, width, height = probe_video(video)
+        events = _events_beside(video)
+        lesions = None
+        if events is not None:
+            if frames:
+                check_fits(events, frames, fps, width, height)  # before decoding a frame
+            lesions = lesion_mask(events, events["frames"])
+        report.synthetic &= events is not None and events.get("synthetic") is True
+        total = frames or None
         reader = PyAVReader(str(video), network=False, open_timeout=10.0, read_timeout=10.0)
-        total = int(reader._container.streams.video[0].frames) or None
-        if lesions is not None and total and len(lesions) != total:
-            reader.close()
-            raise CemdError(f"{ev_file} describes {len(lesions)} frames, {video} has {total}; is it the right file?")
         pre = FramePreprocessor(size)
         router = ModalityRouter(classifier) if modality == "auto" else None
         since_switch = settle
@@ -158,6 +155,6 @@ def extract_frames(videos: list[Path], out: Path, classifier: ModalityClassifier
         for m in MODALITIES:
             report.written[m] += written[m]
         report.videos.append({"video": str(video), "frames": i + 1, "written": written,
-                              "events": ev_file})
+                              "events": events["path"] if events else None})
     _update_meta(out, report, every, size)
     return report
