@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, reduce_score
 from engine.backbone import FrozenEncoder
+from engine.colour import ColourOutlier
 from engine.config import ModelConfig
 from engine.student import StudentNet
 from engine.teacher import TeacherAdapters
@@ -31,7 +32,7 @@ class TeacherView(nn.Module):
 
 class StudentBranch(nn.Module):
     def __init__(self, cfg: ModelConfig, encoder: FrozenEncoder, adapters: TeacherAdapters, student: StudentNet,
-                 modality: str) -> None:
+                 modality: str, colour: dict | None = None) -> None:
         super().__init__()
         self.modality = modality
         self.input_size = cfg.input_size
@@ -40,6 +41,13 @@ class StudentBranch(nn.Module):
         self.student = student
         self.blur = GaussianBlur(cfg.smoothing_sigma)
         self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window) if cfg.fov_mask else None
+        # colour: the fitted statistics (bundle.json "colour"[modality]); None = distillation map only
+        self.colour = None
+        if cfg.colour_score and colour is not None:
+            self.colour = ColourOutlier(cfg.colour_sigma, colour["mean"], colour["inv_cov"],
+                                        colour["weight"] * cfg.colour_gain)
+            if self.fov is None:
+                self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window)
         self.score_scales = tuple(cfg.score_scales)
         self.score_reduction = cfg.score_reduction
         self.topk_fraction = cfg.topk_fraction
@@ -51,5 +59,7 @@ class StudentBranch(nn.Module):
         fov = None
         if self.fov is not None:
             fov = self.fov(frames)
+            if self.colour is not None:
+                amap = amap + self.colour(frames, fov)
             amap = amap * fov
         return amap, reduce_score(amap, self.score_reduction, self.topk_fraction, fov)

@@ -33,6 +33,7 @@ from engine.teacher import MultimodalTeacher
 
 BUNDLE_FORMAT = "cemd-bundle/1"
 TEACHER_FILE = "teacher.pt"
+COLOUR_FILE = "colour.json"  # the colour outlier map's statistics per modality (model.colour_score)
 
 
 def student_file(modality: str) -> str:
@@ -85,6 +86,7 @@ class Bundle:
     encoder: FrozenEncoder
     teacher: MultimodalTeacher
     students: dict[str, StudentNet] = field(default_factory=dict)
+    colour: dict[str, Any] = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -107,7 +109,12 @@ class Bundle:
                 f"bundle {self.path} has no {modality.upper()} student branch (it has: {have}); "
                 f"train one with: cemd train --data DIR --out {self.path} --stage students"
             )
-        return StudentBranch(self.model, self.encoder, self.teacher.adapters, self.students[modality], modality).eval()
+        colour = self.colour.get(modality)
+        if self.model.colour_score and colour is None:
+            raise BundleError(f"bundle {self.path} scores colour but {COLOUR_FILE} has no {modality.upper()} entry; "
+                              f"refit it: cemd train --data DIR --out {self.path} --stage colour")
+        return StudentBranch(self.model, self.encoder, self.teacher.adapters, self.students[modality], modality,
+                             colour).eval()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -190,7 +197,29 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
         net = StudentNet(spec.channels, meta.get("student_width", 128))
         _load_state(path / name, files[name], net)
         students[m] = net.eval()
-    return Bundle(path, meta, model, train, encoder, teacher, students)
+    colour: dict[str, Any] = {}
+    if model.colour_score:
+        colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE))
+    return Bundle(path, meta, model, train, encoder, teacher, students, colour)
+
+
+def _load_colour(path: Path, expected_sha: str | None) -> dict[str, Any]:
+    fix = f"refit it: cemd train --data DIR --out {path.parent} --stage colour"
+    if not path.is_file() or expected_sha is None:
+        raise BundleError(f"bundle {path.parent} scores colour (model.colour_score) but {path.name} is "
+                          f"{'missing' if not path.is_file() else 'not listed in bundle.json'}; {fix}")
+    actual = file_sha256(path)
+    if actual != expected_sha:
+        raise BundleError(f"{path} does not match the hash in bundle.json (sha256 {actual[:12]}… ≠ "
+                          f"{expected_sha[:12]}…); restore the file or {fix}")
+    try:
+        data = json.loads(path.read_text())
+        for m, stats in data["modalities"].items():
+            if len(stats["mean"]) != 2 or len(stats["inv_cov"]) != 2 or not float(stats["weight"]) > 0:
+                raise ValueError(f"{m}: bad mean, inv_cov or weight")
+        return data["modalities"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path} is not a colour model ({exc}); {fix}") from None
 
 
 def new_meta(model: ModelConfig, train: TrainConfig, encoder_sha: str, student_width: int) -> dict[str, Any]:

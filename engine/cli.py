@@ -18,7 +18,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", type=Path, required=True, help="dataset root (layout: docs/DATA.md)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--stage", choices=("teacher", "students", "all"), default="all")
+    p.add_argument("--stage", choices=("teacher", "students", "colour", "all"), default="all",
+                   help="colour: only fit the colour outlier map of an existing bundle (seconds; docs/MODEL.md)")
     p.add_argument("--epochs", type=int, help="epochs for both stages (overrides the two below)")
     p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs)
     p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs)
@@ -29,6 +30,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modalities", default="wli,nbi", help="comma list of modalities to train")
     p.add_argument("--input-size", type=int, default=ModelConfig.input_size)
     p.add_argument("--paired-fraction", type=float, default=TrainConfig.paired_fraction)
+    p.add_argument("--synthetic-anomalies", type=float, default=TrainConfig.synthetic_anomalies, metavar="P",
+                   help="denoising students: share (0–1) of stage-2 samples shown with a generic synthetic anomaly, "
+                        "the target staying the clean image's teacher features (default 0 = off; docs/MODEL.md)")
+    p.add_argument("--synthetic-copies", type=int, default=TrainConfig.synthetic_copies, metavar="K",
+                   help="anomalous copies made (and encoded) per training image (default %(default)s)")
+    p.add_argument("--colour-score", action="store_true",
+                   help="add the colour outlier map to the distillation map (fitted after the students; docs/MODEL.md)")
+    p.add_argument("--colour-gain", type=float, default=ModelConfig.colour_gain, metavar="G",
+                   help="weight of the colour map relative to the distillation map's normal spread (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
     abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")
@@ -68,18 +78,28 @@ def _run_train(args: argparse.Namespace) -> int:
         hard_mining=args.hard_mining,
         score_reduction=args.score_reduction,
         score_scales=_int_tuple(args.score_scales, "--score-scales"),
+        colour_score=args.colour_score or args.stage == "colour",
+        colour_gain=args.colour_gain,
     )
     model.validate()
     if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:
         raise CemdError("--epochs must be ≥ 1 and --batch-size ≥ 2")
     if not 0 < args.paired_fraction <= 1:
         raise CemdError("--paired-fraction must be in (0, 1]")
+    if not 0 <= args.synthetic_anomalies <= 1:
+        raise CemdError(f"--synthetic-anomalies is a share of the samples, 0 to 1; got {args.synthetic_anomalies}")
+    if not args.colour_gain > 0:
+        raise CemdError(f"--colour-gain must be > 0, got {args.colour_gain}")
+    if args.synthetic_copies < 1:
+        raise CemdError(f"--synthetic-copies must be ≥ 1, got {args.synthetic_copies}")
     train = TrainConfig(
         seed=args.seed,
         teacher_epochs=args.epochs or args.teacher_epochs,
         student_epochs=args.epochs or args.student_epochs,
         batch_size=args.batch_size,
         paired_fraction=args.paired_fraction,
+        synthetic_anomalies=args.synthetic_anomalies,
+        synthetic_copies=args.synthetic_copies,
         device=args.device,
         threads=args.threads,
     )

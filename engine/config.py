@@ -51,6 +51,13 @@ class ModelConfig:
     fov_mask: bool = True
     fov_threshold: float = 0.08
     fov_window: int = 15
+    # Colour outlier map (engine/colour.py) added to the distillation map: catches lesions that
+    # differ from mucosa mainly in colour, which ImageNet features hardly encode. Its statistics
+    # are fitted on the normal training images (bundle.json "colour"); `colour_gain` scales its
+    # weight relative to the distillation map's normal spread.
+    colour_score: bool = False
+    colour_sigma: float = 4.0
+    colour_gain: float = 1.0
 
     def validate(self) -> None:
         from engine.errors import BundleError
@@ -85,6 +92,12 @@ class TrainConfig:
     paired_fraction: float = 1.0
     # Held-out normal training images used for model selection / score statistics, never test data.
     val_fraction: float = 0.1
+    # Denoising students (DeSTSeg / RD++ style, engine/anomaly_synth.py): share of stage-2 samples
+    # shown with a generic synthetic anomaly pasted in, the target staying the clean image's
+    # teacher features. 0 = off (CEMD as stated). `synthetic_copies` anomalous copies per image
+    # are made and encoded once, like the clean features.
+    synthetic_anomalies: float = 0.0
+    synthetic_copies: int = 4
     device: str = "cpu"
     threads: int = 0  # 0 = torch default
 

@@ -22,8 +22,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engine import dataset as ds
-from engine.backbone import FrozenEncoder, get_backbone
+from engine.anomaly_synth import add_synthetic_anomaly
+from engine.backbone import FrozenEncoder, file_sha256, get_backbone
 from engine.bundle import (
+    COLOUR_FILE,
     TEACHER_FILE,
     atomic_write_bytes,
     atomic_write_json,
@@ -41,6 +43,8 @@ from engine.teacher import MultimodalTeacher
 
 STUDENT_WIDTH = 96
 STATE_FILE = ".train_state.pt"
+MODALITY_IDS = {"wli": 1, "nbi": 2}
+STAGE2_KEYS = ("student_epochs", "student_lr", "student_weight_decay", "synthetic_anomalies", "synthetic_copies")
 
 
 def progress_bar(console: Console | None = None) -> Progress:
@@ -108,8 +112,8 @@ class Trainer:
     def __init__(self, data: Path, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, stage: str = "all",
                  resume: bool = False, console: Console | None = None, log: Callable[[str], None] | None = None,
                  progress: bool = True, interrupt_after_epochs: int | None = None) -> None:
-        if stage not in ("teacher", "students", "all"):
-            raise BundleError(f"--stage must be teacher, students or all, not {stage!r}")
+        if stage not in ("teacher", "students", "all", "colour"):
+            raise BundleError(f"--stage must be teacher, students, colour or all, not {stage!r}")
         self.data, self.out, self.stage, self.resume = Path(data), Path(out), stage, resume
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.console = console or Console()
@@ -160,6 +164,7 @@ class Trainer:
         spec = get_backbone(self.model_cfg.backbone)
         self.encoder = FrozenEncoder(spec.build(None)).to(self.device).eval()
         self.caches: dict[str, FeatureCache] = {}
+        self.anomaly_caches: dict[str, list[FeatureCache]] = {}
         size = self.model_cfg.input_size
         for m, by_name in self.train_paths.items():
             names = self.fit_names[m]
@@ -169,6 +174,22 @@ class Trainer:
             feats = encode_images(self.encoder, images, self.device)
             self.caches[m] = FeatureCache(names, feats)
             self.log(f"encoded {len(names)} {m.upper()} images in {time.perf_counter() - t0:.1f} s")
+            if self.stage != "teacher" and self.cfg.synthetic_anomalies > 0:
+                self.anomaly_caches[m] = self._encode_anomalous(m, images)
+
+    def _encode_anomalous(self, m: str, images: np.ndarray) -> list[FeatureCache]:
+        """``synthetic_copies`` copies of every training image, each with one synthetic anomaly, encoded."""
+        t0 = time.perf_counter()
+        out = []
+        for c in range(self.cfg.synthetic_copies):
+            copies = np.empty_like(images)
+            for i in range(len(images)):
+                rng = np.random.default_rng([self.cfg.seed, MODALITY_IDS[m], c, i])
+                copies[i] = add_synthetic_anomaly(images[i], rng, images)[0]
+            out.append(FeatureCache(self.caches[m].names, encode_images(self.encoder, copies, self.device)))
+        self.log(f"synthetic anomalies: {self.cfg.synthetic_copies} copies of {len(images)} {m.upper()} images "
+                 f"made and encoded in {time.perf_counter() - t0:.1f} s")
+        return out
 
     # ------------------------------------------------------------------ state
     def _state_path(self) -> Path:
@@ -278,16 +299,23 @@ class Trainer:
             sched.load_state_dict(state["sched"])
             start, history = state["epoch"], state["history"]
         loss_fn = pixel_cosine if mc.student_loss == "pixel" else global_cosine
+        anomalous = self.anomaly_caches.get(m, [])
+        if anomalous:
+            self.log(f"{m.upper()} student: {cfg.synthetic_anomalies:.0%} of samples with a synthetic anomaly "
+                     f"(target: the clean image's teacher features)")
         with self._progress() as prog:
             task = prog.add_task(f"{m.upper()} student", total=cfg.student_epochs, completed=start, info="")
             for epoch in range(start, cfg.student_epochs):
                 order = _epoch_order(n, cfg.seed, f"student-{m}", epoch)
+                pick_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + MODALITY_IDS.get(m, 0))
                 losses = []
                 for s in range(steps_per_epoch):
                     idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                     if len(idx) < 2 and n >= 2:
                         continue  # BatchNorm needs two samples
                     feats, tgt = cache.batch(idx, self.device), targets.batch(idx, self.device)
+                    if anomalous:
+                        feats = self._with_anomalies(feats, idx, anomalous, pick_gen)
                     pred = net(feats)
                     if mc.hard_mining:
                         step = epoch * steps_per_epoch + s
@@ -308,6 +336,18 @@ class Trainer:
                                   "model": to_dict(self.model_cfg), "train": to_dict(replace(cfg, device="cpu", threads=0))})
         return net.eval(), history
 
+    def _with_anomalies(self, feats: list[torch.Tensor], idx: torch.Tensor, anomalous: list[FeatureCache],
+                        gen: torch.Generator) -> list[torch.Tensor]:
+        """Swap a ``synthetic_anomalies`` share of the batch for one of its anomalous copies."""
+        use = torch.rand(len(idx), generator=gen) < self.cfg.synthetic_anomalies
+        which = torch.randint(len(anomalous), (len(idx),), generator=gen)
+        for c, copy in enumerate(anomalous):
+            sel = use & (which == c)
+            if sel.any():
+                for f, g in zip(feats, copy.batch(idx[sel], self.device)):
+                    f[sel] = g
+        return feats
+
     # ------------------------------------------------------------------ orchestration
     def _epoch_note(self, label: str, epoch: int, total: int, loss: float) -> None:
         """Without a terminal (a log file, CI) the bar is invisible: log every tenth epoch instead."""
@@ -322,6 +362,12 @@ class Trainer:
 
     def run(self) -> Path:
         t_start = time.perf_counter()
+        if self.stage == "colour":
+            fit_bundle_colour(self.out, self.data, self.model_cfg.colour_gain, self.log)
+            return self.out
+        # The colour map is fitted last, on the finished branches (its weight depends on their maps).
+        want_colour = self.model_cfg.colour_score
+        self.model_cfg = replace(self.model_cfg, colour_score=False)
         self._prepare_data()
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
@@ -332,10 +378,15 @@ class Trainer:
             existing = load_bundle(self.out, require_students=False)
             if set(self.model_cfg.modalities) - set(existing.model.modalities):
                 raise BundleError(f"bundle {self.out} teacher was trained for {existing.model.modalities}")
+            want_colour = want_colour or existing.model.colour_score  # retrained students keep their colour map
             self.model_cfg = replace(existing.model, modalities=self.model_cfg.modalities,
-                                     student_loss=self.model_cfg.student_loss, hard_mining=self.model_cfg.hard_mining)
+                                     student_loss=self.model_cfg.student_loss, hard_mining=self.model_cfg.hard_mining,
+                                     colour_score=False, colour_gain=self.model_cfg.colour_gain
+                                     if self.model_cfg.colour_score else existing.model.colour_gain)
             teacher = existing.teacher.to(self.device)
             meta = existing.meta
+            # The teacher keeps its stage-1 settings; the stage-2 ones are this run's.
+            meta.setdefault("train", {}).update({k: v for k, v in to_dict(self.cfg).items() if k in STAGE2_KEYS})
         else:
             torch.manual_seed(self.cfg.seed)
             teacher = MultimodalTeacher(self.model_cfg, spec.channels)
@@ -376,7 +427,9 @@ class Trainer:
         self._score_stats(meta)
         atomic_write_json(meta_path, meta)
         self._state_path().unlink(missing_ok=True)
-        self.log(f"bundle written to {self.out} in {meta['train_seconds']:.0f} s")
+        if want_colour:
+            fit_bundle_colour(self.out, self.data, self.model_cfg.colour_gain, self.log)
+        self.log(f"bundle written to {self.out} in {time.perf_counter() - t_start:.0f} s")
         return self.out
 
     def _data_meta(self) -> dict[str, Any]:
@@ -419,6 +472,67 @@ def score_stats(bundle: Any, images_by_modality: dict[str, list[Path]]) -> dict[
                   "p50": float(np.percentile(s, 50)), "p95": float(np.percentile(s, 95)),
                   "p99": float(np.percentile(s, 99)), "max": float(s.max())}
     return out
+
+
+@torch.no_grad()
+def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fit the colour outlier map (engine/colour.py) of every branch of bundle ``out`` on the normal
+    training images of ``data`` and switch it on; the weight puts the colour map's normal spread
+    (p99 − median of its pixels on the held-out images) on the distillation map's."""
+    from engine.branch import StudentBranch
+    from engine.colour import ColourOutlier, fit_colour
+
+    t0 = time.perf_counter()
+    bundle = load_bundle(out)
+    plain = replace(bundle.model, colour_score=False)
+    index = ds.scan_dataset(data, require_train=True)
+    size = bundle.model.input_size
+    fitted: dict[str, Any] = {}
+    for m in bundle.modalities:
+        if m not in index.modalities:
+            raise DatasetError(f"{data} has no {m.upper()} training images to fit the {m.upper()} colour map on")
+        paths = {p.stem: p for p in index.modalities[m].train}
+        fit, val = _split_names(sorted(paths), bundle.train.val_fraction, bundle.train.seed)
+        stats = fit_colour(ds.load_images([paths[n] for n in fit], size), bundle.model.colour_sigma,
+                           bundle.model.fov_threshold, bundle.model.fov_window, seed=bundle.train.seed)
+        branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
+        colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0)
+        held = ds.load_images([paths[n] for n in (val or fit[:32])], size)
+        d_px, c_px = [], []
+        for i in range(0, len(held), 16):
+            x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
+            fov = branch.fov(x) if branch.fov is not None else lit_field_of(x, bundle.model)
+            inside = fov > 0
+            d_px.append(branch(x)[0][inside].numpy())
+            c_px.append(colour(x, fov)[inside].numpy())
+        d_all, c_all = np.concatenate(d_px), np.concatenate(c_px)
+        spread_d = float(np.percentile(d_all, 99) - np.median(d_all))
+        spread_c = float(np.percentile(c_all, 99) - np.median(c_all))
+        if not spread_c > 0:
+            raise DatasetError(f"the {m.upper()} colour map is flat on the held-out images of {data}: cannot weight it")
+        stats.update(weight=spread_d / spread_c, spread_distillation=spread_d, spread_colour=spread_c,
+                     held_out_images=len(held))
+        fitted[m] = stats
+        log(f"{m.upper()} colour map: fitted on {stats['images']} images, weight {stats['weight']:.4g} "
+            f"(× gain {gain:g})")
+    path = out / COLOUR_FILE
+    atomic_write_json(path, {"format": "cemd-colour/1", "data": str(data), "modalities": fitted})
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["files"][COLOUR_FILE] = file_sha256(path)
+    meta["model"]["colour_score"] = True
+    meta["model"]["colour_gain"] = gain
+    atomic_write_json(out / "bundle.json", meta)
+    held_out = validation_images(data, bundle.train.seed, bundle.train.val_fraction)
+    meta["score_stats"] = score_stats(load_bundle(out), {m: held_out.get(m, []) for m in bundle.modalities})
+    atomic_write_json(out / "bundle.json", meta)
+    log(f"colour maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
+    return fitted
+
+
+def lit_field_of(x: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    from engine.anomaly_map import FieldOfViewMask
+
+    return FieldOfViewMask(model.fov_threshold, model.fov_window)(x)
 
 
 def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, list[Path]]:

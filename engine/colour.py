@@ -1,0 +1,92 @@
+"""Colour outlier map: a second, colour-only anomaly map beside the distillation map (off by default).
+
+Why: ImageNet encoders are trained to ignore colour shifts (colour-jitter augmentation), so a
+lesion that differs from normal mucosa mainly in colour — a flat red patch — encodes almost
+like normal tissue, and neither the teacher/student discrepancy nor a nearest-neighbour search
+on the same features sees it (docs/RESULTS.md). Redness is exactly what endoscopists look for.
+
+What: each pixel's colour as blurred log-chromaticity (log R/G, log B/G: independent of
+brightness), relative to the frame's own median inside the lit field of view (so one
+examination's colour cast, or another light source, does not count), then its Mahalanobis
+distance to the same quantity on the modality's normal training images. Pixels much darker
+than the frame (shadow, where chromaticity is noise) are left out. The map, times a weight that
+puts its normal spread on the distillation map's scale, is added to the distillation map before
+the image score is taken. Fitted from normal images only; plain tensor ops, so every backend
+compiles it with the branch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.anomaly_map import GaussianBlur, masked_median
+
+# Pixels darker than this share of the frame's median brightness are not scored (shadow).
+DARK_FRACTION = 0.35
+OFFSET = 4.0 / 255.0  # keeps log() finite on black pixels
+
+
+class ColourOutlier(nn.Module):
+    """N×3×S×S RGB in [0, 1] (+ lit field of view N×1×S×S) → colour outlier map N×1×S×S."""
+
+    def __init__(self, sigma: float, mean: Any = (0.0, 0.0), inv_cov: Any = ((1.0, 0.0), (0.0, 1.0)),
+                 weight: float = 1.0) -> None:
+        super().__init__()
+        self.blur = GaussianBlur(sigma)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 2, 1, 1))
+        self.register_buffer("inv_cov", torch.as_tensor(inv_cov, dtype=torch.float32).view(2, 2))
+        self.register_buffer("weight", torch.as_tensor(float(weight), dtype=torch.float32))
+
+    def relative_chroma(self, frames: torch.Tensor, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-chromaticity minus the frame's median, N×2×S×S; pixels that count, N×1×S×S)."""
+        n = frames.shape[0]
+        x = self.blur(frames.float().reshape(n * 3, 1, *frames.shape[-2:])).reshape(frames.shape) + OFFSET
+        lg = torch.log(x)
+        chroma = torch.cat([lg[:, 0:1] - lg[:, 1:2], lg[:, 2:3] - lg[:, 1:2]], dim=1)
+        lum = x.mean(dim=1, keepdim=True)
+        sub = (slice(None), slice(None), slice(None, None, 4), slice(None, None, 4))
+        lit_sub = fov[sub].flatten(1)
+        med_lum = masked_median(lum[sub].flatten(1), lit_sub)
+        valid = fov * (lum > DARK_FRACTION * med_lum.view(n, 1, 1, 1)).to(fov.dtype)
+        valid_sub = valid[sub].flatten(1)
+        med = torch.stack([masked_median(chroma[:, k:k + 1][sub].flatten(1), valid_sub) for k in range(2)], dim=1)
+        return chroma - med.view(n, 2, 1, 1), valid
+
+    def forward(self, frames: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+        rel, valid = self.relative_chroma(frames, fov)
+        d = rel - self.mean
+        a, b, c = self.inv_cov[0, 0], self.inv_cov[0, 1] + self.inv_cov[1, 0], self.inv_cov[1, 1]
+        m2 = a * d[:, 0:1] ** 2 + b * d[:, 0:1] * d[:, 1:2] + c * d[:, 1:2] ** 2
+        return torch.sqrt(m2.clamp(min=0) + 1e-12) * valid * self.weight
+
+
+def lit_field(frames: torch.Tensor, threshold: float, window: int) -> torch.Tensor:
+    from engine.anomaly_map import FieldOfViewMask
+
+    return FieldOfViewMask(threshold, window)(frames)
+
+
+@torch.no_grad()
+def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_window: int,
+               per_image: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8)."""
+    model = ColourOutlier(sigma)
+    rng = np.random.default_rng(seed)
+    pts = []
+    for i in range(0, len(images), 16):
+        x = torch.from_numpy(images[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
+        rel, valid = model.relative_chroma(x, lit_field(x, fov_threshold, fov_window))
+        for r, v in zip(rel, valid):
+            p = r.flatten(1)[:, v.flatten() > 0].T.numpy()
+            if len(p):
+                pts.append(p[rng.choice(len(p), min(per_image, len(p)), replace=False)])
+    if not pts:
+        raise ValueError("no lit pixels in the normal images: cannot fit the colour model")
+    allp = np.concatenate(pts).astype(np.float64)
+    cov = np.cov(allp.T) + 1e-6 * np.eye(2)
+    return {"mean": allp.mean(axis=0).tolist(), "inv_cov": np.linalg.inv(cov).tolist(),
+            "pixels": int(len(allp)), "images": int(len(images)), "sigma": sigma}

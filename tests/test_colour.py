@@ -1,0 +1,133 @@
+"""The colour outlier map: what it responds to, what it ignores, fitting, bundles, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from engine.anomaly_map import FieldOfViewMask
+from engine.backbone import FrozenEncoder, build_lite0
+from engine.branch import StudentBranch
+from engine.bundle import load_bundle
+from engine.colour import ColourOutlier, fit_colour
+from engine.config import ModelConfig
+from engine.errors import BundleError
+from engine.student import StudentNet
+from engine.synth import render_pair
+from engine.teacher import MultimodalTeacher
+from realtime.alerts import Thresholds
+
+CH = (24, 40, 112)
+S = 128
+
+
+def _scene(red_patch: bool, seed: int = 0) -> torch.Tensor:
+    """A lit disc of textured pinkish mucosa with a dark shadow band, optionally a flat red patch."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    lit = (((yy - 64) ** 2 + (xx - 64) ** 2) < 60**2).float()
+    base = torch.tensor([0.75, 0.45, 0.40]).view(3, 1, 1)
+    img = base * (0.85 + 0.3 * torch.rand(1, S, S, generator=g)) * lit
+    img[:, 90:100, 20:110] *= 0.15  # shadow: too dark to score colour
+    if red_patch:
+        patch = (((yy - 45) ** 2 / 14**2 + (xx - 70) ** 2 / 20**2) < 1).float()
+        img = img * (1 - patch) + torch.tensor([0.70, 0.12, 0.15]).view(3, 1, 1) * patch * lit
+    return img.unsqueeze(0).clamp(0, 1)
+
+
+def _fitted(sigma: float = 2.0) -> ColourOutlier:
+    normals = np.stack([(_scene(False, s)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for s in range(6)])
+    stats = fit_colour(normals, sigma, 0.08, 15)
+    assert abs(stats["mean"][0]) < 0.05 and abs(stats["mean"][1]) < 0.05  # relative to each frame's median
+    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0)
+
+
+def _map(col: ColourOutlier, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return col(x, FieldOfViewMask(0.08, 15)(x))[0, 0]
+
+
+def test_a_red_patch_stands_out_and_cast_brightness_and_shadow_do_not() -> None:
+    col = _fitted()
+    normal, lesion = _map(col, _scene(False, 9)), _map(col, _scene(True, 9))
+    assert lesion[45, 70] > 5 * normal.quantile(0.99)  # the patch is far outside normal colour
+    assert lesion[45, 70] > 5 * lesion[70, 40]  # and only the patch
+    assert lesion[95, 60] == 0 and lesion[2, 2] == 0  # shadow and black border are not scored
+    # a colour cast of the whole examination and a darker exposure move nothing: colour is relative
+    cast = (_scene(True, 9) * torch.tensor([0.8, 1.1, 1.2]).view(1, 3, 1, 1)).clamp(0, 1)
+    dim = _scene(True, 9) * 0.6
+    for other in (cast, dim):
+        m = _map(col, other)
+        assert abs(float(m[45, 70]) - float(lesion[45, 70])) < 0.15 * float(lesion[45, 70])
+
+
+def _branch(colour: dict | None) -> StudentBranch:
+    cfg = ModelConfig(input_size=S, colour_score=True, colour_sigma=2.0)
+    teacher = MultimodalTeacher(cfg, CH)
+    return StudentBranch(cfg, FrozenEncoder(build_lite0()), teacher.adapters, StudentNet(CH, 32), "wli",
+                         colour).eval()
+
+
+def test_branch_adds_the_weighted_colour_map_and_exports() -> None:
+    col = _fitted()
+    stats = {"mean": col.mean.flatten().tolist(), "inv_cov": col.inv_cov.tolist(), "weight": 0.05}
+    with_colour, plain = _branch(stats), _branch(None)
+    plain.load_state_dict(with_colour.state_dict(), strict=False)
+    x = _scene(True, 3)
+    with torch.no_grad():
+        (a1, s1), (a0, s0) = with_colour(x), plain(x)
+        fov = with_colour.fov(x)
+        torch.testing.assert_close(a1, (a0 + 0.05 * col(x, fov)) * fov)
+    assert s1 > s0
+    program = torch.export.export(with_colour, (x,))
+    with torch.no_grad():
+        exported = program.module()(x)
+    torch.testing.assert_close(exported[0], a1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exported[1], s1, atol=1e-5, rtol=1e-5)
+
+
+def _cemd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "realtime.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+
+
+def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle: Path, tiny_dataset: Path,
+                                                                     tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    (b / "calibration.json").write_text(json.dumps({
+        "version": 1, "n_of_m": [4, 6], "model_files": json.loads((b / "bundle.json").read_text())["files"],
+        "model_config": json.loads((b / "bundle.json").read_text())["model"],
+        "modalities": {m: {"threshold": 0.3} for m in ("wli", "nbi")}}))
+    x = torch.from_numpy(render_pair(5, 128, "elevated_erythema").wli).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        before = load_bundle(b).branch("wli")(x)[1]
+    r = _cemd("train", "--data", str(tiny_dataset), "--out", str(b), "--stage", "colour", "--colour-gain", "2")
+    assert r.returncode == 0, r.stderr
+    assert "WLI colour map: fitted on" in r.stdout and "recalibrate" in r.stdout
+    meta = json.loads((b / "bundle.json").read_text())
+    assert meta["model"]["colour_score"] is True and meta["model"]["colour_gain"] == 2
+    assert "colour.json" in meta["files"] and set(meta["score_stats"]) == {"wli", "nbi"}
+    stats = json.loads((b / "colour.json").read_text())["modalities"]
+    assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 for s in stats.values())
+    bundle = load_bundle(b)
+    with torch.no_grad():
+        after = bundle.branch("wli")(x)[1]
+    assert not torch.equal(before, after)  # the score now includes colour
+    th = Thresholds.for_bundle(bundle)  # the old calibration no longer fits these scores, and says so
+    assert th.warning is not None and "colour_score" in th.warning
+    # the colour file is part of the model: edited, it is refused
+    (b / "colour.json").write_text((b / "colour.json").read_text().replace('"weight": ', '"weight": 1'))
+    with pytest.raises(BundleError, match="does not match the hash"):
+        load_bundle(b)
+    (b / "colour.json").unlink()
+    with pytest.raises(BundleError, match="--stage colour"):
+        load_bundle(b)
