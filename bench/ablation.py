@@ -91,7 +91,8 @@ def run(train_data: Path, test_data: Path, out: Path, variants: list[str], teach
             bundle = rescored_bundle(out / base, out / name, VARIANTS[name])
             train_s = results["variants"][base]["train_seconds"]
         else:
-            model = ModelConfig(**VARIANTS[name])
+            # the distillation model's parts only: the colour map (on by default) is measured apart
+            model = ModelConfig(**{"colour_score": False, **VARIANTS[name]})
             train = TrainConfig(seed=seed, teacher_epochs=teacher_epochs, student_epochs=student_epochs)
             bundle = Trainer(train_data, out / name, model, train, progress=False).run()
             train_s = time.perf_counter() - t0

@@ -161,7 +161,8 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     """Load and validate a bundle; every failure is a `BundleError` that names the fix."""
     path = Path(path)
     meta = _read_meta(path)
-    model = from_dict(ModelConfig, meta.get("model", {}), f"{path}/bundle.json model")
+    # bundles from before the colour map have no colour_score key: they score without it
+    model = from_dict(ModelConfig, {"colour_score": False, **meta.get("model", {})}, f"{path}/bundle.json model")
     train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
     model.validate()
     if input_size is not None and input_size != model.input_size:

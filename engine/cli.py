@@ -35,8 +35,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "the target staying the clean image's teacher features (default 0 = off; docs/MODEL.md)")
     p.add_argument("--synthetic-copies", type=int, default=TrainConfig.synthetic_copies, metavar="K",
                    help="anomalous copies made (and encoded) per training image (default %(default)s)")
-    p.add_argument("--colour-score", action="store_true",
-                   help="add the colour outlier map to the distillation map (fitted after the students; docs/MODEL.md)")
+    p.add_argument("--no-colour-score", action="store_true",
+                   help="distillation map only: do not fit the colour outlier map after the students (docs/MODEL.md)")
     p.add_argument("--colour-gain", type=float, default=ModelConfig.colour_gain, metavar="G",
                    help="weight of the colour map relative to the distillation map's normal spread (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -78,7 +78,7 @@ def _run_train(args: argparse.Namespace) -> int:
         hard_mining=args.hard_mining,
         score_reduction=args.score_reduction,
         score_scales=_int_tuple(args.score_scales, "--score-scales"),
-        colour_score=args.colour_score or args.stage == "colour",
+        colour_score=not args.no_colour_score,
         colour_gain=args.colour_gain,
     )
     model.validate()
@@ -88,6 +88,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CemdError("--paired-fraction must be in (0, 1]")
     if not 0 <= args.synthetic_anomalies <= 1:
         raise CemdError(f"--synthetic-anomalies is a share of the samples, 0 to 1; got {args.synthetic_anomalies}")
+    if args.stage == "colour" and args.no_colour_score:
+        raise CemdError("--stage colour fits the colour map; it cannot be combined with --no-colour-score")
     if not args.colour_gain > 0:
         raise CemdError(f"--colour-gain must be > 0, got {args.colour_gain}")
     if args.synthetic_copies < 1:

@@ -53,9 +53,10 @@ class ModelConfig:
     fov_window: int = 15
     # Colour outlier map (engine/colour.py) added to the distillation map: catches lesions that
     # differ from mucosa mainly in colour, which ImageNet features hardly encode. Its statistics
-    # are fitted on the normal training images (bundle.json "colour"); `colour_gain` scales its
-    # weight relative to the distillation map's normal spread.
-    colour_score: bool = False
+    # are fitted on the normal training images (BUNDLE/colour.json); `colour_gain` scales its
+    # weight relative to the distillation map's normal spread. A bundle.json without the key
+    # (written before the map existed) reads as False: such bundles score as they always did.
+    colour_score: bool = True
     colour_sigma: float = 4.0
     colour_gain: float = 1.0
 

@@ -68,7 +68,7 @@ def test_denoising_students_train_on_the_copies_and_the_bundle_says_so(tiny_bund
     for share in (0.0, 1.0):
         out = tmp_path / f"b{share}"
         shutil.copytree(tiny_bundle, out)
-        model, train = tiny_configs()
+        model, train = tiny_configs(colour_score=share > 0)  # the colour map is fitted after retrained students
         train.student_epochs, train.synthetic_anomalies, train.synthetic_copies = 1, share, 2
         lines: list[str] = []
         Trainer(tiny_dataset, out, model, train, stage="students", progress=False, log=lines.append).run()
@@ -76,6 +76,7 @@ def test_denoising_students_train_on_the_copies_and_the_bundle_says_so(tiny_bund
         assert meta["train"]["synthetic_anomalies"] == share and meta["train"]["student_epochs"] == 1
         made = [ln for ln in lines if ln.startswith("synthetic anomalies: 2 copies")]
         assert len(made) == (2 if share else 0), lines
+        assert meta["model"]["colour_score"] is (share > 0) and ("colour.json" in meta["files"]) is (share > 0)
         weights[share] = load_bundle(out).branch("wli").student.state_dict()
     differs = [k for k in weights[0.0] if weights[0.0][k].is_floating_point()
                and not torch.equal(weights[0.0][k], weights[1.0][k])]

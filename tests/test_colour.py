@@ -131,3 +131,17 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     (b / "colour.json").unlink()
     with pytest.raises(BundleError, match="--stage colour"):
         load_bundle(b)
+
+
+def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle: Path, tmp_path: Path) -> None:
+    b = tmp_path / "old"
+    shutil.copytree(tiny_bundle, b)
+    meta = json.loads((b / "bundle.json").read_text())
+    for key in ("colour_score", "colour_sigma", "colour_gain"):
+        meta["model"].pop(key)
+    (b / "bundle.json").write_text(json.dumps(meta))
+    old, now = load_bundle(b), load_bundle(tiny_bundle)
+    assert old.model.colour_score is False and ModelConfig().colour_score is True  # new bundles: on by default
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(old.branch("wli")(x)[1], now.branch("wli")(x)[1])
