@@ -124,6 +124,13 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     assert not torch.equal(before, after)  # the score now includes colour
     th = Thresholds.for_bundle(bundle)  # the old calibration no longer fits these scores, and says so
     assert th.warning is not None and "colour_score" in th.warning
+    # bench.colour_cost compares against a copy with the map off: same weights, the old scores
+    from bench.colour_cost import plain_copy
+
+    plain = load_bundle(plain_copy(b, tmp_path / "plain"))
+    assert plain.model.colour_score is False and not (tmp_path / "plain" / "calibration.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.branch("wli")(x)[1], before)
     # the colour file is part of the model: edited, it is refused
     (b / "colour.json").write_text((b / "colour.json").read_text().replace('"weight": ', '"weight": 1'))
     with pytest.raises(BundleError, match="does not match the hash"):

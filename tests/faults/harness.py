@@ -1,6 +1,7 @@
 """Fault-injection harness: the real monitor as a subprocess, a real source, a real subscriber.
 
-``MonitorRun`` starts ``run_stream.py`` (demo bundle, eager WLI branch, no dashboard) on a
+``MonitorRun`` starts ``run_stream.py`` (the demo bundle's weights without its colour map,
+``plain_demo()``; eager WLI branch, no dashboard) on a
 free port pair, with a ``MonitorClient`` subscriber collecting every message in a thread of the
 test process (gaps detected, missed alerts replayed from the monitor's durable log). After the
 run, each fault case checks the three things issue #7 asks for:
@@ -33,13 +34,39 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-# thresholds a third of the calibrated ones: alerts keep flowing, so that check 3 has something to count
+# thresholds a third of plain_demo()'s calibrated ones: alerts keep flowing, so that check 3 has something to count
 ALERTING = ("--sensitivity", "3")
 # the branch in the scoring thread: these faults are about sources, clients and the branch call
 # that failing_branch.py wraps in this process (inference workers and their faults:
 # tests/test_infer_pool.py); it also spares each --fast run the workers' start-up
-BASE_ARGS = ("--dashboard", "off", "--bundle", str(REPO / "models" / "demo"), "--backend", "eager", "--modality", "wli",
-             "--inference-workers", "1")
+BASE_ARGS = ("--dashboard", "off", "--backend", "eager", "--modality", "wli", "--inference-workers", "1")
+_PLAIN_DEMO: Path | None = None
+
+
+def plain_demo() -> Path:
+    """The demo bundle as it scored before its colour map (distillation map only, calibration v2).
+
+    These faults are about sources, clients and the branch call, not the model: they need a
+    bundle that alerts the same way on these short clips whatever the model work does, and
+    ALERTING's ÷3 was set for this one. Same weights; a copy per test process, made once.
+    """
+    global _PLAIN_DEMO
+    if _PLAIN_DEMO is None:
+        import shutil
+        import tempfile
+
+        demo, out = REPO / "models" / "demo", Path(tempfile.mkdtemp(prefix="cemd-plain-demo-"))
+        for name in ("teacher.pt", "student_wli.pt", "student_nbi.pt", "modality.json"):
+            shutil.copy2(demo / name, out / name)
+        meta = json.loads((demo / "bundle.json").read_text())
+        for key in ("colour_score", "colour_sigma", "colour_gain"):
+            meta["model"].pop(key, None)
+        meta["files"].pop("colour.json", None)
+        (out / "bundle.json").write_text(json.dumps(meta, indent=2))
+        shutil.copy2(demo / "calibration-history" / "calibration.v2.json", out / "calibration.json")
+        _PLAIN_DEMO = out
+    return _PLAIN_DEMO
+
 
 
 class MonitorRun:
@@ -54,7 +81,8 @@ class MonitorRun:
         self.port = free_port_pair()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.replay_endpoint = f"tcp://127.0.0.1:{self.port + 1}"
-        self.cmd = [sys.executable, str(REPO / entry[0]), *entry[1:], *BASE_ARGS, "--publish", self.endpoint,
+        self.cmd = [sys.executable, str(REPO / entry[0]), *entry[1:], *BASE_ARGS, "--bundle", str(plain_demo()),
+                    "--publish", self.endpoint,
                     "--run-dir", str(run_dir), *args]
         self.topics = topics
         self.wait_for = wait_for
