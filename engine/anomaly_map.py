@@ -23,20 +23,21 @@ def gaussian_kernel1d(sigma: float, truncate: float = 2.0) -> torch.Tensor:
 class GaussianBlur(nn.Module):
     """Separable Gaussian smoothing with reflect padding (σ = 4 as in RD4AD/TRD)."""
 
-    def __init__(self, sigma: float) -> None:
+    def __init__(self, sigma: float, channels: int = 1) -> None:
         super().__init__()
         self.enabled = sigma > 0
+        self.channels = channels  # each channel blurred on its own (a grouped convolution)
         k = gaussian_kernel1d(sigma) if self.enabled else torch.ones(1)
         self.pad = k.numel() // 2
-        self.register_buffer("kx", k.view(1, 1, 1, -1), persistent=False)
-        self.register_buffer("ky", k.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kx", k.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), persistent=False)
+        self.register_buffer("ky", k.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        p = self.pad
-        x = F.conv2d(F.pad(x, (p, p, 0, 0), mode="reflect"), self.kx)
-        return F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), self.ky)
+        p, c = self.pad, self.channels
+        x = F.conv2d(F.pad(x, (p, p, 0, 0), mode="reflect"), self.kx, groups=c)
+        return F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), self.ky, groups=c)
 
 
 def cosine_distance_maps(teacher: list[torch.Tensor], student: list[torch.Tensor], size: int,

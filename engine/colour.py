@@ -36,7 +36,7 @@ class ColourOutlier(nn.Module):
     def __init__(self, sigma: float, mean: Any = (0.0, 0.0), inv_cov: Any = ((1.0, 0.0), (0.0, 1.0)),
                  weight: float = 1.0) -> None:
         super().__init__()
-        self.blur = GaussianBlur(sigma)
+        self.blur = GaussianBlur(sigma, channels=3)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 2, 1, 1))
         self.register_buffer("inv_cov", torch.as_tensor(inv_cov, dtype=torch.float32).view(2, 2))
         self.register_buffer("weight", torch.as_tensor(float(weight), dtype=torch.float32))
@@ -44,7 +44,7 @@ class ColourOutlier(nn.Module):
     def relative_chroma(self, frames: torch.Tensor, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-chromaticity minus the frame's median, N×2×S×S; pixels that count, N×1×S×S)."""
         n = frames.shape[0]
-        x = self.blur(frames.float().reshape(n * 3, 1, *frames.shape[-2:])).reshape(frames.shape) + OFFSET
+        x = self.blur(frames.float()) + OFFSET
         lg = torch.log(x)
         chroma = torch.cat([lg[:, 0:1] - lg[:, 1:2], lg[:, 2:3] - lg[:, 1:2]], dim=1)
         lum = x.mean(dim=1, keepdim=True)
