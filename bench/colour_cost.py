@@ -3,7 +3,8 @@
     python -m bench.colour_cost --bundle models/demo [--backends eager,aoti] [--rounds 5] [--runs 60] [--json OUT]
 
 The bundle must have the colour map (``colour_score``). A copy of it with the map switched off
-(``--plain``, default runs/colour-cost-plain; same weights, so only the map differs) is made,
+(``plain_copy``: ``--plain``, default runs/colour-cost-plain; same weights, so only the map
+differs) is made,
 both are loaded per backend, and timing alternates between the two for ``--rounds`` rounds of
 ``--runs`` calls each, batch 1, so that drift on a shared machine hits both alike; the table
 gives medians over all calls and the ratio with / without. Provenance included.
@@ -23,16 +24,20 @@ import torch
 from bench.provenance import provenance, provenance_markdown
 from bench.timing import time_calls
 from engine.backends import BackendUnavailable, load_scorer
-from engine.bundle import load_bundle
+from engine.bundle import COLOUR_FILE, load_bundle
 
 
 def plain_copy(src: Path, dst: Path) -> Path:
-    """``src`` with the colour map off (bundle.json model.colour_score = false); weights untouched."""
+    """``src`` as it was before its colour map: the colour settings and ``colour.json`` gone from
+    bundle.json (such a bundle scores with the distillation map alone); weights untouched, no
+    calibration or compiled engines copied."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*", COLOUR_FILE))
     meta = json.loads((dst / "bundle.json").read_text())
-    meta["model"]["colour_score"] = False
+    for key in ("colour_score", "colour_sigma", "colour_gain"):
+        meta["model"].pop(key, None)
+    meta["files"].pop(COLOUR_FILE, None)
     (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
     return dst
 

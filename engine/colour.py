@@ -1,4 +1,4 @@
-"""Colour outlier map: a second, colour-only anomaly map beside the distillation map (off by default).
+"""Colour outlier map: a second, colour-only anomaly map added to the distillation map (model.colour_score).
 
 Why: ImageNet encoders are trained to ignore colour shifts (colour-jitter augmentation), so a
 lesion that differs from normal mucosa mainly in colour — a flat red patch — encodes almost
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.anomaly_map import GaussianBlur, masked_median
+from engine.anomaly_map import FieldOfViewMask, GaussianBlur, masked_median
 
 # Pixels darker than this share of the frame's median brightness are not scored (shadow).
 DARK_FRACTION = 0.35
@@ -64,22 +64,16 @@ class ColourOutlier(nn.Module):
         return torch.sqrt(m2.clamp(min=0) + 1e-12) * valid * self.weight
 
 
-def lit_field(frames: torch.Tensor, threshold: float, window: int) -> torch.Tensor:
-    from engine.anomaly_map import FieldOfViewMask
-
-    return FieldOfViewMask(threshold, window)(frames)
-
-
 @torch.no_grad()
 def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_window: int,
                per_image: int = 4000, seed: int = 0) -> dict[str, Any]:
     """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8)."""
-    model = ColourOutlier(sigma)
+    model, lit = ColourOutlier(sigma), FieldOfViewMask(fov_threshold, fov_window)
     rng = np.random.default_rng(seed)
     pts = []
     for i in range(0, len(images), 16):
         x = torch.from_numpy(images[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
-        rel, valid = model.relative_chroma(x, lit_field(x, fov_threshold, fov_window))
+        rel, valid = model.relative_chroma(x, lit(x))
         for r, v in zip(rel, valid):
             p = r.flatten(1)[:, v.flatten() > 0].T.numpy()
             if len(p):

@@ -479,6 +479,7 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
     """Fit the colour outlier map (engine/colour.py) of every branch of bundle ``out`` on the normal
     training images of ``data`` and switch it on; the weight puts the colour map's normal spread
     (p99 − median of its pixels on the held-out images) on the distillation map's."""
+    from engine.anomaly_map import FieldOfViewMask
     from engine.branch import StudentBranch
     from engine.colour import ColourOutlier, fit_colour
 
@@ -488,20 +489,24 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
     index = ds.scan_dataset(data, require_train=True)
     size = bundle.model.input_size
     fitted: dict[str, Any] = {}
+    held_out: dict[str, list[Path]] = {}  # the split training made: its held-out images get the score stats
     for m in bundle.modalities:
         if m not in index.modalities:
             raise DatasetError(f"{data} has no {m.upper()} training images to fit the {m.upper()} colour map on")
         paths = {p.stem: p for p in index.modalities[m].train}
         fit, val = _split_names(sorted(paths), bundle.train.val_fraction, bundle.train.seed)
+        held_out[m] = [paths[n] for n in val]
         stats = fit_colour(ds.load_images([paths[n] for n in fit], size), bundle.model.colour_sigma,
                            bundle.model.fov_threshold, bundle.model.fov_window, seed=bundle.train.seed)
         branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
         colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0)
+        lit = branch.fov if branch.fov is not None else FieldOfViewMask(bundle.model.fov_threshold,
+                                                                         bundle.model.fov_window)
         held = ds.load_images([paths[n] for n in (val or fit[:32])], size)
         d_px, c_px = [], []
         for i in range(0, len(held), 16):
             x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
-            fov = branch.fov(x) if branch.fov is not None else lit_field_of(x, bundle.model)
+            fov = lit(x)
             inside = fov > 0
             d_px.append(branch(x)[0][inside].numpy())
             c_px.append(colour(x, fov)[inside].numpy())
@@ -522,17 +527,10 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
     meta["model"]["colour_score"] = True
     meta["model"]["colour_gain"] = gain
     atomic_write_json(out / "bundle.json", meta)
-    held_out = validation_images(data, bundle.train.seed, bundle.train.val_fraction)
-    meta["score_stats"] = score_stats(load_bundle(out), {m: held_out.get(m, []) for m in bundle.modalities})
+    meta["score_stats"] = score_stats(load_bundle(out), held_out)
     atomic_write_json(out / "bundle.json", meta)
     log(f"colour maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
     return fitted
-
-
-def lit_field_of(x: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    from engine.anomaly_map import FieldOfViewMask
-
-    return FieldOfViewMask(model.fov_threshold, model.fov_window)(x)
 
 
 def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, list[Path]]:

@@ -55,16 +55,11 @@ def plain_demo() -> Path:
         import shutil
         import tempfile
 
-        demo, out = REPO / "models" / "demo", Path(tempfile.mkdtemp(prefix="cemd-plain-demo-"))
-        for name in ("teacher.pt", "student_wli.pt", "student_nbi.pt", "modality.json"):
-            shutil.copy2(demo / name, out / name)
-        meta = json.loads((demo / "bundle.json").read_text())
-        for key in ("colour_score", "colour_sigma", "colour_gain"):
-            meta["model"].pop(key, None)
-        meta["files"].pop("colour.json", None)
-        (out / "bundle.json").write_text(json.dumps(meta, indent=2))
-        shutil.copy2(demo / "calibration-history" / "calibration.v2.json", out / "calibration.json")
-        _PLAIN_DEMO = out
+        from bench.colour_cost import plain_copy
+
+        demo = REPO / "models" / "demo"
+        _PLAIN_DEMO = plain_copy(demo, Path(tempfile.mkdtemp(prefix="cemd-plain-demo-")) / "demo")
+        shutil.copy2(demo / "calibration-history" / "calibration.v2.json", _PLAIN_DEMO / "calibration.json")
     return _PLAIN_DEMO
 
 
