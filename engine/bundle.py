@@ -161,8 +161,10 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     """Load and validate a bundle; every failure is a `BundleError` that names the fix."""
     path = Path(path)
     meta = _read_meta(path)
-    # bundles from before the colour map have no colour_score key: they score without it
-    model = from_dict(ModelConfig, {"colour_score": False, **meta.get("model", {})}, f"{path}/bundle.json model")
+    # bundles from before the colour map have no colour_score key: they score without it; those from
+    # before colour_stride computed the map at full size
+    model = from_dict(ModelConfig, {"colour_score": False, "colour_stride": 1, **meta.get("model", {})},
+                      f"{path}/bundle.json model")
     train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
     model.validate()
     if input_size is not None and input_size != model.input_size:
@@ -200,11 +202,11 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
         students[m] = net.eval()
     colour: dict[str, Any] = {}
     if model.colour_score:
-        colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE))
+        colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE), model)
     return Bundle(path, meta, model, train, encoder, teacher, students, colour)
 
 
-def _load_colour(path: Path, expected_sha: str | None) -> dict[str, Any]:
+def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> dict[str, Any]:
     fix = f"refit it: cemd train --data DIR --out {path.parent} --stage colour"
     if not path.is_file() or expected_sha is None:
         raise BundleError(f"bundle {path.parent} scores colour (model.colour_score) but {path.name} is "
@@ -218,6 +220,10 @@ def _load_colour(path: Path, expected_sha: str | None) -> dict[str, Any]:
         for m, stats in data["modalities"].items():
             if len(stats["mean"]) != 2 or len(stats["inv_cov"]) != 2 or not float(stats["weight"]) > 0:
                 raise ValueError(f"{m}: bad mean, inv_cov or weight")
+            fitted = (float(stats.get("sigma", model.colour_sigma)), int(stats.get("stride", 1)))
+            if fitted != (model.colour_sigma, model.colour_stride):
+                raise ValueError(f"{m}: fitted with colour sigma {fitted[0]:g}, stride {fitted[1]} but bundle.json "
+                                 f"asks for sigma {model.colour_sigma:g}, stride {model.colour_stride}")
         return data["modalities"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is not a colour model ({exc}); {fix}") from None

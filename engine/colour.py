@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from engine.anomaly_map import FieldOfViewMask, GaussianBlur, masked_median
 
@@ -31,24 +32,38 @@ OFFSET = 4.0 / 255.0  # keeps log() finite on black pixels
 
 
 class ColourOutlier(nn.Module):
-    """N×3×S×S RGB in [0, 1] (+ lit field of view N×1×S×S) → colour outlier map N×1×S×S."""
+    """N×3×S×S RGB in [0, 1] (+ lit field of view N×1×S×S) → colour outlier map N×1×S×S.
+
+    ``stride`` > 1 computes the map on the frame average-pooled by that factor (the blur's σ
+    scaled with it) and upsamples it bilinearly: the map is smooth at σ = 4 pixels anyway, and a
+    quarter of the resolution costs a sixteenth of the pixels (docs/BENCHMARKS.md).
+    """
 
     def __init__(self, sigma: float, mean: Any = (0.0, 0.0), inv_cov: Any = ((1.0, 0.0), (0.0, 1.0)),
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, stride: int = 1) -> None:
         super().__init__()
-        self.blur = GaussianBlur(sigma, channels=3)
+        if stride < 1:
+            raise ValueError(f"colour map stride must be >= 1, got {stride}")
+        self.stride = int(stride)
+        self.blur = GaussianBlur(sigma / self.stride, channels=3)
+        self.median_step = max(1, 4 // self.stride)  # medians over at most every 4th full-size pixel
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 2, 1, 1))
         self.register_buffer("inv_cov", torch.as_tensor(inv_cov, dtype=torch.float32).view(2, 2))
         self.register_buffer("weight", torch.as_tensor(float(weight), dtype=torch.float32))
 
     def relative_chroma(self, frames: torch.Tensor, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-chromaticity minus the frame's median, N×2×S×S; pixels that count, N×1×S×S)."""
+        """(log-chromaticity minus the frame's median, N×2×s×s; pixels that count, N×1×s×s), s = S / stride."""
         n = frames.shape[0]
-        x = self.blur(frames.float()) + OFFSET
+        frames = frames.float()
+        if self.stride > 1:
+            frames = F.avg_pool2d(frames, self.stride)
+            fov = (F.avg_pool2d(fov, self.stride) >= 0.5).to(fov.dtype)
+        x = self.blur(frames) + OFFSET
         lg = torch.log(x)
         chroma = torch.cat([lg[:, 0:1] - lg[:, 1:2], lg[:, 2:3] - lg[:, 1:2]], dim=1)
         lum = x.mean(dim=1, keepdim=True)
-        sub = (slice(None), slice(None), slice(None, None, 4), slice(None, None, 4))
+        step = self.median_step
+        sub = (slice(None), slice(None), slice(None, None, step), slice(None, None, step))
         lit_sub = fov[sub].flatten(1)
         med_lum = masked_median(lum[sub].flatten(1), lit_sub)
         valid = fov * (lum > DARK_FRACTION * med_lum.view(n, 1, 1, 1)).to(fov.dtype)
@@ -61,14 +76,17 @@ class ColourOutlier(nn.Module):
         d = rel - self.mean
         a, b, c = self.inv_cov[0, 0], self.inv_cov[0, 1] + self.inv_cov[1, 0], self.inv_cov[1, 1]
         m2 = a * d[:, 0:1] ** 2 + b * d[:, 0:1] * d[:, 1:2] + c * d[:, 1:2] ** 2
-        return torch.sqrt(m2.clamp(min=0) + 1e-12) * valid * self.weight
+        out = torch.sqrt(m2.clamp(min=0) + 1e-12) * valid * self.weight
+        if self.stride > 1:
+            out = F.interpolate(out, size=frames.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
 
 @torch.no_grad()
 def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_window: int,
-               per_image: int = 4000, seed: int = 0) -> dict[str, Any]:
+               per_image: int = 4000, seed: int = 0, stride: int = 1) -> dict[str, Any]:
     """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8)."""
-    model, lit = ColourOutlier(sigma), FieldOfViewMask(fov_threshold, fov_window)
+    model, lit = ColourOutlier(sigma, stride=stride), FieldOfViewMask(fov_threshold, fov_window)
     rng = np.random.default_rng(seed)
     pts = []
     for i in range(0, len(images), 16):
@@ -83,4 +101,5 @@ def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_windo
     allp = np.concatenate(pts).astype(np.float64)
     cov = np.cov(allp.T) + 1e-6 * np.eye(2)
     return {"mean": allp.mean(axis=0).tolist(), "inv_cov": np.linalg.inv(cov).tolist(),
-            "pixels": int(len(allp)), "images": int(len(images)), "sigma": sigma}
+            "pixels": int(len(allp)), "images": int(len(images)), "sigma": sigma,
+            "stride": int(stride)}

@@ -56,9 +56,12 @@ class ModelConfig:
     # are fitted on the normal training images (BUNDLE/colour.json); `colour_gain` scales its
     # weight relative to the distillation map's normal spread. A bundle.json without the key
     # (written before the map existed) reads as False: such bundles score as they always did.
+    # `colour_stride`: the map is computed at 1/stride of the input size and upsampled (it is
+    # smooth; 4 costs a sixteenth of the pixels); a bundle.json without the key reads as 1.
     colour_score: bool = True
     colour_sigma: float = 4.0
     colour_gain: float = 1.0
+    colour_stride: int = 4
 
     def validate(self) -> None:
         from engine.errors import BundleError
@@ -72,6 +75,8 @@ class ModelConfig:
                               f"not {self.score_reduction!r}")
         if not self.score_scales or any(k not in (0, 1, 2) for k in self.score_scales):
             raise BundleError(f"score_scales must be a non-empty subset of (0, 1, 2), not {self.score_scales}")
+        if self.colour_stride not in (1, 2, 4, 8):
+            raise BundleError(f"colour_stride must be 1, 2, 4 or 8, not {self.colour_stride}")
         if self.input_size % 32:
             raise BundleError(f"input_size must be a multiple of 32, not {self.input_size}")
         bad = [m for m in self.modalities if m not in MODALITIES]

@@ -43,11 +43,12 @@ def _scene(red_patch: bool, seed: int = 0) -> torch.Tensor:
     return img.unsqueeze(0).clamp(0, 1)
 
 
-def _fitted(sigma: float = 2.0) -> ColourOutlier:
+def _fitted(sigma: float = 2.0, stride: int = ModelConfig.colour_stride) -> ColourOutlier:
     normals = np.stack([(_scene(False, s)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for s in range(6)])
-    stats = fit_colour(normals, sigma, 0.08, 15)
+    stats = fit_colour(normals, sigma, 0.08, 15, stride=stride)
     assert abs(stats["mean"][0]) < 0.05 and abs(stats["mean"][1]) < 0.05  # relative to each frame's median
-    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0)
+    assert stats["stride"] == stride
+    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride)
 
 
 def _map(col: ColourOutlier, x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +56,11 @@ def _map(col: ColourOutlier, x: torch.Tensor) -> torch.Tensor:
         return col(x, FieldOfViewMask(0.08, 15)(x))[0, 0]
 
 
-def test_a_red_patch_stands_out_and_cast_brightness_and_shadow_do_not() -> None:
-    col = _fitted()
+@pytest.mark.parametrize("stride", [1, 4])
+def test_a_red_patch_stands_out_and_cast_brightness_and_shadow_do_not(stride: int) -> None:
+    col = _fitted(stride=stride)
     normal, lesion = _map(col, _scene(False, 9)), _map(col, _scene(True, 9))
+    assert lesion.shape == (S, S)
     assert lesion[45, 70] > 5 * normal.quantile(0.99)  # the patch is far outside normal colour
     assert lesion[45, 70] > 5 * lesion[70, 40]  # and only the patch
     assert lesion[95, 60] == 0 and lesion[2, 2] == 0  # shadow and black border are not scored
@@ -67,6 +70,13 @@ def test_a_red_patch_stands_out_and_cast_brightness_and_shadow_do_not() -> None:
     for other in (cast, dim):
         m = _map(col, other)
         assert abs(float(m[45, 70]) - float(lesion[45, 70])) < 0.15 * float(lesion[45, 70])
+
+
+def test_the_quarter_resolution_map_follows_the_full_one() -> None:
+    full, quarter = _map(_fitted(stride=1), _scene(True, 9)), _map(_fitted(stride=4), _scene(True, 9))
+    r = np.corrcoef(full.flatten().numpy(), quarter.flatten().numpy())[0, 1]
+    assert r > 0.9, r
+    assert abs(float(quarter[45, 70]) - float(full[45, 70])) < 0.25 * float(full[45, 70])
 
 
 def _branch(colour: dict | None) -> StudentBranch:
@@ -110,14 +120,16 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     x = torch.from_numpy(render_pair(5, 128, "elevated_erythema").wli).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         before = load_bundle(b).branch("wli")(x)[1]
-    r = _cemd("train", "--data", str(tiny_dataset), "--out", str(b), "--stage", "colour", "--colour-gain", "2")
+    r = _cemd("train", "--data", str(tiny_dataset), "--out", str(b), "--stage", "colour", "--colour-gain", "2",
+              "--colour-stride", "2")
     assert r.returncode == 0, r.stderr
     assert "WLI colour map: fitted on" in r.stdout and "recalibrate" in r.stdout
     meta = json.loads((b / "bundle.json").read_text())
     assert meta["model"]["colour_score"] is True and meta["model"]["colour_gain"] == 2
+    assert meta["model"]["colour_stride"] == 2
     assert "colour.json" in meta["files"] and set(meta["score_stats"]) == {"wli", "nbi"}
     stats = json.loads((b / "colour.json").read_text())["modalities"]
-    assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 for s in stats.values())
+    assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 and s["stride"] == 2 for s in stats.values())
     bundle = load_bundle(b)
     with torch.no_grad():
         after = bundle.branch("wli")(x)[1]
@@ -131,6 +143,11 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     assert plain.model.colour_score is False and not (tmp_path / "plain" / "calibration.json").exists()
     with torch.no_grad():
         torch.testing.assert_close(plain.branch("wli")(x)[1], before)
+    # statistics fitted at another resolution than bundle.json asks for are refused, not misused
+    (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_stride": 4}}))
+    with pytest.raises(BundleError, match="stride 2 but bundle.json asks for sigma 4, stride 4"):
+        load_bundle(b)
+    (b / "bundle.json").write_text(json.dumps(meta))
     # the colour file is part of the model: edited, it is refused
     (b / "colour.json").write_text((b / "colour.json").read_text().replace('"weight": ', '"weight": 1'))
     with pytest.raises(BundleError, match="does not match the hash"):
@@ -144,11 +161,12 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
     b = tmp_path / "old"
     shutil.copytree(tiny_bundle, b)
     meta = json.loads((b / "bundle.json").read_text())
-    for key in ("colour_score", "colour_sigma", "colour_gain"):
+    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride"):
         meta["model"].pop(key)
     (b / "bundle.json").write_text(json.dumps(meta))
     old, now = load_bundle(b), load_bundle(tiny_bundle)
     assert old.model.colour_score is False and ModelConfig().colour_score is True  # new bundles: on by default
+    assert old.model.colour_stride == 1  # a map fitted before the stride existed was fitted at full size
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(old.branch("wli")(x)[1], now.branch("wli")(x)[1])
