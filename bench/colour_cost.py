@@ -1,13 +1,17 @@
 """What the colour outlier map costs: the same bundle's branches with and without it, timed interleaved.
 
-    python -m bench.colour_cost --bundle models/demo [--backends eager,aoti] [--rounds 5] [--runs 60] [--json OUT]
+    python -m bench.colour_cost --bundle models/demo [--strides 1] [--backends eager,aoti] [--rounds 5]
+                                [--runs 60] [--threads N] [--json OUT]
 
 The bundle must have the colour map (``colour_score``). A copy of it with the map switched off
 (``plain_copy``: ``--plain``, default runs/colour-cost-plain; same weights, so only the map
-differs) is made,
-both are loaded per backend, and timing alternates between the two for ``--rounds`` rounds of
-``--runs`` calls each, batch 1, so that drift on a shared machine hits both alike; the table
-gives medians over all calls and the ratio with / without. Provenance included.
+differs) is made, and for each of ``--strides`` other than the bundle's own a timing copy with
+the map computed at that stride (``stride_copy``: the same statistics relabelled, so its scores
+mean nothing, only its cost). All are loaded per backend, and timing alternates between them for
+``--rounds`` rounds of ``--runs`` calls each, batch 1, each round starting with the next variant,
+so that drift on a shared machine hits all alike; the table gives medians over all calls and the
+ratio to the plain branch. ``--threads 1`` times them as each ``cemd calibrate`` worker runs them.
+Provenance included.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from bench.provenance import provenance, provenance_markdown
 from bench.timing import time_calls
 from engine.backends import BackendUnavailable, load_scorer
 from engine.bundle import COLOUR_FILE, load_bundle
+from engine.backbone import file_sha256
 
 
 def plain_copy(src: Path, dst: Path) -> Path:
@@ -35,9 +40,26 @@ def plain_copy(src: Path, dst: Path) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*", COLOUR_FILE))
     meta = json.loads((dst / "bundle.json").read_text())
-    for key in ("colour_score", "colour_sigma", "colour_gain"):
+    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride"):
         meta["model"].pop(key, None)
     meta["files"].pop(COLOUR_FILE, None)
+    (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return dst
+
+
+def stride_copy(src: Path, dst: Path, stride: int) -> Path:
+    """For timing only: ``src`` with its colour map computed at ``stride``, the statistics fitted
+    at the bundle's own stride relabelled (scores from it are not meaningful; refit for that)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*"))
+    colour = json.loads((dst / COLOUR_FILE).read_text())
+    for stats in colour["modalities"].values():
+        stats["stride"] = stride
+    (dst / COLOUR_FILE).write_text(json.dumps(colour, indent=2))
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["model"]["colour_stride"] = stride
+    meta["files"][COLOUR_FILE] = file_sha256(dst / COLOUR_FILE)
     (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
     return dst
 
@@ -46,45 +68,58 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=Path("models/demo"))
     ap.add_argument("--plain", type=Path, default=Path("runs/colour-cost-plain"))
+    ap.add_argument("--strides", default="1", help="colour map strides to time besides the bundle's own "
+                    "(comma list; '' for none)")
     ap.add_argument("--backends", default="eager,aoti")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = default; 1 = as each `cemd calibrate` worker scores)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with_colour = load_bundle(a.bundle)
     if not with_colour.model.colour_score:
         raise SystemExit(f"{a.bundle} has no colour map (model.colour_score is false)")
-    plain = load_bundle(plain_copy(a.bundle, a.plain))
+    own = with_colour.model.colour_stride
+    variants = {f"stride {own}": with_colour}
+    for k in sorted({int(v) for v in a.strides.split(",") if v.strip()} - {own}):
+        variants[f"stride {k}"] = load_bundle(stride_copy(a.bundle, a.plain.with_name(f"{a.plain.name}-stride{k}"), k))
+    variants["without"] = load_bundle(plain_copy(a.bundle, a.plain))
     rows: list[dict[str, Any]] = []
     for backend in (b.strip() for b in a.backends.split(",")):
         for m in with_colour.modalities:
             try:
-                scorers = {"with colour": load_scorer(with_colour, m, backend, "cpu", log=print),
-                           "without": load_scorer(plain, m, backend, "cpu", log=print)}
+                scorers = {name: load_scorer(b, m, backend, "cpu", log=print) for name, b in variants.items()}
             except BackendUnavailable as exc:
                 print(f"{m.upper()} {backend}: unavailable: {exc}")
                 continue
             x = torch.rand(1, 3, with_colour.model.input_size, with_colour.model.input_size)
             samples: dict[str, list[float]] = {k: [] for k in scorers}
-            for _ in range(a.rounds):
-                for name, sc in scorers.items():
+            names = list(scorers)
+            for i in range(a.rounds):  # each round starts with the next variant: no one is always first
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    sc = scorers[name]
                     r = time_calls(lambda sc=sc: sc(x), a.runs, warmup=10)
                     samples[name].append(r["p50_ms"])
             med = {k: float(np.median(v)) for k, v in samples.items()}
-            rows.append({"backend": backend, "modality": m, "with_colour_p50_ms": round(med["with colour"], 2),
-                         "without_p50_ms": round(med["without"], 2),
-                         "ratio": round(med["with colour"] / med["without"], 3), "rounds": a.rounds, "runs": a.runs})
+            rows.append({"backend": backend, "modality": m, "without_p50_ms": round(med["without"], 2),
+                         "p50_ms": {k: round(v, 2) for k, v in med.items() if k != "without"},
+                         "ratio": {k: round(v / med["without"], 3) for k, v in med.items() if k != "without"},
+                         "rounds": a.rounds, "runs": a.runs, "threads": torch.get_num_threads()})
             print(rows[-1], flush=True)
     out = {"provenance": provenance(), "bundle": str(a.bundle), "results": rows}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))
     print(provenance_markdown(out["provenance"]))
-    print("| branch | backend | p50 ms with colour map | p50 ms without | ratio |")
-    print("|---|---|---|---|---|")
+    names = [k for k in variants if k != "without"]
+    print("| branch | backend | p50 ms without | " + " | ".join(f"p50 ms {k} (ratio)" for k in names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
     for r in rows:
-        print(f"| {r['modality'].upper()} | {r['backend']} | {r['with_colour_p50_ms']:.2f} | {r['without_p50_ms']:.2f} "
-              f"| {r['ratio']:.3f} |")
+        cells = " | ".join(f"{r['p50_ms'][k]:.2f} ({r['ratio'][k]:.3f})" for k in names)
+        print(f"| {r['modality'].upper()} | {r['backend']} | {r['without_p50_ms']:.2f} | {cells} |")
     return 0
 
 

@@ -137,7 +137,10 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     th = Thresholds.for_bundle(bundle)  # the old calibration no longer fits these scores, and says so
     assert th.warning is not None and "colour_score" in th.warning
     # bench.colour_cost compares against a copy with the map off: same weights, the old scores
-    from bench.colour_cost import plain_copy
+    from bench.colour_cost import plain_copy, stride_copy
+
+    timing = load_bundle(stride_copy(b, tmp_path / "stride1", 1))  # and a copy at another stride, for its cost
+    assert timing.model.colour_stride == 1 and timing.branch("wli").colour.stride == 1
 
     plain = load_bundle(plain_copy(b, tmp_path / "plain"))
     assert plain.model.colour_score is False and not (tmp_path / "plain" / "calibration.json").exists()
