@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.config import SCORE_REDUCTIONS, ModelConfig, TrainConfig
+from engine.config import COLOUR_STRIDES, SCORE_REDUCTIONS, ModelConfig, TrainConfig
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +39,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="distillation map only: do not fit the colour outlier map after the students (docs/MODEL.md)")
     p.add_argument("--colour-gain", type=float, default=ModelConfig.colour_gain, metavar="G",
                    help="weight of the colour map relative to the distillation map's normal spread (default %(default)s)")
-    p.add_argument("--colour-stride", type=int, choices=(1, 2, 4, 8), default=ModelConfig.colour_stride, metavar="K",
-                   help="compute the colour map at 1/K of the input size and upsample it (1, 2, 4 or 8; "
-                        "default %(default)s)")
+    p.add_argument("--colour-stride", type=int, choices=COLOUR_STRIDES, default=ModelConfig.colour_stride, metavar="K",
+                   help=f"compute the colour map at 1/K of the input size and upsample it "
+                        f"({', '.join(map(str, COLOUR_STRIDES))}; default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
     abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")

@@ -11,6 +11,7 @@ from typing import Any
 
 MODALITIES = ("wli", "nbi")
 SCORE_REDUCTIONS = ("topk", "topk_minus_median", "max", "mean")
+COLOUR_STRIDES = (1, 2, 4, 8)
 
 
 @dataclass
@@ -75,8 +76,9 @@ class ModelConfig:
                               f"not {self.score_reduction!r}")
         if not self.score_scales or any(k not in (0, 1, 2) for k in self.score_scales):
             raise BundleError(f"score_scales must be a non-empty subset of (0, 1, 2), not {self.score_scales}")
-        if self.colour_stride not in (1, 2, 4, 8):
-            raise BundleError(f"colour_stride must be 1, 2, 4 or 8, not {self.colour_stride}")
+        if self.colour_stride not in COLOUR_STRIDES:
+            raise BundleError(f"colour_stride must be one of {', '.join(map(str, COLOUR_STRIDES))}, "
+                              f"not {self.colour_stride}")
         if self.input_size % 32:
             raise BundleError(f"input_size must be a multiple of 32, not {self.input_size}")
         bad = [m for m in self.modalities if m not in MODALITIES]
