@@ -39,7 +39,9 @@ from engine.config import to_dict
 from engine.errors import CemdError
 
 BACKENDS = ("tensorrt", "aoti", "eager")
-ARTIFACT_FORMAT = "cemd-compiled/1"
+# Bumped when the code inside a compiled branch changes, so older packages are rebuilt, not reused
+# (2: the field-of-view mask as convolutions).
+ARTIFACT_FORMAT = "cemd-compiled/2"
 # Parity tolerances: max |compiled − eager| over the anomaly map (map values are ~0.05–1.5).
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 
@@ -430,3 +432,49 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
             skipped[name] = str(exc)
             log(f"{modality.upper()}: {name} skipped: {exc}")
     raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
+
+
+def _build_worker(job: tuple[str, str, str, str | None, str | None]) -> tuple[str, float | None, str | None]:
+    """In a child process: build (or find) one branch's artifact; (modality, seconds, error)."""
+    from engine.bundle import load_bundle  # noqa: PLC0415
+
+    path, modality, device, precision, cache_dir = job
+    try:
+        bundle = load_bundle(path)
+        _fn, _artifact, seconds = compile_branch(bundle, modality, "aoti", device, precision,
+                                                 cache_dir=Path(cache_dir) if cache_dir else None)
+        return modality, seconds, None
+    except Exception as exc:  # the caller's load_scorer meets the same problem and reports it properly
+        return modality, None, _first_line(exc)
+
+
+def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", device: str = "cpu",
+                 precision: str | None = None, cache_dir: Path | None = None, log: Log = _quiet,
+                 build: bool = True) -> dict[str, Scorer]:
+    """`load_scorer` for several branches; on the CPU, AOTInductor packages that are missing are
+    compiled at the same time, one process per branch (two branches: ~45 % less time on a 2-core
+    machine than one after the other, since lowering and the C++ compiler each use one core)."""
+    if build and device == "cpu" and backend in ("auto", "aoti") and len(modalities) > 1 and (os.cpu_count() or 1) > 1:
+        todo = []
+        try:
+            check_compiler()
+            for m in modalities:
+                key = artifact_key(bundle, m, "aoti", device, precision or default_precision("aoti", device), 1)
+                if stale_reason(*artifact_paths(Path(cache_dir) if cache_dir else bundle.path / "compiled", key), key):
+                    todo.append(m)
+        except BackendUnavailable:
+            todo = []  # no compiler: load_scorer says so and falls back
+        if len(todo) > 1:
+            import multiprocessing as mp  # noqa: PLC0415
+
+            log(f"compiling the {' and '.join(m.upper() for m in todo)} aoti branches at once "
+                f"({len(todo)} processes; a minute or two, once per machine)")
+            t0 = time.perf_counter()
+            jobs = [(str(bundle.path), m, device, precision, str(cache_dir) if cache_dir else None) for m in todo]
+            with mp.get_context("spawn").Pool(min(len(todo), os.cpu_count() or 1)) as pool:
+                for m, _seconds, error in pool.imap_unordered(_build_worker, jobs):
+                    if error:
+                        log(f"{m.upper()} aoti: parallel build failed ({error}); trying again in this process")
+            log(f"compiled in {time.perf_counter() - t0:.0f} s")
+    return {m: load_scorer(bundle, m, backend, device, precision, cache_dir=cache_dir, log=log, build=build)
+            for m in modalities}

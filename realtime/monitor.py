@@ -150,7 +150,7 @@ class Monitor:
         return d
 
     def _load_model(self) -> None:
-        from engine.backends import load_scorer
+        from engine.backends import load_scorers
 
         sc = self.cfg.scoring
         self.bundle = load_bundle(sc.bundle)
@@ -164,9 +164,8 @@ class Monitor:
         self.thresholds = Thresholds.for_bundle(self.bundle)
         if self.thresholds.warning:
             self._warn(self.thresholds.warning)
-        for m in modalities:
-            self.scorers[m] = load_scorer(self.bundle, m, sc.backend, self.device, sc.precision,
-                                          log=lambda s: self.log(f"  {s}"), build=sc.build_missing)
+        self.scorers.update(load_scorers(self.bundle, modalities, sc.backend, self.device, sc.precision,
+                                         log=lambda s: self.log(f"  {s}"), build=sc.build_missing))
         if sc.modality == "auto":
             classifier, warning = ModalityClassifier.for_bundle(self.bundle.path)
             if warning:

@@ -148,7 +148,7 @@ class Replayer:
     def __init__(self, bundle: Any, modality: str = "auto", backend: str = "auto", device: str = "cpu",
                  switch_frames: int = 2, switch_confidence: float = 0.9, redetect_fov_every: int = 15,
                  log: Log = lambda _s: None, build: bool = True) -> None:
-        from engine.backends import load_scorer
+        from engine.backends import load_scorers
 
         if modality not in ("wli", "nbi", "auto"):
             raise CemdError(f"modality must be wli, nbi or auto, got {modality!r}")
@@ -162,7 +162,7 @@ class Replayer:
             if len(modalities) < 2:
                 raise CemdError(f"--modality auto needs both branches but bundle {bundle.path} has only "
                                 f"{', '.join(m.upper() for m in modalities)}; use --modality {modalities[0]}")
-        self.scorers = {m: load_scorer(bundle, m, backend, device, log=log, build=build) for m in modalities}
+        self.scorers = load_scorers(bundle, modalities, backend, device, log=log, build=build)
         # auto routes with it; a fixed modality still uses it to notice video of the other light
         self.classifier, warning = ModalityClassifier.for_bundle(bundle.path)
         if warning and modality == "auto":

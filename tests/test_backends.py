@@ -14,7 +14,7 @@ import torch
 from conftest import TINY_SIZE
 from engine import backends
 from engine.backends import (BackendUnavailable, artifact_key, check_parity, compile_branch, eager_module,
-                             load_scorer, probe_frames, stale_reason)
+                             load_scorer, load_scorers, probe_frames, stale_reason)
 from engine.bundle import load_bundle
 
 
@@ -23,10 +23,16 @@ def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundl
     bundle = load_bundle(tiny_bundle)
     cache = tmp_path / "compiled"
     logs: list[str] = []
-    scorer = load_scorer(bundle, "wli", "auto", "cpu", cache_dir=cache, log=logs.append)
-    assert scorer.backend == "aoti" and scorer.compile_seconds is not None
+    # both branches missing: compiled at once in two processes, then loaded and parity-checked here
+    scorers = load_scorers(bundle, ["wli", "nbi"], "auto", "cpu", cache_dir=cache, log=logs.append)
+    assert any("compiling the WLI and NBI aoti branches at once" in m for m in logs), logs
+    assert not any("parallel build failed" in m for m in logs), logs
+    assert len(list(cache.glob("*.pt2"))) == 2
+    for m, sc in scorers.items():
+        assert sc.modality == m and sc.backend == "aoti" and sc.compile_seconds is None  # built by the children
+        assert sc.parity is not None and sc.parity["ok"] and sc.parity["max_abs_map_error"] <= 1e-3
+    scorer = scorers["wli"]
     assert "tensorrt" in scorer.skipped and any("tensorrt skipped" in m for m in logs)
-    assert scorer.parity is not None and scorer.parity["ok"] and scorer.parity["max_abs_map_error"] <= 1e-3
 
     # 40 frames, batch 4: FP32 maps within 1e-3 and the same image-score ranking as eager
     frames = probe_frames(TINY_SIZE, 40, seed=11)
