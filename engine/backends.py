@@ -24,6 +24,9 @@ import copy
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,26 +437,27 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
     raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
 
 
-def _build_worker(job: tuple[str, str, str, str | None, str | None]) -> tuple[str, float | None, str | None]:
-    """In a child process: build (or find) one branch's artifact; (modality, seconds, error)."""
+def _build_main(argv: list[str]) -> int:
+    """Child process of `load_scorers`: build (or find) one branch's AOTInductor package."""
     from engine.bundle import load_bundle  # noqa: PLC0415
 
-    path, modality, device, precision, cache_dir = job
+    path, modality, device, precision, cache_dir = argv
     try:
-        bundle = load_bundle(path)
-        _fn, _artifact, seconds = compile_branch(bundle, modality, "aoti", device, precision,
-                                                 cache_dir=Path(cache_dir) if cache_dir else None)
-        return modality, seconds, None
-    except Exception as exc:  # the caller's load_scorer meets the same problem and reports it properly
-        return modality, None, _first_line(exc)
+        compile_branch(load_bundle(path), modality, "aoti", device, precision or None,
+                       cache_dir=Path(cache_dir) if cache_dir else None)
+        return 0
+    except Exception as exc:  # the parent's load_scorer meets the same problem and reports it properly
+        print(f"error: {_first_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", device: str = "cpu",
                  precision: str | None = None, cache_dir: Path | None = None, log: Log = _quiet,
                  build: bool = True) -> dict[str, Scorer]:
     """`load_scorer` for several branches; on the CPU, AOTInductor packages that are missing are
-    compiled at the same time, one process per branch (two branches: ~45 % less time on a 2-core
-    machine than one after the other, since lowering and the C++ compiler each use one core)."""
+    compiled at the same time, one child interpreter per branch: lowering and the C++ compiler each
+    use one core, so two branches took 66 s at once against about 100 s one after the other on the
+    2-core machine (docs/BENCHMARKS.md). A child that fails is retried here, by `load_scorer`."""
     if build and device == "cpu" and backend in ("auto", "aoti") and len(modalities) > 1 and (os.cpu_count() or 1) > 1:
         todo = []
         try:
@@ -465,16 +469,26 @@ def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", d
         except BackendUnavailable:
             todo = []  # no compiler: load_scorer says so and falls back
         if len(todo) > 1:
-            import multiprocessing as mp  # noqa: PLC0415
-
             log(f"compiling the {' and '.join(m.upper() for m in todo)} aoti branches at once "
                 f"({len(todo)} processes; a minute or two, once per machine)")
             t0 = time.perf_counter()
-            jobs = [(str(bundle.path), m, device, precision, str(cache_dir) if cache_dir else None) for m in todo]
-            with mp.get_context("spawn").Pool(min(len(todo), os.cpu_count() or 1)) as pool:
-                for m, _seconds, error in pool.imap_unordered(_build_worker, jobs):
-                    if error:
-                        log(f"{m.upper()} aoti: parallel build failed ({error}); trying again in this process")
+            # Plain child interpreters, not multiprocessing: those re-run the caller's main script
+            # (a script without a __main__ guard would build everything in every child).
+            root = str(Path(__file__).resolve().parent.parent)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+            code = "import sys; from engine.backends import _build_main; sys.exit(_build_main(sys.argv[1:]))"
+            with tempfile.TemporaryDirectory() as tmp:
+                procs = []
+                for m in todo:
+                    with open(Path(tmp) / m, "w") as err:  # a file, not a pipe: a chatty child never blocks
+                        procs.append((m, subprocess.Popen(
+                            [sys.executable, "-c", code, str(bundle.path), m, device, precision or "",
+                             str(cache_dir or "")], stdout=subprocess.DEVNULL, stderr=err, env=env)))
+                for m, proc in procs:
+                    if proc.wait():
+                        lines = [x for x in (Path(tmp) / m).read_text(errors="replace").splitlines() if x.strip()]
+                        log(f"{m.upper()} aoti: parallel build failed ({(lines or [f'exit {proc.returncode}'])[-1]}); "
+                            f"trying again in this process")
             log(f"compiled in {time.perf_counter() - t0:.0f} s")
     return {m: load_scorer(bundle, m, backend, device, precision, cache_dir=cache_dir, log=log, build=build)
             for m in modalities}

@@ -48,7 +48,7 @@ def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundl
     again = load_scorer(bundle, "wli", "aoti", "cpu", cache_dir=cache)
     assert again.compile_seconds is None  # loaded, not recompiled
     assert scorer.artifact is not None
-    # The rebuild path: one real compile above is enough (each costs ~70 s on a 2-core CI runner), so the
+    # The rebuild path: the real compiles above are enough (about a minute on a 2-core CI runner), so the
     # compiler is now a stand-in that writes the good package it produced; what is tested is that a
     # corrupted package is noticed, rebuilt through build_aoti, re-hashed, parity-checked and loaded.
     good = scorer.artifact.read_bytes()
