@@ -108,6 +108,13 @@ def artifact_paths(cache_dir: Path, key: dict[str, Any]) -> tuple[Path, Path]:
     return cache_dir / f"{stem}{suffix}", cache_dir / f"{stem}.json"
 
 
+def artifact_location(bundle: Bundle, modality: str, backend: str, device: str, precision: str, batch: int,
+                      cache_dir: Path | None = None, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, Path]:
+    """(key, artifact, sidecar) of one branch's compiled artifact; default folder ``BUNDLE/compiled``."""
+    key = artifact_key(bundle, modality, backend, device, precision, batch, extra)
+    return (key, *artifact_paths(Path(cache_dir) if cache_dir else bundle.path / "compiled", key))
+
+
 def stale_reason(artifact: Path, sidecar: Path, key: dict[str, Any]) -> str | None:
     """None when the artifact can be trusted; otherwise why it must be rebuilt."""
     if not artifact.is_file():
@@ -347,9 +354,7 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
         extra = {}
     else:
         raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
-    key = artifact_key(bundle, modality, backend, device, precision, batch, extra)
-    cache_dir = Path(cache_dir) if cache_dir else bundle.path / "compiled"
-    artifact, sidecar = artifact_paths(cache_dir, key)
+    key, artifact, sidecar = artifact_location(bundle, modality, backend, device, precision, batch, cache_dir, extra)
     reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
     if reason is None:
         try:
@@ -451,44 +456,54 @@ def _build_main(argv: list[str]) -> int:
         return 1
 
 
+def _build_at_once(bundle: Bundle, modalities: list[str], device: str, precision: str | None,
+                   cache_dir: Path | None, log: Log) -> None:
+    """Compile these branches' AOTInductor packages in parallel, one child interpreter each.
+
+    Plain child interpreters, not multiprocessing: its children re-run the caller's main script
+    (a script without a ``__main__`` guard would build everything in every child). A child that
+    fails is only logged; the caller's `load_scorer` then builds that branch itself.
+    """
+    log(f"compiling the {' and '.join(m.upper() for m in modalities)} aoti branches at once "
+        f"({len(modalities)} processes; a minute or two, once per machine)")
+    t0 = time.perf_counter()
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    code = "import sys; from engine.backends import _build_main; sys.exit(_build_main(sys.argv[1:]))"
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for m in modalities:
+            with open(Path(tmp) / m, "w") as err:  # a file, not a pipe: a chatty child never blocks
+                procs.append((m, subprocess.Popen(
+                    [sys.executable, "-c", code, str(bundle.path), m, device, precision or "", str(cache_dir or "")],
+                    stdout=subprocess.DEVNULL, stderr=err, env=env)))
+        for m, proc in procs:
+            if proc.wait():
+                lines = [x for x in (Path(tmp) / m).read_text(errors="replace").splitlines() if x.strip()]
+                log(f"{m.upper()} aoti: parallel build failed ({(lines or [f'exit {proc.returncode}'])[-1]}); "
+                    f"trying again in this process")
+    log(f"compiled in {time.perf_counter() - t0:.0f} s")
+
+
 def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", device: str = "cpu",
                  precision: str | None = None, cache_dir: Path | None = None, log: Log = _quiet,
                  build: bool = True) -> dict[str, Scorer]:
     """`load_scorer` for several branches; on the CPU, AOTInductor packages that are missing are
-    compiled at the same time, one child interpreter per branch: lowering and the C++ compiler each
-    use one core, so two branches took 66 s at once against about 100 s one after the other on the
-    2-core machine (docs/BENCHMARKS.md). A child that fails is retried here, by `load_scorer`."""
+    compiled at the same time (`_build_at_once`): lowering and the C++ compiler each use one core,
+    so two branches took 66 s at once against about 100 s one after the other on the 2-core
+    machine (docs/BENCHMARKS.md)."""
     if build and device == "cpu" and backend in ("auto", "aoti") and len(modalities) > 1 and (os.cpu_count() or 1) > 1:
-        todo = []
+        prec = precision or default_precision("aoti", device)
         try:
             check_compiler()
+            todo = []
             for m in modalities:
-                key = artifact_key(bundle, m, "aoti", device, precision or default_precision("aoti", device), 1)
-                if stale_reason(*artifact_paths(Path(cache_dir) if cache_dir else bundle.path / "compiled", key), key):
+                key, artifact, sidecar = artifact_location(bundle, m, "aoti", device, prec, 1, cache_dir)
+                if stale_reason(artifact, sidecar, key):
                     todo.append(m)
         except BackendUnavailable:
             todo = []  # no compiler: load_scorer says so and falls back
         if len(todo) > 1:
-            log(f"compiling the {' and '.join(m.upper() for m in todo)} aoti branches at once "
-                f"({len(todo)} processes; a minute or two, once per machine)")
-            t0 = time.perf_counter()
-            # Plain child interpreters, not multiprocessing: those re-run the caller's main script
-            # (a script without a __main__ guard would build everything in every child).
-            root = str(Path(__file__).resolve().parent.parent)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-            code = "import sys; from engine.backends import _build_main; sys.exit(_build_main(sys.argv[1:]))"
-            with tempfile.TemporaryDirectory() as tmp:
-                procs = []
-                for m in todo:
-                    with open(Path(tmp) / m, "w") as err:  # a file, not a pipe: a chatty child never blocks
-                        procs.append((m, subprocess.Popen(
-                            [sys.executable, "-c", code, str(bundle.path), m, device, precision or "",
-                             str(cache_dir or "")], stdout=subprocess.DEVNULL, stderr=err, env=env)))
-                for m, proc in procs:
-                    if proc.wait():
-                        lines = [x for x in (Path(tmp) / m).read_text(errors="replace").splitlines() if x.strip()]
-                        log(f"{m.upper()} aoti: parallel build failed ({(lines or [f'exit {proc.returncode}'])[-1]}); "
-                            f"trying again in this process")
-            log(f"compiled in {time.perf_counter() - t0:.0f} s")
+            _build_at_once(bundle, todo, device, precision, cache_dir, log)
     return {m: load_scorer(bundle, m, backend, device, precision, cache_dir=cache_dir, log=log, build=build)
             for m in modalities}
