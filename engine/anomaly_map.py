@@ -40,15 +40,63 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), self.ky, groups=c)
 
 
+def upsample_blur_matrix(n: int, size: int, sigma: float) -> torch.Tensor:
+    """size × n matrix A of "bilinear upsampling n → size, then the σ blur" along one axis.
+
+    Both steps are linear and act on each axis separately, so for an n×n map d the blurred
+    upsampled map is A·d·Aᵀ. Built by pushing the unit vectors through the same two operations
+    (F.interpolate, reflect-padded Gaussian), so it is those operations, not a re-derivation.
+    """
+    up = F.interpolate(torch.eye(n).view(n, 1, n), size=size, mode="linear", align_corners=False)
+    if sigma > 0:
+        k = gaussian_kernel1d(sigma)
+        p = k.numel() // 2
+        up = F.conv1d(F.pad(up, (p, p), mode="reflect"), k.view(1, 1, -1))
+    return up[:, 0, :].T.contiguous()
+
+
+class SmoothUpsample(nn.Module):
+    """N×1×h×w → N×1×size×size: bilinear upsampling followed by ``GaussianBlur(sigma)``.
+
+    For the map sides given up front (the encoder's feature sizes) it is two small matrix
+    products, A·d·Aᵀ (``upsample_blur_matrix``): equal to the two steps within float rounding
+    (~1e-7) and ~40× cheaper in a compiled branch on a CPU than blurring the 256² map with
+    1-channel convolutions (docs/BENCHMARKS.md). Any other side takes the two steps.
+    """
+
+    def __init__(self, size: int, sigma: float, sides: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.size = size
+        self.blur = GaussianBlur(sigma)
+        self.sides = tuple(sorted(set(sides)))
+        for n in self.sides:
+            self.register_buffer(f"a{n}", upsample_blur_matrix(n, size, sigma), persistent=False)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        h, w = d.shape[-2:]
+        if h in self.sides and w in self.sides:
+            return getattr(self, f"a{h}") @ d @ getattr(self, f"a{w}").T
+        return self.blur(F.interpolate(d, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
 def cosine_distance_maps(teacher: list[torch.Tensor], student: list[torch.Tensor], size: int,
-                         scales: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Σ over `scales` (default all) of the upsampled per-pixel map 1 − cos(T, S); N×1×size×size."""
+                         scales: tuple[int, ...] | None = None,
+                         upsample: nn.Module | None = None) -> torch.Tensor:
+    """Σ over `scales` (default all) of the upsampled per-pixel map 1 − cos(T, S); N×1×size×size.
+
+    ``upsample`` (N×1×h×w → N×1×size×size) replaces plain bilinear upsampling, e.g. a
+    ``SmoothUpsample`` that also blurs: the blur is linear, so blurring each scale's map and
+    summing equals blurring the sum.
+    """
     total = None
     for k, (t, s) in enumerate(zip(teacher, student)):
         if scales is not None and k not in scales:
             continue
         d = 1 - F.cosine_similarity(t, s, dim=1, eps=1e-6).unsqueeze(1)
-        d = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
+        if upsample is not None:
+            d = upsample(d)
+        else:
+            d = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=False)
         total = d if total is None else total + d
     assert total is not None
     return total

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, reduce_score
-from engine.backbone import FrozenEncoder
+from engine.anomaly_map import FieldOfViewMask, SmoothUpsample, cosine_distance_maps, reduce_score
+from engine.backbone import FrozenEncoder, get_backbone
 from engine.colour import ColourOutlier
 from engine.config import ModelConfig
 from engine.student import StudentNet
@@ -39,7 +39,10 @@ class StudentBranch(nn.Module):
         self.encoder = encoder
         self.teacher = TeacherView(adapters, modality)
         self.student = student
-        self.blur = GaussianBlur(cfg.smoothing_sigma)
+        # upsampling + σ blur of the distillation map as two small matrix products per scale
+        strides = get_backbone(cfg.backbone).strides
+        self.smooth = SmoothUpsample(cfg.input_size, cfg.smoothing_sigma,
+                                     tuple(cfg.input_size // s for s in strides))
         self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window) if cfg.fov_mask else None
         # colour: the fitted statistics (bundle.json "colour"[modality]); None = distillation map only
         self.colour = None
@@ -54,8 +57,8 @@ class StudentBranch(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.encoder(frames)
-        amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size, self.score_scales)
-        amap = self.blur(amap)
+        amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size, self.score_scales,
+                                    upsample=self.smooth)
         fov = None
         if self.fov is not None:
             fov = self.fov(frames)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.anomaly_map import FieldOfViewMask, GaussianBlur, cosine_distance_maps, masked_median, reduce_score
+from engine.anomaly_map import (
+    FieldOfViewMask,
+    GaussianBlur,
+    SmoothUpsample,
+    cosine_distance_maps,
+    masked_median,
+    reduce_score,
+)
 from engine.backbone import FrozenEncoder, build_lite0
 from engine.branch import StudentBranch
 from engine.config import ModelConfig
@@ -204,3 +211,14 @@ def test_fov_opening_equals_the_max_filter_definition() -> None:
     expected = torch.nn.functional.max_pool2d(eroded, 15, stride=1, padding=7)
     assert torch.equal(FieldOfViewMask(0.08, 15)(frames), expected)
     assert 0 < expected[:3].mean() < 1  # the random frames exercise both erosion and dilation
+
+
+@pytest.mark.parametrize("sigma", [4.0, 0.0])
+def test_smooth_upsample_equals_upsampling_then_blurring(sigma: float) -> None:
+    gen = torch.Generator().manual_seed(2)
+    smooth = SmoothUpsample(64, sigma, (16, 8))
+    for side in (16, 8, 4):  # 4: no matrix, the two steps themselves
+        d = torch.rand(3, 1, side, side, generator=gen)
+        expected = GaussianBlur(sigma)(torch.nn.functional.interpolate(d, size=(64, 64), mode="bilinear",
+                                                                        align_corners=False))
+        torch.testing.assert_close(smooth(d), expected, atol=1e-6, rtol=1e-6)
