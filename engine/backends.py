@@ -374,7 +374,7 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     module = eager_module(bundle, modality, device, precision)
     example = example_input(bundle, batch, device)
     ep = export_branch(module, example)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    artifact.parent.mkdir(parents=True, exist_ok=True)
     tmp = artifact.with_name(f".tmp-{os.getpid()}-{artifact.name}")  # keeps the suffix AOTInductor insists on
     tmp.unlink(missing_ok=True)
     try:

@@ -20,11 +20,12 @@ from engine.bundle import load_bundle
 
 def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundle: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle = load_bundle(tiny_bundle)
-    cache = tmp_path / "compiled"
+    # a private copy: the packages go to the bundle's own compiled/ folder, the default (no cache_dir)
+    bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    cache = bundle.path / "compiled"
     logs: list[str] = []
     # both branches missing: compiled at once in two processes, then loaded and parity-checked here
-    scorers = load_scorers(bundle, ["wli", "nbi"], "auto", "cpu", cache_dir=cache, log=logs.append)
+    scorers = load_scorers(bundle, ["wli", "nbi"], "auto", "cpu", log=logs.append)
     assert any("compiling the WLI and NBI aoti branches at once" in m for m in logs), logs
     assert not any("parallel build failed" in m for m in logs), logs
     assert len(list(cache.glob("*.pt2"))) == 2
