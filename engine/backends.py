@@ -134,6 +134,35 @@ def stale_reason(artifact: Path, sidecar: Path, key: dict[str, Any]) -> str | No
     return None
 
 
+def prune_superseded(folder: Path, key: dict[str, Any], keep: Path) -> list[Path]:
+    """Remove the artifacts in a bundle's own ``compiled/`` folder that ``key``'s build replaces.
+
+    Superseded: the same branch, backend, device, precision, shape and torch (and TensorRT)
+    version, but another compiled format or other weights — this bundle's code and weights
+    can never load those again. Packages for another torch version or GPU are kept (another
+    environment may share the bundle), as is anything without a readable sidecar.
+    """
+    removed = []
+    versioned = ("format", "model_hash")
+    for side in sorted(folder.glob("*.json")):
+        if side == keep:
+            continue
+        try:
+            stored = json.loads(side.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(stored, dict) or stored == key:
+            continue
+        if any(stored.get(k) != v for k, v in key.items() if k not in versioned):
+            continue
+        if set(stored) - set(key):
+            continue
+        for path in (side.with_suffix(".pt2" if key["backend"] == "aoti" else ".ep"), side):
+            path.unlink(missing_ok=True)
+        removed.append(side.with_suffix(".pt2" if key["backend"] == "aoti" else ".ep"))
+    return removed
+
+
 # --------------------------------------------------------------------------- the modules
 
 
@@ -392,6 +421,11 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     atomic_write_json(sidecar, {"key": key, "sha256": file_sha256(artifact), "compile_seconds": round(seconds, 1),
                                 "built": time.strftime("%Y-%m-%d %H:%M:%S")})
     log(f"{modality.upper()} {backend}: built in {seconds:.0f} s")
+    if artifact.parent == bundle.path / "compiled":  # never in a cache folder other bundles may share
+        removed = prune_superseded(artifact.parent, key, sidecar)
+        if removed:
+            log(f"{modality.upper()} {backend}: removed {len(removed)} superseded package(s) of earlier weights "
+                f"or an earlier format: {', '.join(p.name for p in removed)}")
     return _load_artifact(artifact, backend, device, key["shape"]), artifact, seconds
 
 
@@ -447,19 +481,21 @@ def _build_main(argv: list[str]) -> int:
     """Child process of `load_scorers`: build (or find) one branch's AOTInductor package."""
     from engine.bundle import load_bundle  # noqa: PLC0415
 
-    path, modality, device, precision, cache_dir = argv
+    path, modality, device, precision, cache_dir, batch, rebuild = argv
     try:
-        compile_branch(load_bundle(path), modality, "aoti", device, precision or None,
-                       cache_dir=Path(cache_dir) if cache_dir else None)
+        compile_branch(load_bundle(path), modality, "aoti", device, precision or None, int(batch),
+                       cache_dir=Path(cache_dir) if cache_dir else None, rebuild=rebuild == "1",
+                       log=lambda msg: print(f"log: {msg}", file=sys.stderr, flush=True))
         return 0
     except Exception as exc:  # the parent's load_scorer meets the same problem and reports it properly
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return 1
 
 
-def _build_at_once(bundle: Bundle, modalities: list[str], device: str, precision: str | None,
-                   cache_dir: Path | None, log: Log) -> None:
-    """Compile these branches' AOTInductor packages in parallel, one child interpreter each.
+def _build_at_once(bundle: Bundle, modalities: list[str], device: str, precision: str | None, batch: int,
+                   cache_dir: Path | None, rebuild: bool, log: Log) -> set[str]:
+    """Compile these branches' AOTInductor packages in parallel, one child interpreter each;
+    returns the modalities whose child succeeded.
 
     Plain child interpreters, not multiprocessing: its children re-run the caller's main script
     (a script without a ``__main__`` guard would build everything in every child). A child that
@@ -476,35 +512,55 @@ def _build_at_once(bundle: Bundle, modalities: list[str], device: str, precision
         for m in modalities:
             with open(Path(tmp) / m, "w") as err:  # a file, not a pipe: a chatty child never blocks
                 procs.append((m, subprocess.Popen(
-                    [sys.executable, "-c", code, str(bundle.path), m, device, precision or "", str(cache_dir or "")],
+                    [sys.executable, "-c", code, str(bundle.path), m, device, precision or "", str(cache_dir or ""),
+                     str(batch), "1" if rebuild else "0"],
                     stdout=subprocess.DEVNULL, stderr=err, env=env)))
+        built = set()
         for m, proc in procs:
-            if proc.wait():
-                lines = [x for x in (Path(tmp) / m).read_text(errors="replace").splitlines() if x.strip()]
+            proc.wait()
+            lines = [x for x in (Path(tmp) / m).read_text(errors="replace").splitlines() if x.strip()]
+            if proc.returncode == 0:
+                built.add(m)
+                for x in lines:  # what the parent's log would have said: the pruned packages
+                    if x.startswith("log: ") and "superseded" in x:
+                        log(x[5:])
+            else:
                 log(f"{m.upper()} aoti: parallel build failed ({(lines or [f'exit {proc.returncode}'])[-1]}); "
                     f"trying again in this process")
     log(f"compiled in {time.perf_counter() - t0:.0f} s")
+    return built
 
 
 def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", device: str = "cpu",
-                 precision: str | None = None, cache_dir: Path | None = None, log: Log = _quiet,
-                 build: bool = True) -> dict[str, Scorer]:
+                 precision: str | None = None, batch: int = 1, cache_dir: Path | None = None, rebuild: bool = False,
+                 log: Log = _quiet, build: bool = True) -> dict[str, Scorer]:
     """`load_scorer` for several branches; on the CPU, AOTInductor packages that are missing are
     compiled at the same time (`_build_at_once`): lowering and the C++ compiler each use one core,
     so two branches took 66 s at once against about 100 s one after the other on the 2-core
     machine (docs/BENCHMARKS.md)."""
+    built: set[str] = set()
     if build and device == "cpu" and backend in ("auto", "aoti") and len(modalities) > 1 and (os.cpu_count() or 1) > 1:
         prec = precision or default_precision("aoti", device)
         try:
             check_compiler()
             todo = []
             for m in modalities:
-                key, artifact, sidecar = artifact_location(bundle, m, "aoti", device, prec, 1, cache_dir)
-                if stale_reason(artifact, sidecar, key):
+                key, artifact, sidecar = artifact_location(bundle, m, "aoti", device, prec, batch, cache_dir)
+                if rebuild or stale_reason(artifact, sidecar, key):
                     todo.append(m)
         except BackendUnavailable:
             todo = []  # no compiler: load_scorer says so and falls back
         if len(todo) > 1:
-            _build_at_once(bundle, todo, device, precision, cache_dir, log)
-    return {m: load_scorer(bundle, m, backend, device, precision, cache_dir=cache_dir, log=log, build=build)
-            for m in modalities}
+            built = _build_at_once(bundle, todo, device, precision, batch, cache_dir, rebuild, log)
+    scorers = {}
+    for m in modalities:
+        # a branch its child built just now is loaded, not rebuilt, even with rebuild
+        scorers[m] = load_scorer(bundle, m, backend, device, precision, batch, cache_dir=cache_dir,
+                                 rebuild=rebuild and m not in built, log=log, build=build)
+        if m in built and scorers[m].artifact is not None and scorers[m].compile_seconds is None:
+            try:
+                sidecar = json.loads(scorers[m].artifact.with_suffix(".json").read_text())
+                scorers[m].compile_seconds = sidecar.get("compile_seconds")
+            except (OSError, ValueError):
+                pass
+    return scorers

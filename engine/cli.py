@@ -167,7 +167,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from engine.backends import load_scorer
+    from engine.backends import load_scorers
     from engine.bundle import load_bundle
     from engine.errors import CemdError
 
@@ -176,9 +176,14 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CemdError("--batch must be ≥ 1")
     bundle = load_bundle(args.bundle)
     mods = [m.strip() for m in args.modalities.split(",")] if args.modalities else list(bundle.modalities)
-    for m in mods:
-        scorer = load_scorer(bundle, m, args.backend, args.device, args.precision, args.batch, rebuild=args.rebuild,
-                             log=lambda msg: console.print(msg, highlight=False))
+    unknown = [m for m in mods if m not in bundle.modalities]
+    if unknown:
+        raise CemdError(f"--modalities: the bundle has no {', '.join(unknown)} branch "
+                        f"(it has {', '.join(bundle.modalities)})")
+    # AOTInductor branches that need compiling are compiled at once, one process each
+    scorers = load_scorers(bundle, mods, args.backend, args.device, args.precision, args.batch,
+                           rebuild=args.rebuild, log=lambda msg: console.print(msg, highlight=False))
+    for m, scorer in scorers.items():
         par = scorer.parity or {}
         built = f"compiled in {scorer.compile_seconds:.0f} s" if scorer.compile_seconds else "already compiled"
         console.print(f"{m.upper()} {scorer.backend} {scorer.precision} batch {scorer.batch}: {built}, {scorer.artifact}; "

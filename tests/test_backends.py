@@ -24,13 +24,20 @@ def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundl
     bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
     cache = bundle.path / "compiled"
     logs: list[str] = []
+    # a package of an earlier format is there: the child that builds its successor removes it
+    cache.mkdir()
+    (cache / "wli-old.pt2").write_bytes(b"x")
+    (cache / "wli-old.json").write_text(json.dumps(
+        {"key": {**artifact_key(bundle, "wli", "aoti", "cpu", "fp32", 1), "format": "cemd-compiled/1"}}))
     # both branches missing: compiled at once in two processes, then loaded and parity-checked here
     scorers = load_scorers(bundle, ["wli", "nbi"], "auto", "cpu", log=logs.append)
     assert any("compiling the WLI and NBI aoti branches at once" in m for m in logs), logs
     assert not any("parallel build failed" in m for m in logs), logs
-    assert len(list(cache.glob("*.pt2"))) == 2
+    assert any("removed 1 superseded package(s)" in m and "wli-old.pt2" in m for m in logs), logs
+    assert len(list(cache.glob("*.pt2"))) == 2 and not (cache / "wli-old.json").exists()
     for m, sc in scorers.items():
-        assert sc.modality == m and sc.backend == "aoti" and sc.compile_seconds is None  # built by the children
+        assert sc.modality == m and sc.backend == "aoti"
+        assert sc.compile_seconds and sc.compile_seconds > 0  # built by the children, time from their sidecars
         assert sc.parity is not None and sc.parity["ok"] and sc.parity["max_abs_map_error"] <= 1e-3
     scorer = scorers["wli"]
     assert "tensorrt" in scorer.skipped and any("tensorrt skipped" in m for m in logs)
@@ -58,15 +65,54 @@ def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundl
                                                                     Path(path).write_bytes(good)))
     with open(scorer.artifact, "ab") as f:  # corrupt the package on disk
         f.write(b"garbage")
+    # packages a rebuild supersedes (earlier format or weights, same branch and environment) go;
+    # another branch's, another torch's and unreadable ones stay
+    key = json.loads(scorer.artifact.with_suffix(".json").read_text())["key"]
+    planted = {"old-format": {**key, "format": "cemd-compiled/1"}, "old-weights": {**key, "model_hash": "0" * 16},
+               "other-torch": {**key, "format": "cemd-compiled/1", "torch": "2.0.0"},
+               "other-branch": {**key, "modality": "nbi", "model_hash": "0" * 16}}
+    for name, k in planted.items():
+        (cache / f"{name}.pt2").write_bytes(b"x")
+        (cache / f"{name}.json").write_text(json.dumps({"key": k}))
+    (cache / "unreadable.json").write_text("{")
     logs.clear()
     rebuilt = load_scorer(bundle, "wli", "aoti", "cpu", cache_dir=cache, log=logs.append)
     assert rebuilt.compile_seconds is not None and len(builds) == 1
     assert rebuilt.artifact is not None and rebuilt.artifact.read_bytes() == good
     assert any("changed on disk" in m for m in logs), logs
+    left = {p.name for p in cache.iterdir()}
+    assert not {"old-format.pt2", "old-format.json", "old-weights.pt2", "old-weights.json"} & left, left
+    assert {"other-torch.pt2", "other-branch.pt2", "unreadable.json", rebuilt.artifact.name} <= left, left
+    assert any("removed 2 superseded package(s)" in m for m in logs), logs
+    for sc in scorers.values():  # both real packages are still there
+        assert sc.artifact is not None and sc.artifact.exists()
     amap, score = rebuilt(frames[:1])
     assert amap.shape == (1, 1, TINY_SIZE, TINY_SIZE) and score.shape == (1,)
     with pytest.raises(Exception, match="takes 1×3"):
         rebuilt(frames[:2])
+
+    # a parallel build whose child fails (here: no interpreter to run it) is done again in this process
+    goods = {m: sc.artifact.read_bytes() for m, sc in scorers.items() if sc.artifact is not None}
+    monkeypatch.setattr(backends, "build_aoti", lambda _ep, path: (builds.append(Path(path)), Path(path).write_bytes(
+        goods["wli" if "-wli-" in Path(path).name else "nbi"])))
+    monkeypatch.setattr(sys, "executable", shutil.which("false") or "/bin/false")
+    logs.clear()
+    builds.clear()
+    retried = load_scorers(load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle2")), ["wli", "nbi"], "aoti",
+                           "cpu", log=logs.append)
+    assert sum("parallel build failed" in m and "trying again in this process" in m for m in logs) == 2, logs
+    assert len(builds) == 2
+    assert all(sc.parity is not None and sc.parity["ok"] for sc in retried.values())
+
+
+def test_rebuild_of_several_branches_compiles_each_once(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cemd export --rebuild` goes through load_scorers: the children rebuild, the parent only loads
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(backends, "_build_at_once", lambda _b, mods, *a, **k: {"wli"})  # NBI's child failed
+    monkeypatch.setattr(backends, "load_scorer", lambda _b, m, *a, rebuild=False, **k: (
+        calls.append((m, rebuild)), types.SimpleNamespace(artifact=None, compile_seconds=None))[1])
+    backends.load_scorers(load_bundle(tiny_bundle), ["wli", "nbi"], "aoti", "cpu", rebuild=True)
+    assert calls == [("wli", False), ("nbi", True)]
 
 
 def test_stale_keys_are_detected(tiny_bundle: Path, tmp_path: Path) -> None:
