@@ -157,9 +157,10 @@ def prune_superseded(folder: Path, key: dict[str, Any], keep: Path) -> list[Path
             continue
         if set(stored) - set(key):
             continue
-        for path in (side.with_suffix(".pt2" if key["backend"] == "aoti" else ".ep"), side):
-            path.unlink(missing_ok=True)
-        removed.append(side.with_suffix(".pt2" if key["backend"] == "aoti" else ".ep"))
+        artifact = side.with_suffix(".pt2" if key["backend"] == "aoti" else ".ep")
+        artifact.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
+        removed.append(artifact)
     return removed
 
 
