@@ -103,10 +103,19 @@ def _key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _artifact_suffix(backend: str) -> str:
+    return ".pt2" if backend == "aoti" else ".ep"
+
+
+def sidecar_of(artifact: Path) -> Path:
+    """The JSON key stored beside a compiled artifact."""
+    return artifact.with_suffix(".json")
+
+
 def artifact_paths(cache_dir: Path, key: dict[str, Any]) -> tuple[Path, Path]:
-    suffix = ".pt2" if key["backend"] == "aoti" else ".ep"
     stem = f"{key['modality']}-{key['backend']}-{key['device']}-{key['precision']}-b{key['shape'][0]}-{_key_digest(key)}"
-    return cache_dir / f"{stem}{suffix}", cache_dir / f"{stem}.json"
+    artifact = cache_dir / f"{stem}{_artifact_suffix(key['backend'])}"
+    return artifact, sidecar_of(artifact)
 
 
 def artifact_location(bundle: Bundle, modality: str, backend: str, device: str, precision: str, batch: int,
@@ -157,7 +166,7 @@ def prune_superseded(folder: Path, key: dict[str, Any], keep: Path) -> list[Path
             continue
         if set(stored) - set(key):
             continue
-        artifact = side.with_suffix(".pt2" if key["backend"] == "aoti" else ".ep")
+        artifact = side.with_suffix(_artifact_suffix(key["backend"]))
         artifact.unlink(missing_ok=True)
         side.unlink(missing_ok=True)
         removed.append(artifact)
@@ -560,7 +569,7 @@ def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", d
                                  rebuild=rebuild and m not in built, log=log, build=build)
         if m in built and scorers[m].artifact is not None and scorers[m].compile_seconds is None:
             try:
-                sidecar = json.loads(scorers[m].artifact.with_suffix(".json").read_text())
+                sidecar = json.loads(sidecar_of(scorers[m].artifact).read_text())
                 scorers[m].compile_seconds = sidecar.get("compile_seconds")
             except (OSError, ValueError):
                 pass
