@@ -162,8 +162,10 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     path = Path(path)
     meta = _read_meta(path)
     # bundles from before the colour map have no colour_score key: they score without it; those from
-    # before colour_stride computed the map at full size
-    model = from_dict(ModelConfig, {"colour_score": False, "colour_stride": 1, **meta.get("model", {})},
+    # before colour_stride computed the map at full size, those from before colour_background
+    # compared each pixel with the frame's median colour
+    model = from_dict(ModelConfig, {"colour_score": False, "colour_stride": 1, "colour_background": 0.0,
+                                    **meta.get("model", {})},
                       f"{path}/bundle.json model")
     train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
     model.validate()
@@ -220,10 +222,12 @@ def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> di
         for m, stats in data["modalities"].items():
             if len(stats["mean"]) != 2 or len(stats["inv_cov"]) != 2 or not float(stats["weight"]) > 0:
                 raise ValueError(f"{m}: bad mean, inv_cov or weight")
-            fitted = (float(stats.get("sigma", model.colour_sigma)), int(stats.get("stride", 1)))
-            if fitted != (model.colour_sigma, model.colour_stride):
-                raise ValueError(f"{m}: fitted with colour sigma {fitted[0]:g}, stride {fitted[1]} but bundle.json "
-                                 f"asks for sigma {model.colour_sigma:g}, stride {model.colour_stride}")
+            fitted = (float(stats.get("sigma", model.colour_sigma)), int(stats.get("stride", 1)),
+                      float(stats.get("background", 0.0)))
+            if fitted != (model.colour_sigma, model.colour_stride, model.colour_background):
+                raise ValueError(f"{m}: fitted with colour sigma {fitted[0]:g}, stride {fitted[1]}, background "
+                                 f"{fitted[2]:g} but bundle.json asks for sigma {model.colour_sigma:g}, stride "
+                                 f"{model.colour_stride}, background {model.colour_background:g}")
         return data["modalities"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is not a colour model ({exc}); {fix}") from None

@@ -42,6 +42,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colour-stride", type=int, choices=COLOUR_STRIDES, default=ModelConfig.colour_stride, metavar="K",
                    help=f"compute the colour map at 1/K of the input size and upsample it "
                         f"({', '.join(map(str, COLOUR_STRIDES))}; default %(default)s)")
+    p.add_argument("--colour-background", type=float, default=ModelConfig.colour_background, metavar="S",
+                   help="σ in input pixels of the local colour background each pixel is compared with "
+                        "(0 = the frame's median colour; default %(default)g)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
     abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")
@@ -84,6 +87,7 @@ def _run_train(args: argparse.Namespace) -> int:
         colour_score=not args.no_colour_score,
         colour_gain=args.colour_gain,
         colour_stride=args.colour_stride,
+        colour_background=args.colour_background,
     )
     model.validate()
     if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:

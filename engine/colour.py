@@ -6,8 +6,10 @@ like normal tissue, and neither the teacher/student discrepancy nor a nearest-ne
 on the same features sees it (docs/RESULTS.md). Redness is exactly what endoscopists look for.
 
 What: each pixel's colour as blurred log-chromaticity (log R/G, log B/G: independent of
-brightness), relative to the frame's own median inside the lit field of view (so one
-examination's colour cast, or another light source, does not count), then its Mahalanobis
+brightness), relative to its background — the frame's own median inside the lit field of view,
+or (``background`` > 0) a wide Gaussian average of the lit pixels around it, so that one
+examination's colour cast, another light source, or a broad flush of the mucosa does not count
+while a focal spot does — then its Mahalanobis
 distance to the same quantity on the modality's normal training images. Pixels much darker
 than the frame (shadow, where chromaticity is noise) are left out. The map, times a weight that
 puts its normal spread on the distillation map's scale, is added to the distillation map before
@@ -37,15 +39,26 @@ class ColourOutlier(nn.Module):
     ``stride`` > 1 computes the map on the frame average-pooled by that factor (the blur's σ
     scaled with it) and upsamples it bilinearly: the map is smooth at σ = 4 pixels anyway, and a
     quarter of the resolution costs a sixteenth of the pixels (docs/BENCHMARKS.md).
+
+    ``background`` (σ in input pixels; 0 = off) compares each pixel with a Gaussian-weighted
+    average of the lit, not-dark pixels around it (a normalised convolution) instead of with the
+    frame's median: a lesion is a focal change of colour, while normal mucosa also reddens in
+    broad, patchy areas (gastritis-like hyperaemia) that a frame-wide median reads as anomalous
+    (docs/RESULTS.md#local-colour-background-synthetic).
     """
 
     def __init__(self, sigma: float, mean: Any = (0.0, 0.0), inv_cov: Any = ((1.0, 0.0), (0.0, 1.0)),
-                 weight: float = 1.0, stride: int = 1) -> None:
+                 weight: float = 1.0, stride: int = 1, background: float = 0.0) -> None:
         super().__init__()
         if stride < 1:
             raise ValueError(f"colour map stride must be >= 1, got {stride}")
+        if background < 0:
+            raise ValueError(f"colour background sigma must be >= 0, got {background}")
         self.stride = int(stride)
+        self.background = float(background)
         self.blur = GaussianBlur(sigma / self.stride, channels=3)
+        # local background: the same Gaussian over chroma × valid and over valid (their ratio)
+        self.bg_blur = GaussianBlur(self.background / self.stride, channels=3) if self.background > 0 else None
         self.median_step = max(1, 4 // self.stride)  # medians over at most every 4th full-size pixel
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 2, 1, 1))
         self.register_buffer("inv_cov", torch.as_tensor(inv_cov, dtype=torch.float32).view(2, 2))
@@ -67,6 +80,13 @@ class ColourOutlier(nn.Module):
         lit_sub = fov[sub].flatten(1)
         med_lum = masked_median(lum[sub].flatten(1), lit_sub)
         valid = fov * (lum > DARK_FRACTION * med_lum.view(n, 1, 1, 1)).to(fov.dtype)
+        if self.bg_blur is not None:
+            if self.bg_blur.pad >= min(chroma.shape[-2:]):
+                raise ValueError(f"colour background sigma {self.background:g} px is too wide for a "
+                                 f"{chroma.shape[-1]}² colour map (stride {self.stride})")
+            # one grouped blur of (chroma × valid, valid): the weighted mean of the valid neighbours
+            sums = self.bg_blur(torch.cat([chroma * valid, valid], dim=1))
+            return chroma - sums[:, :2] / (sums[:, 2:3] + 1e-6), valid
         valid_sub = valid[sub].flatten(1)
         med = torch.stack([masked_median(chroma[:, k:k + 1][sub].flatten(1), valid_sub) for k in range(2)], dim=1)
         return chroma - med.view(n, 2, 1, 1), valid
@@ -84,9 +104,10 @@ class ColourOutlier(nn.Module):
 
 @torch.no_grad()
 def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_window: int,
-               per_image: int = 4000, seed: int = 0, stride: int = 1) -> dict[str, Any]:
+               per_image: int = 4000, seed: int = 0, stride: int = 1, background: float = 0.0) -> dict[str, Any]:
     """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8)."""
-    model, lit = ColourOutlier(sigma, stride=stride), FieldOfViewMask(fov_threshold, fov_window)
+    model = ColourOutlier(sigma, stride=stride, background=background)
+    lit = FieldOfViewMask(fov_threshold, fov_window)
     rng = np.random.default_rng(seed)
     pts = []
     for i in range(0, len(images), 16):
@@ -102,4 +123,4 @@ def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_windo
     cov = np.cov(allp.T) + 1e-6 * np.eye(2)
     return {"mean": allp.mean(axis=0).tolist(), "inv_cov": np.linalg.inv(cov).tolist(),
             "pixels": int(len(allp)), "images": int(len(images)), "sigma": sigma,
-            "stride": int(stride)}
+            "stride": int(stride), "background": float(background)}

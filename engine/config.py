@@ -59,10 +59,14 @@ class ModelConfig:
     # (written before the map existed) reads as False: such bundles score as they always did.
     # `colour_stride`: the map is computed at 1/stride of the input size and upsampled (it is
     # smooth; 4 costs a sixteenth of the pixels); a bundle.json without the key reads as 1.
+    # `colour_background`: σ (input pixels) of the local colour background each pixel is compared
+    # with (a focal spot counts, a broad flush does not); 0 = the frame's median colour, which is
+    # what a bundle.json without the key (fitted before it existed) reads as.
     colour_score: bool = True
     colour_sigma: float = 4.0
     colour_gain: float = 1.0
     colour_stride: int = 4
+    colour_background: float = 32.0
 
     def validate(self) -> None:
         from engine.errors import BundleError
@@ -79,6 +83,9 @@ class ModelConfig:
         if self.colour_stride not in COLOUR_STRIDES:
             raise BundleError(f"colour_stride must be one of {', '.join(map(str, COLOUR_STRIDES))}, "
                               f"not {self.colour_stride}")
+        if not 0 <= self.colour_background <= self.input_size / 4:
+            raise BundleError(f"colour_background must be 0 (off) or a σ of up to input_size / 4 = "
+                              f"{self.input_size / 4:g} px, not {self.colour_background:g}")
         if self.input_size % 32:
             raise BundleError(f"input_size must be a multiple of 32, not {self.input_size}")
         bad = [m for m in self.modalities if m not in MODALITIES]

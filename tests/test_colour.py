@@ -43,12 +43,16 @@ def _scene(red_patch: bool, seed: int = 0) -> torch.Tensor:
     return img.unsqueeze(0).clamp(0, 1)
 
 
-def _fitted(sigma: float = 2.0, stride: int = ModelConfig.colour_stride) -> ColourOutlier:
-    normals = np.stack([(_scene(False, s)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for s in range(6)])
-    stats = fit_colour(normals, sigma, 0.08, 15, stride=stride)
-    assert abs(stats["mean"][0]) < 0.05 and abs(stats["mean"][1]) < 0.05  # relative to each frame's median
-    assert stats["stride"] == stride
-    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride)
+def _fitted(sigma: float = 2.0, stride: int = ModelConfig.colour_stride, background: float = 0.0,
+            normals: list[torch.Tensor] | None = None) -> ColourOutlier:
+    plain = normals is None
+    normals = normals or [_scene(False, s) for s in range(6)]
+    images = np.stack([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in normals])
+    stats = fit_colour(images, sigma, 0.08, 15, stride=stride, background=background)
+    if plain:  # uniform mucosa: relative to each frame's background, colour centres on 0
+        assert abs(stats["mean"][0]) < 0.05 and abs(stats["mean"][1]) < 0.05
+    assert stats["stride"] == stride and stats["background"] == background
+    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background)
 
 
 def _map(col: ColourOutlier, x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,49 @@ def test_a_red_patch_stands_out_and_cast_brightness_and_shadow_do_not(stride: in
         assert abs(float(m[45, 70]) - float(lesion[45, 70])) < 0.15 * float(lesion[45, 70])
 
 
+def _flushed(seed: int, spot: bool = False) -> torch.Tensor:
+    """Normal mucosa whose left half is broadly flushed red (a smooth ramp, as in gastritis), with
+    an optional small focal red spot on the unflushed side."""
+    img = _scene(False, seed)[0]
+    xx = torch.arange(S).float().view(1, 1, S)
+    flush = torch.clamp((70 - xx) / 40, 0, 1)  # full on the left, fading out by x = 70
+    img = img * (1 + flush * torch.tensor([0.15, -0.35, -0.30]).view(3, 1, 1))
+    if spot:
+        yy, xs = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+        patch = (((yy - 40) ** 2 + (xs - 95) ** 2) < 5**2).float()
+        img = img * (1 + patch * torch.tensor([0.15, -0.35, -0.30]).view(3, 1, 1))
+    return img.unsqueeze(0).clamp(0, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_a_local_background_ignores_a_broad_flush_but_not_a_focal_spot(stride: int) -> None:
+    # both fitted on the same normal frames, half of them flushed: a flush is normal here
+    normals = [_scene(False, s) for s in range(4)] + [_flushed(s) for s in range(4, 8)]
+    frame_median = _fitted(stride=stride, normals=normals)
+    local = _fitted(stride=stride, background=12.0, normals=normals)
+    x = _flushed(9, spot=True)
+    g, loc = _map(frame_median, x), _map(local, x)
+    spot, flush = (40, 95), (64, 25)
+    # against the frame's median the broad flush reads as anomalous as the spot...
+    assert g[flush] > 0.5 * g[spot], (float(g[flush]), float(g[spot]))
+    # ...against the local background only the spot stands out
+    assert loc[spot] > 4 * loc[flush], (float(loc[spot]), float(loc[flush]))
+    assert loc[spot] > 3 * _map(local, _flushed(9)).quantile(0.99)
+    assert loc[95, 60] == 0 and loc[2, 2] == 0  # shadow and black border still not scored
+    # the whole frame's colour cast still moves nothing
+    cast = (x * torch.tensor([0.8, 1.1, 1.2]).view(1, 3, 1, 1)).clamp(0, 1)
+    assert abs(float(_map(local, cast)[spot]) - float(loc[spot])) < 0.15 * float(loc[spot])
+
+
+def test_a_background_wider_than_the_map_is_refused() -> None:
+    with pytest.raises(ValueError, match="too wide"):
+        ColourOutlier(2.0, stride=4, background=80.0)(_scene(False), FieldOfViewMask(0.08, 15)(_scene(False)))
+    with pytest.raises(ValueError, match=">= 0"):
+        ColourOutlier(2.0, background=-1.0)
+    with pytest.raises(BundleError, match="colour_background must be 0"):
+        ModelConfig(colour_background=70.0).validate()
+
+
 def test_the_quarter_resolution_map_follows_the_full_one() -> None:
     full, quarter = _map(_fitted(stride=1), _scene(True, 9)), _map(_fitted(stride=4), _scene(True, 9))
     r = np.corrcoef(full.flatten().numpy(), quarter.flatten().numpy())[0, 1]
@@ -87,7 +134,7 @@ def _branch(colour: dict | None) -> StudentBranch:
 
 
 def test_branch_adds_the_weighted_colour_map_and_exports() -> None:
-    col = _fitted()
+    col = _fitted(background=ModelConfig.colour_background)  # the branch's default: a local background
     stats = {"mean": col.mean.flatten().tolist(), "inv_cov": col.inv_cov.tolist(), "weight": 0.05}
     with_colour, plain = _branch(stats), _branch(None)
     plain.load_state_dict(with_colour.state_dict(), strict=False)
@@ -121,16 +168,18 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     with torch.no_grad():
         before = load_bundle(b).branch("wli")(x)[1]
     r = _cemd("train", "--data", str(tiny_dataset), "--out", str(b), "--stage", "colour", "--colour-gain", "2",
-              "--colour-stride", "2")
+              "--colour-stride", "2", "--colour-background", "16")
     assert r.returncode == 0, r.stderr
     assert "WLI colour map: fitted on" in r.stdout and "recalibrate" in r.stdout
     meta = json.loads((b / "bundle.json").read_text())
     assert meta["model"]["colour_score"] is True and meta["model"]["colour_gain"] == 2
-    assert meta["model"]["colour_stride"] == 2
+    assert meta["model"]["colour_stride"] == 2 and meta["model"]["colour_background"] == 16
     assert "colour.json" in meta["files"] and set(meta["score_stats"]) == {"wli", "nbi"}
     stats = json.loads((b / "colour.json").read_text())["modalities"]
-    assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 and s["stride"] == 2 for s in stats.values())
+    assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 and s["stride"] == 2 and s["background"] == 16
+                                                for s in stats.values())
     bundle = load_bundle(b)
+    assert bundle.branch("wli").colour.background == 16
     with torch.no_grad():
         after = bundle.branch("wli")(x)[1]
     assert not torch.equal(before, after)  # the score now includes colour
@@ -148,7 +197,10 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
         torch.testing.assert_close(plain.branch("wli")(x)[1], before)
     # statistics fitted at another resolution than bundle.json asks for are refused, not misused
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_stride": 4}}))
-    with pytest.raises(BundleError, match="stride 2 but bundle.json asks for sigma 4, stride 4"):
+    with pytest.raises(BundleError, match="stride 2, background 16 but bundle.json asks for sigma 4, stride 4"):
+        load_bundle(b)
+    (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_background": 0}}))
+    with pytest.raises(BundleError, match="background 16 but bundle.json asks for .* background 0"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps(meta))
     # the colour file is part of the model: edited, it is refused
@@ -164,12 +216,13 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
     b = tmp_path / "old"
     shutil.copytree(tiny_bundle, b)
     meta = json.loads((b / "bundle.json").read_text())
-    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride"):
+    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background"):
         meta["model"].pop(key)
     (b / "bundle.json").write_text(json.dumps(meta))
     old, now = load_bundle(b), load_bundle(tiny_bundle)
     assert old.model.colour_score is False and ModelConfig().colour_score is True  # new bundles: on by default
     assert old.model.colour_stride == 1  # a map fitted before the stride existed was fitted at full size
+    assert old.model.colour_background == 0  # and against the frame's median colour
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(old.branch("wli")(x)[1], now.branch("wli")(x)[1])
