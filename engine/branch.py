@@ -49,7 +49,7 @@ class StudentBranch(nn.Module):
         if cfg.colour_score and colour is not None:
             self.colour = ColourOutlier(cfg.colour_sigma, colour["mean"], colour["inv_cov"],
                                         colour["weight"] * cfg.colour_gain, cfg.colour_stride,
-                                        cfg.colour_background)
+                                        cfg.colour_background, modality in cfg.colour_brownish)
             if self.fov is None:
                 self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window)
         self.score_scales = tuple(cfg.score_scales)

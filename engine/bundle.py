@@ -163,8 +163,10 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     meta = _read_meta(path)
     # bundles from before the colour map have no colour_score key: they score without it; those from
     # before colour_stride computed the map at full size, those from before colour_background
-    # compared each pixel with the frame's median colour
+    # compared each pixel with the frame's median colour, those from before colour_brownish scored
+    # colour deviations in any direction in every modality
     model = from_dict(ModelConfig, {"colour_score": False, "colour_stride": 1, "colour_background": 0.0,
+                                    "colour_brownish": [],
                                     **meta.get("model", {})},
                       f"{path}/bundle.json model")
     train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
@@ -223,11 +225,13 @@ def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> di
             if len(stats["mean"]) != 2 or len(stats["inv_cov"]) != 2 or not float(stats["weight"]) > 0:
                 raise ValueError(f"{m}: bad mean, inv_cov or weight")
             fitted = (float(stats.get("sigma", model.colour_sigma)), int(stats.get("stride", 1)),
-                      float(stats.get("background", 0.0)))
-            if fitted != (model.colour_sigma, model.colour_stride, model.colour_background):
+                      float(stats.get("background", 0.0)), bool(stats.get("brownish", False)))
+            wanted = (model.colour_sigma, model.colour_stride, model.colour_background, m in model.colour_brownish)
+            if fitted != wanted:
                 raise ValueError(f"{m}: fitted with colour sigma {fitted[0]:g}, stride {fitted[1]}, background "
-                                 f"{fitted[2]:g} but bundle.json asks for sigma {model.colour_sigma:g}, stride "
-                                 f"{model.colour_stride}, background {model.colour_background:g}")
+                                 f"{fitted[2]:g}, brownish {'yes' if fitted[3] else 'no'} but bundle.json asks for "
+                                 f"sigma {wanted[0]:g}, stride {wanted[1]}, background {wanted[2]:g}, brownish "
+                                 f"{'yes' if wanted[3] else 'no'}")
         return data["modalities"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is not a colour model ({exc}); {fix}") from None

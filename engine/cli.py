@@ -45,6 +45,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colour-background", type=float, default=ModelConfig.colour_background, metavar="S",
                    help="σ in input pixels of the local colour background each pixel is compared with "
                         "(0 = the frame's median colour; default %(default)g)")
+    p.add_argument("--colour-brownish", default=",".join(ModelConfig.colour_brownish), metavar="MODS",
+                   help="modalities whose colour map scores only browner-than-normal deviations, comma-separated, "
+                        "or 'none' (the others score any direction; default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
     abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")
@@ -69,6 +72,20 @@ def _int_tuple(text: str, option: str) -> tuple[int, ...]:
         raise CemdError(f"{option} takes comma-separated integers such as 1,2; got {text!r}") from None
 
 
+def _modality_tuple(text: str, option: str) -> tuple[str, ...]:
+    from engine.config import MODALITIES
+    from engine.errors import CemdError
+
+    if text.strip().lower() == "none":
+        return ()
+    mods = tuple(dict.fromkeys(v.strip().lower() for v in text.split(",") if v.strip()))
+    bad = [m for m in mods if m not in MODALITIES]
+    if bad or not mods:
+        raise CemdError(f"{option} takes modalities from {', '.join(MODALITIES)} separated by commas, or 'none'; "
+                        f"got {text!r}")
+    return mods
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from engine.errors import CemdError
     from engine.train import Trainer
@@ -88,6 +105,7 @@ def _run_train(args: argparse.Namespace) -> int:
         colour_gain=args.colour_gain,
         colour_stride=args.colour_stride,
         colour_background=args.colour_background,
+        colour_brownish=_modality_tuple(args.colour_brownish, "--colour-brownish"),
     )
     model.validate()
     if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:

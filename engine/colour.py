@@ -10,7 +10,10 @@ brightness), relative to its background — the frame's own median inside the li
 or (``background`` > 0) a wide Gaussian average of the lit pixels around it, so that one
 examination's colour cast, another light source, or a broad flush of the mucosa does not count
 while a focal spot does — then its Mahalanobis
-distance to the same quantity on the modality's normal training images. Pixels much darker
+distance to the same quantity on the modality's normal training images — or, for a *brownish*
+modality (NBI by default), only the part of the deviation that is browner than normal: the
+NBI sign of neoplasia is a brownish area, while the cyan vessels of normal mucosa deviate the
+other way and would otherwise count as much as a lesion. Pixels much darker
 than the frame (shadow, where chromaticity is noise) are left out. The map, times a weight that
 puts its normal spread on the distillation map's scale, is added to the distillation map before
 the image score is taken. Fitted from normal images only; plain tensor ops, so every backend
@@ -19,6 +22,7 @@ compiles it with the branch.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -45,10 +49,15 @@ class ColourOutlier(nn.Module):
     frame's median: a lesion is a focal change of colour, while normal mucosa also reddens in
     broad, patchy areas (gastritis-like hyperaemia) that a frame-wide median reads as anomalous
     (docs/RESULTS.md#local-colour-background-synthetic).
+
+    ``brownish``: score only deviations toward brown — redder and less blue than the background,
+    the direction u = (1, −1)/√2 in (log R/G, log B/G), i.e. log R/B — as max(0, d·u) in units of
+    that direction's normal standard deviation √(uᵀΣu), instead of the Mahalanobis distance in any
+    direction (docs/RESULTS.md#brownish-nbi-colour-map-synthetic).
     """
 
     def __init__(self, sigma: float, mean: Any = (0.0, 0.0), inv_cov: Any = ((1.0, 0.0), (0.0, 1.0)),
-                 weight: float = 1.0, stride: int = 1, background: float = 0.0) -> None:
+                 weight: float = 1.0, stride: int = 1, background: float = 0.0, brownish: bool = False) -> None:
         super().__init__()
         if stride < 1:
             raise ValueError(f"colour map stride must be >= 1, got {stride}")
@@ -63,6 +72,14 @@ class ColourOutlier(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 2, 1, 1))
         self.register_buffer("inv_cov", torch.as_tensor(inv_cov, dtype=torch.float32).view(2, 2))
         self.register_buffer("weight", torch.as_tensor(float(weight), dtype=torch.float32))
+        self.brownish = bool(brownish)
+        if self.brownish:
+            # unit direction "browner" and its normal standard deviation under the fitted covariance
+            u = np.array([1.0, -1.0]) / math.sqrt(2.0)
+            var = float(u @ np.linalg.inv(np.asarray(inv_cov, dtype=np.float64)) @ u)
+            if not var > 0:
+                raise ValueError(f"colour covariance gives no spread along the brownish direction (variance {var:g})")
+            self.register_buffer("brown_u", torch.as_tensor(u / math.sqrt(var), dtype=torch.float32).view(1, 2, 1, 1))
 
     def relative_chroma(self, frames: torch.Tensor, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-chromaticity minus the frame's median, N×2×s×s; pixels that count, N×1×s×s), s = S / stride."""
@@ -94,9 +111,13 @@ class ColourOutlier(nn.Module):
     def forward(self, frames: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
         rel, valid = self.relative_chroma(frames, fov)
         d = rel - self.mean
-        a, b, c = self.inv_cov[0, 0], self.inv_cov[0, 1] + self.inv_cov[1, 0], self.inv_cov[1, 1]
-        m2 = a * d[:, 0:1] ** 2 + b * d[:, 0:1] * d[:, 1:2] + c * d[:, 1:2] ** 2
-        out = torch.sqrt(m2.clamp(min=0) + 1e-12) * valid * self.weight
+        if self.brownish:
+            dist = (d[:, 0:1] * self.brown_u[:, 0:1] + d[:, 1:2] * self.brown_u[:, 1:2]).clamp(min=0)
+        else:
+            a, b, c = self.inv_cov[0, 0], self.inv_cov[0, 1] + self.inv_cov[1, 0], self.inv_cov[1, 1]
+            m2 = a * d[:, 0:1] ** 2 + b * d[:, 0:1] * d[:, 1:2] + c * d[:, 1:2] ** 2
+            dist = torch.sqrt(m2.clamp(min=0) + 1e-12)
+        out = dist * valid * self.weight
         if self.stride > 1:
             out = F.interpolate(out, size=frames.shape[-2:], mode="bilinear", align_corners=False)
         return out
@@ -104,7 +125,8 @@ class ColourOutlier(nn.Module):
 
 @torch.no_grad()
 def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_window: int,
-               per_image: int = 4000, seed: int = 0, stride: int = 1, background: float = 0.0) -> dict[str, Any]:
+               per_image: int = 4000, seed: int = 0, stride: int = 1, background: float = 0.0,
+               brownish: bool = False) -> dict[str, Any]:
     """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8)."""
     model = ColourOutlier(sigma, stride=stride, background=background)
     lit = FieldOfViewMask(fov_threshold, fov_window)
@@ -123,4 +145,4 @@ def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_windo
     cov = np.cov(allp.T) + 1e-6 * np.eye(2)
     return {"mean": allp.mean(axis=0).tolist(), "inv_cov": np.linalg.inv(cov).tolist(),
             "pixels": int(len(allp)), "images": int(len(images)), "sigma": sigma,
-            "stride": int(stride), "background": float(background)}
+            "stride": int(stride), "background": float(background), "brownish": bool(brownish)}

@@ -62,11 +62,15 @@ class ModelConfig:
     # `colour_background`: σ (input pixels) of the local colour background each pixel is compared
     # with (a focal spot counts, a broad flush does not); 0 = the frame's median colour, which is
     # what a bundle.json without the key (fitted before it existed) reads as.
+    # `colour_brownish`: the modalities whose colour map scores only deviations toward brown
+    # (redder and less blue than the background: the NBI sign of neoplasia); the others score
+    # any direction. A bundle.json without the key (fitted before it existed) reads as none.
     colour_score: bool = True
     colour_sigma: float = 4.0
     colour_gain: float = 1.0
     colour_stride: int = 4
     colour_background: float = 32.0
+    colour_brownish: tuple[str, ...] = ("nbi",)
 
     def validate(self) -> None:
         from engine.errors import BundleError
@@ -86,6 +90,8 @@ class ModelConfig:
         if not 0 <= self.colour_background <= self.input_size / 4:
             raise BundleError(f"colour_background must be 0 (off) or a σ of up to input_size / 4 = "
                               f"{self.input_size / 4:g} px, not {self.colour_background:g}")
+        if any(m not in MODALITIES for m in self.colour_brownish):
+            raise BundleError(f"colour_brownish must be a subset of {MODALITIES}, not {self.colour_brownish}")
         if self.input_size % 32:
             raise BundleError(f"input_size must be a multiple of 32, not {self.input_size}")
         bad = [m for m in self.modalities if m not in MODALITIES]

@@ -44,15 +44,15 @@ def _scene(red_patch: bool, seed: int = 0) -> torch.Tensor:
 
 
 def _fitted(sigma: float = 2.0, stride: int = ModelConfig.colour_stride, background: float = 0.0,
-            normals: list[torch.Tensor] | None = None) -> ColourOutlier:
+            normals: list[torch.Tensor] | None = None, brownish: bool = False) -> ColourOutlier:
     plain = normals is None
     normals = normals or [_scene(False, s) for s in range(6)]
     images = np.stack([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in normals])
-    stats = fit_colour(images, sigma, 0.08, 15, stride=stride, background=background)
+    stats = fit_colour(images, sigma, 0.08, 15, stride=stride, background=background, brownish=brownish)
     if plain:  # uniform mucosa: relative to each frame's background, colour centres on 0
         assert abs(stats["mean"][0]) < 0.05 and abs(stats["mean"][1]) < 0.05
-    assert stats["stride"] == stride and stats["background"] == background
-    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background)
+    assert stats["stride"] == stride and stats["background"] == background and stats["brownish"] == brownish
+    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background, brownish)
 
 
 def _map(col: ColourOutlier, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,46 @@ def test_a_local_background_ignores_a_broad_flush_but_not_a_focal_spot(stride: i
     assert abs(float(_map(local, cast)[spot]) - float(loc[spot])) < 0.15 * float(loc[spot])
 
 
+def _spotted(seed: int, shift: tuple[float, float, float]) -> torch.Tensor:
+    """Normal mucosa with one small spot whose colour is scaled by 1 + ``shift`` (per R, G, B)."""
+    img = _scene(False, seed)[0]
+    yy, xs = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    spot = (((yy - 40) ** 2 + (xs - 80) ** 2) < 6**2).float()
+    return (img * (1 + spot * torch.tensor(shift).view(3, 1, 1))).unsqueeze(0).clamp(0, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_a_brownish_map_scores_a_brown_spot_but_not_a_cyan_one(stride: int) -> None:
+    # NBI: neoplasia shows as a brownish area (redder, less blue); normal vessels deviate toward cyan
+    both = _fitted(stride=stride, background=12.0)
+    brown = _fitted(stride=stride, background=12.0, brownish=True)
+    b_spot, c_spot = _spotted(9, (0.25, -0.10, -0.35)), _spotted(9, (-0.35, -0.10, 0.25))
+    plain_p99 = {name: _map(col, _scene(False, 9)).quantile(0.99) for name, col in (("both", both), ("brown", brown))}
+    spot = (40, 80)
+    # the Mahalanobis map sees either spot...
+    assert _map(both, b_spot)[spot] > 3 * plain_p99["both"] and _map(both, c_spot)[spot] > 3 * plain_p99["both"]
+    # ...the brownish one only the brown spot
+    assert _map(brown, b_spot)[spot] > 3 * plain_p99["brown"]
+    assert _map(brown, c_spot)[spot] < plain_p99["brown"]
+    assert (_map(brown, b_spot) >= 0).all() and _map(brown, b_spot)[2, 2] == 0  # one-sided, border unscored
+    # still relative: a colour cast of the whole frame moves nothing
+    cast = (b_spot * torch.tensor([0.8, 1.1, 1.2]).view(1, 3, 1, 1)).clamp(0, 1)
+    assert abs(float(_map(brown, cast)[spot]) - float(_map(brown, b_spot)[spot])) < 0.15 * float(
+        _map(brown, b_spot)[spot])
+
+
+def test_brownish_modalities_are_checked() -> None:
+    from engine.cli import _modality_tuple
+    from engine.errors import CemdError
+
+    with pytest.raises(BundleError, match="colour_brownish must be a subset"):
+        ModelConfig(colour_brownish=("nbl",)).validate()
+    assert _modality_tuple("NBI, wli,nbi", "--colour-brownish") == ("nbi", "wli")
+    assert _modality_tuple("none", "--colour-brownish") == ()
+    with pytest.raises(CemdError, match="--colour-brownish takes modalities from wli, nbi"):
+        _modality_tuple("blue", "--colour-brownish")
+
+
 def test_a_background_wider_than_the_map_is_refused() -> None:
     with pytest.raises(ValueError, match="too wide"):
         ColourOutlier(2.0, stride=4, background=80.0)(_scene(False), FieldOfViewMask(0.08, 15)(_scene(False)))
@@ -126,17 +166,20 @@ def test_the_quarter_resolution_map_follows_the_full_one() -> None:
     assert abs(float(quarter[45, 70]) - float(full[45, 70])) < 0.25 * float(full[45, 70])
 
 
-def _branch(colour: dict | None) -> StudentBranch:
+def _branch(colour: dict | None, modality: str = "wli") -> StudentBranch:
     cfg = ModelConfig(input_size=S, colour_score=True, colour_sigma=2.0)
     teacher = MultimodalTeacher(cfg, CH)
-    return StudentBranch(cfg, FrozenEncoder(build_lite0()), teacher.adapters, StudentNet(CH, 32), "wli",
+    return StudentBranch(cfg, FrozenEncoder(build_lite0()), teacher.adapters, StudentNet(CH, 32), modality,
                          colour).eval()
 
 
-def test_branch_adds_the_weighted_colour_map_and_exports() -> None:
-    col = _fitted(background=ModelConfig.colour_background)  # the branch's default: a local background
+@pytest.mark.parametrize("modality", ["wli", "nbi"])  # by default NBI's map is the brownish one
+def test_branch_adds_the_weighted_colour_map_and_exports(modality: str) -> None:
+    col = _fitted(background=ModelConfig.colour_background,  # the branch's defaults: a local background...
+                  brownish=modality in ModelConfig.colour_brownish)  # ...and brownish in NBI
     stats = {"mean": col.mean.flatten().tolist(), "inv_cov": col.inv_cov.tolist(), "weight": 0.05}
-    with_colour, plain = _branch(stats), _branch(None)
+    with_colour, plain = _branch(stats, modality), _branch(None, modality)
+    assert with_colour.colour.brownish == (modality == "nbi")
     plain.load_state_dict(with_colour.state_dict(), strict=False)
     x = _scene(True, 3)
     with torch.no_grad():
@@ -168,18 +211,21 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     with torch.no_grad():
         before = load_bundle(b).branch("wli")(x)[1]
     r = _cemd("train", "--data", str(tiny_dataset), "--out", str(b), "--stage", "colour", "--colour-gain", "2",
-              "--colour-stride", "2", "--colour-background", "16")
+              "--colour-stride", "2", "--colour-background", "16", "--colour-brownish", "wli")
     assert r.returncode == 0, r.stderr
     assert "WLI colour map: fitted on" in r.stdout and "recalibrate" in r.stdout
     meta = json.loads((b / "bundle.json").read_text())
     assert meta["model"]["colour_score"] is True and meta["model"]["colour_gain"] == 2
     assert meta["model"]["colour_stride"] == 2 and meta["model"]["colour_background"] == 16
+    assert meta["model"]["colour_brownish"] == ["wli"]
     assert "colour.json" in meta["files"] and set(meta["score_stats"]) == {"wli", "nbi"}
     stats = json.loads((b / "colour.json").read_text())["modalities"]
     assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 and s["stride"] == 2 and s["background"] == 16
                                                 for s in stats.values())
+    assert stats["wli"]["brownish"] is True and stats["nbi"]["brownish"] is False
     bundle = load_bundle(b)
     assert bundle.branch("wli").colour.background == 16
+    assert bundle.branch("wli").colour.brownish and not bundle.branch("nbi").colour.brownish
     with torch.no_grad():
         after = bundle.branch("wli")(x)[1]
     assert not torch.equal(before, after)  # the score now includes colour
@@ -197,10 +243,13 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
         torch.testing.assert_close(plain.branch("wli")(x)[1], before)
     # statistics fitted at another resolution than bundle.json asks for are refused, not misused
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_stride": 4}}))
-    with pytest.raises(BundleError, match="stride 2, background 16 but bundle.json asks for sigma 4, stride 4"):
+    with pytest.raises(BundleError, match="stride 2, background 16, brownish yes but bundle.json asks for sigma 4, stride 4"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_background": 0}}))
-    with pytest.raises(BundleError, match="background 16 but bundle.json asks for .* background 0"):
+    with pytest.raises(BundleError, match="background 16, brownish yes but bundle.json asks for .* background 0"):
+        load_bundle(b)
+    (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_brownish": ["nbi"]}}))
+    with pytest.raises(BundleError, match="wli: fitted .* brownish yes but bundle.json asks for .* brownish no"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps(meta))
     # the colour file is part of the model: edited, it is refused
@@ -216,13 +265,15 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
     b = tmp_path / "old"
     shutil.copytree(tiny_bundle, b)
     meta = json.loads((b / "bundle.json").read_text())
-    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background"):
+    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background",
+                "colour_brownish"):
         meta["model"].pop(key)
     (b / "bundle.json").write_text(json.dumps(meta))
     old, now = load_bundle(b), load_bundle(tiny_bundle)
     assert old.model.colour_score is False and ModelConfig().colour_score is True  # new bundles: on by default
     assert old.model.colour_stride == 1  # a map fitted before the stride existed was fitted at full size
     assert old.model.colour_background == 0  # and against the frame's median colour
+    assert old.model.colour_brownish == ()  # in any direction of colour, in both modalities
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(old.branch("wli")(x)[1], now.branch("wli")(x)[1])
