@@ -163,6 +163,15 @@ class InferencePool:
         self._busy.add(i)
         return i
 
+    def check(self) -> None:
+        """Raise CemdError if a worker has died, busy or not. ``collect`` notices a worker that dies in
+        the middle of a frame; a worker that dies while idle (a light load keeps it idle for long:
+        the first free worker gets every frame) is only noticed here. Cheap: one non-blocking
+        ``waitpid`` per worker."""
+        for i, proc in enumerate(self._procs):
+            if proc.exitcode is not None and not (i in self._busy and self._conns[i].poll()):
+                raise CemdError(f"inference worker {i} exited (code {proc.exitcode})")
+
     def collect(self, timeout: float) -> list[InferenceResult]:
         """Results that arrived within ``timeout`` seconds (none waited for when nothing is in flight);
         raises CemdError when a worker died."""

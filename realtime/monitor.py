@@ -543,6 +543,7 @@ class Monitor:
             now = time.monotonic()
             if self._out_of_time(now):
                 break
+            pool.check()  # a worker that died while idle stops the monitor now, not when next needed
             if ready is None and not source_done and (pool.free or lossless):
                 # wait for a frame only when there is nothing to collect meanwhile
                 frame = self.capture.next_frame(timeout=0.002 if in_flight else 0.05, copy=False,

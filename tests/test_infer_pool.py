@@ -84,6 +84,32 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tiny_bundle: Path) -> None:
         pool.close()
 
 
+def test_an_idle_worker_that_dies_is_noticed_while_the_other_keeps_every_frame(tiny_bundle: Path) -> None:
+    """Under a light load the first free worker gets every frame, so worker 1 can sit idle for the
+    whole run: its death must still be noticed (by check(), which the monitor calls every loop)."""
+    bundle = load_bundle(tiny_bundle)
+    size = bundle.model.input_size
+    pool = InferencePool(str(tiny_bundle), {"wli": ("eager", "fp32")}, "cpu", 2, size)
+    pool.start()
+    try:
+        pool.check()  # all alive: nothing raised
+        for _ in range(3):  # one frame at a time: always worker 0
+            assert pool.submit("wli", _frames(size, 1)[0]) == 0
+            [r] = pool.collect(timeout=10)
+            assert r.worker == 0 and r.error is None
+        os.kill(pool.pids[1], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        with pytest.raises(CemdError, match="inference worker 1 exited"):
+            while time.monotonic() < deadline:
+                pool.check()
+                time.sleep(0.05)
+        assert pool.submit("wli", _frames(size, 1)[0]) == 0  # worker 0 itself is unharmed
+        [r] = pool.collect(timeout=10)
+        assert r.error is None
+    finally:
+        pool.close()
+
+
 def test_a_worker_that_cannot_load_says_why(tiny_bundle: Path) -> None:
     size = load_bundle(tiny_bundle).model.input_size
     pool = InferencePool(str(tiny_bundle), {"wli": ("aoti", "fp32")}, "cpu", 2, size)
@@ -185,6 +211,7 @@ def test_monitor_stops_with_a_status_when_a_worker_dies(tiny_bundle: Path, tmp_p
     out = "".join(lines) + out
     assert proc.returncode != 0, out
     assert "inference worker 1 exited" in out
-    assert statuses and statuses[-1]["state"] == "stopped" and "inference worker 1 exited" in statuses[-1]["message"]
+    assert statuses and statuses[-1]["state"] == "stopped" and "inference worker 1 exited" in statuses[-1]["message"], \
+        (out, [(m["state"], m.get("message")) for m in statuses])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "inference worker 1 exited" in summary["message"] and summary["frames_scored"] > 0
