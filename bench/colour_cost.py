@@ -41,7 +41,7 @@ def plain_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*", COLOUR_FILE))
     meta = json.loads((dst / "bundle.json").read_text())
     for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background",
-                "colour_brownish"):
+                "colour_brownish", "colour_vessel_cut"):
         meta["model"].pop(key, None)
     meta["files"].pop(COLOUR_FILE, None)
     (dst / "bundle.json").write_text(json.dumps(meta, indent=2))

@@ -49,7 +49,8 @@ class StudentBranch(nn.Module):
         if cfg.colour_score and colour is not None:
             self.colour = ColourOutlier(cfg.colour_sigma, colour["mean"], colour["inv_cov"],
                                         colour["weight"] * cfg.colour_gain, cfg.colour_stride,
-                                        cfg.colour_background, modality in cfg.colour_brownish)
+                                        cfg.colour_background, modality in cfg.colour_brownish,
+                                        cfg.colour_vessel_cut)
             if self.fov is None:
                 self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window)
         self.score_scales = tuple(cfg.score_scales)

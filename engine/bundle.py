@@ -164,9 +164,10 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     # bundles from before the colour map have no colour_score key: they score without it; those from
     # before colour_stride computed the map at full size, those from before colour_background
     # compared each pixel with the frame's median colour, those from before colour_brownish scored
-    # colour deviations in any direction in every modality
+    # colour deviations in any direction in every modality, those from before colour_vessel_cut kept
+    # vessels in the background
     model = from_dict(ModelConfig, {"colour_score": False, "colour_stride": 1, "colour_background": 0.0,
-                                    "colour_brownish": [],
+                                    "colour_brownish": [], "colour_vessel_cut": 0.0,
                                     **meta.get("model", {})},
                       f"{path}/bundle.json model")
     train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
@@ -224,14 +225,17 @@ def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> di
         for m, stats in data["modalities"].items():
             if len(stats["mean"]) != 2 or len(stats["inv_cov"]) != 2 or not float(stats["weight"]) > 0:
                 raise ValueError(f"{m}: bad mean, inv_cov or weight")
+            brown = bool(stats.get("brownish", False))
             fitted = (float(stats.get("sigma", model.colour_sigma)), int(stats.get("stride", 1)),
-                      float(stats.get("background", 0.0)), bool(stats.get("brownish", False)))
-            wanted = (model.colour_sigma, model.colour_stride, model.colour_background, m in model.colour_brownish)
+                      float(stats.get("background", 0.0)), brown, float(stats.get("vessel_cut", 0.0)) if brown else 0.0)
+            want_brown = m in model.colour_brownish
+            wanted = (model.colour_sigma, model.colour_stride, model.colour_background, want_brown,
+                      model.colour_vessel_cut if want_brown else 0.0)
             if fitted != wanted:
                 raise ValueError(f"{m}: fitted with colour sigma {fitted[0]:g}, stride {fitted[1]}, background "
-                                 f"{fitted[2]:g}, brownish {'yes' if fitted[3] else 'no'} but bundle.json asks for "
-                                 f"sigma {wanted[0]:g}, stride {wanted[1]}, background {wanted[2]:g}, brownish "
-                                 f"{'yes' if wanted[3] else 'no'}")
+                                 f"{fitted[2]:g}, brownish {'yes' if fitted[3] else 'no'}, vessel cut {fitted[4]:g} "
+                                 f"but bundle.json asks for sigma {wanted[0]:g}, stride {wanted[1]}, background "
+                                 f"{wanted[2]:g}, brownish {'yes' if wanted[3] else 'no'}, vessel cut {wanted[4]:g}")
         return data["modalities"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path} is not a colour model ({exc}); {fix}") from None

@@ -48,6 +48,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colour-brownish", default=",".join(ModelConfig.colour_brownish), metavar="MODS",
                    help="modalities whose colour map scores only browner-than-normal deviations, comma-separated, "
                         "or 'none' (the others score any direction; default %(default)s)")
+    p.add_argument("--colour-vessel-cut", type=float, default=ModelConfig.colour_vessel_cut, metavar="K",
+                   help="in brownish modalities, leave pixels more than K normal standard deviations less brown "
+                        "than a first background (vessels) out of the local background (0 = off; default %(default)g)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
     abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")
@@ -106,6 +109,7 @@ def _run_train(args: argparse.Namespace) -> int:
         colour_stride=args.colour_stride,
         colour_background=args.colour_background,
         colour_brownish=_modality_tuple(args.colour_brownish, "--colour-brownish"),
+        colour_vessel_cut=args.colour_vessel_cut,
     )
     model.validate()
     if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:

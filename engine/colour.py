@@ -54,10 +54,18 @@ class ColourOutlier(nn.Module):
     the direction u = (1, −1)/√2 in (log R/G, log B/G), i.e. log R/B — as max(0, d·u) in units of
     that direction's normal standard deviation √(uᵀΣu), instead of the Mahalanobis distance in any
     direction (docs/RESULTS.md#brownish-nbi-colour-map-synthetic).
+
+    ``vessel_cut`` (brownish with a local background only; 0 = off): the background is taken
+    twice, the second time without the pixels that the first shows more than ``vessel_cut``
+    normal standard deviations *less* brown than their background — the cyan vessels. Where
+    vessels are dense they pull a plain background toward cyan, and the mucosa between them then
+    reads brown over whole stretches of an examination
+    (docs/RESULTS.md#vessels-left-out-of-the-nbi-background-synthetic).
     """
 
     def __init__(self, sigma: float, mean: Any = (0.0, 0.0), inv_cov: Any = ((1.0, 0.0), (0.0, 1.0)),
-                 weight: float = 1.0, stride: int = 1, background: float = 0.0, brownish: bool = False) -> None:
+                 weight: float = 1.0, stride: int = 1, background: float = 0.0, brownish: bool = False,
+                 vessel_cut: float = 0.0) -> None:
         super().__init__()
         if stride < 1:
             raise ValueError(f"colour map stride must be >= 1, got {stride}")
@@ -80,6 +88,10 @@ class ColourOutlier(nn.Module):
             if not var > 0:
                 raise ValueError(f"colour covariance gives no spread along the brownish direction (variance {var:g})")
             self.register_buffer("brown_u", torch.as_tensor(u / math.sqrt(var), dtype=torch.float32).view(1, 2, 1, 1))
+        if vessel_cut < 0:
+            raise ValueError(f"colour vessel cut must be >= 0, got {vessel_cut}")
+        # only meaningful for a brownish map against a local background
+        self.vessel_cut = float(vessel_cut) if self.brownish and self.bg_blur is not None else 0.0
 
     def relative_chroma(self, frames: torch.Tensor, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-chromaticity minus the frame's median, N×2×s×s; pixels that count, N×1×s×s), s = S / stride."""
@@ -103,7 +115,18 @@ class ColourOutlier(nn.Module):
                                  f"{chroma.shape[-1]}² colour map (stride {self.stride})")
             # one grouped blur of (chroma × valid, valid): the weighted mean of the valid neighbours
             sums = self.bg_blur(torch.cat([chroma * valid, valid], dim=1))
-            return chroma - sums[:, :2] / (sums[:, 2:3] + 1e-6), valid
+            rel = chroma - sums[:, :2] / (sums[:, 2:3] + 1e-6)
+            if self.vessel_cut > 0:
+                # again without the vessels: pixels far less brown than the first background
+                d = rel - self.mean
+                keep = valid * ((d[:, 0:1] * self.brown_u[:, 0:1] + d[:, 1:2] * self.brown_u[:, 1:2])
+                                > -self.vessel_cut).to(valid.dtype)
+                sums2 = self.bg_blur(torch.cat([chroma * keep, keep], dim=1))
+                # where nothing but vessels is near, keep the first background
+                bg = torch.where(sums2[:, 2:3] > 1e-3, sums2[:, :2] / (sums2[:, 2:3] + 1e-6),
+                                 sums[:, :2] / (sums[:, 2:3] + 1e-6))
+                rel = chroma - bg
+            return rel, valid
         valid_sub = valid[sub].flatten(1)
         med = torch.stack([masked_median(chroma[:, k:k + 1][sub].flatten(1), valid_sub) for k in range(2)], dim=1)
         return chroma - med.view(n, 2, 1, 1), valid

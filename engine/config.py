@@ -65,12 +65,17 @@ class ModelConfig:
     # `colour_brownish`: the modalities whose colour map scores only deviations toward brown
     # (redder and less blue than the background: the NBI sign of neoplasia); the others score
     # any direction. A bundle.json without the key (fitted before it existed) reads as none.
+    # `colour_vessel_cut`: in those brownish modalities, the local background leaves out the
+    # pixels more than this many normal standard deviations *less* brown than a first background
+    # (cyan vessels), so that dense vessels do not make the mucosa between them read brown;
+    # 0 = off, what a bundle.json without the key reads as.
     colour_score: bool = True
     colour_sigma: float = 4.0
     colour_gain: float = 1.0
     colour_stride: int = 4
     colour_background: float = 32.0
     colour_brownish: tuple[str, ...] = ("nbi",)
+    colour_vessel_cut: float = 2.0
 
     def validate(self) -> None:
         from engine.errors import BundleError
@@ -92,6 +97,9 @@ class ModelConfig:
                               f"{self.input_size / 4:g} px, not {self.colour_background:g}")
         if any(m not in MODALITIES for m in self.colour_brownish):
             raise BundleError(f"colour_brownish must be a subset of {MODALITIES}, not {self.colour_brownish}")
+        if not 0 <= self.colour_vessel_cut <= 10:
+            raise BundleError(f"colour_vessel_cut must be 0 (off) or up to 10 standard deviations, "
+                              f"not {self.colour_vessel_cut:g}")
         if self.input_size % 32:
             raise BundleError(f"input_size must be a multiple of 32, not {self.input_size}")
         bad = [m for m in self.modalities if m not in MODALITIES]

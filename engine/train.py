@@ -364,7 +364,8 @@ class Trainer:
         t_start = time.perf_counter()
         if self.stage == "colour":
             fit_bundle_colour(self.out, self.data, self.model_cfg.colour_gain, self.log, self.model_cfg.colour_stride,
-                              self.model_cfg.colour_background, self.model_cfg.colour_brownish)
+                              self.model_cfg.colour_background, self.model_cfg.colour_brownish,
+                              self.model_cfg.colour_vessel_cut)
             return self.out
         # The colour map is fitted last, on the finished branches (its weight depends on their maps).
         want_colour = self.model_cfg.colour_score
@@ -430,7 +431,8 @@ class Trainer:
         self._state_path().unlink(missing_ok=True)
         if want_colour:
             fit_bundle_colour(self.out, self.data, self.model_cfg.colour_gain, self.log, self.model_cfg.colour_stride,
-                              self.model_cfg.colour_background, self.model_cfg.colour_brownish)
+                              self.model_cfg.colour_background, self.model_cfg.colour_brownish,
+                              self.model_cfg.colour_vessel_cut)
         self.log(f"bundle written to {self.out} in {time.perf_counter() - t_start:.0f} s")
         return self.out
 
@@ -480,11 +482,13 @@ def score_stats(bundle: Any, images_by_modality: dict[str, list[Path]]) -> dict[
 def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], None],
                       stride: int = ModelConfig.colour_stride,
                       background: float = ModelConfig.colour_background,
-                      brownish: tuple[str, ...] = ModelConfig.colour_brownish) -> dict[str, Any]:
+                      brownish: tuple[str, ...] = ModelConfig.colour_brownish,
+                      vessel_cut: float = ModelConfig.colour_vessel_cut) -> dict[str, Any]:
     """Fit the colour outlier map (engine/colour.py) of every branch of bundle ``out`` on the normal
     training images of ``data``, computed at 1/``stride`` of the input size against a local colour
     background of σ ``background`` px (0: the frame's median), scoring only browner-than-normal
-    deviations in the modalities of ``brownish``, and switch it on; the
+    deviations in the modalities of ``brownish`` (their background without the pixels more than
+    ``vessel_cut`` normal standard deviations less brown than a first one), and switch it on; the
     weight puts the colour map's normal spread (p99 − median of its pixels on the held-out images)
     on the distillation map's."""
     from engine.anomaly_map import FieldOfViewMask
@@ -507,9 +511,11 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
         stats = fit_colour(ds.load_images([paths[n] for n in fit], size), bundle.model.colour_sigma,
                            bundle.model.fov_threshold, bundle.model.fov_window, seed=bundle.train.seed,
                            stride=stride, background=background, brownish=m in brownish)
+        if m in brownish:
+            stats["vessel_cut"] = float(vessel_cut)
         branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
         colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background,
-                               m in brownish)
+                               m in brownish, vessel_cut)
         lit = branch.fov if branch.fov is not None else FieldOfViewMask(bundle.model.fov_threshold,
                                                                          bundle.model.fov_window)
         held = ds.load_images([paths[n] for n in (val or fit[:32])], size)
@@ -540,6 +546,7 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
     meta["model"]["colour_stride"] = stride
     meta["model"]["colour_background"] = background
     meta["model"]["colour_brownish"] = [m for m in brownish if m in bundle.modalities]
+    meta["model"]["colour_vessel_cut"] = float(vessel_cut)
     atomic_write_json(out / "bundle.json", meta)
     meta["score_stats"] = score_stats(load_bundle(out), held_out)
     atomic_write_json(out / "bundle.json", meta)

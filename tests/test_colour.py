@@ -44,7 +44,7 @@ def _scene(red_patch: bool, seed: int = 0) -> torch.Tensor:
 
 
 def _fitted(sigma: float = 2.0, stride: int = ModelConfig.colour_stride, background: float = 0.0,
-            normals: list[torch.Tensor] | None = None, brownish: bool = False) -> ColourOutlier:
+            normals: list[torch.Tensor] | None = None, brownish: bool = False, vessel_cut: float = 0.0) -> ColourOutlier:
     plain = normals is None
     normals = normals or [_scene(False, s) for s in range(6)]
     images = np.stack([(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in normals])
@@ -52,7 +52,7 @@ def _fitted(sigma: float = 2.0, stride: int = ModelConfig.colour_stride, backgro
     if plain:  # uniform mucosa: relative to each frame's background, colour centres on 0
         assert abs(stats["mean"][0]) < 0.05 and abs(stats["mean"][1]) < 0.05
     assert stats["stride"] == stride and stats["background"] == background and stats["brownish"] == brownish
-    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background, brownish)
+    return ColourOutlier(sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background, brownish, vessel_cut)
 
 
 def _map(col: ColourOutlier, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +138,42 @@ def test_a_brownish_map_scores_a_brown_spot_but_not_a_cyan_one(stride: int) -> N
         _map(brown, b_spot)[spot])
 
 
+def _veined(seed: int, spot: bool = False) -> torch.Tensor:
+    """Normal mucosa with a dense band of cyan vessels on the left, optionally a brown spot on the right."""
+    img = _scene(False, seed)[0]
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    veins = ((xx >= 12) & (xx < 56) & (yy >= 20) & (yy < 86) & ((xx % 8) < 3)).float()
+    img = img * (1 + veins * torch.tensor((-0.35, -0.10, 0.25)).view(3, 1, 1))
+    if spot:
+        img = img * (1 + (((yy - 45) ** 2 + (xx - 104) ** 2) < 6**2).float() * torch.tensor((0.25, -0.10, -0.35)).view(3, 1, 1))
+    return img.unsqueeze(0).clamp(0, 1)
+
+
+def test_vessels_left_out_of_the_background_stop_the_mucosa_between_them_reading_brown() -> None:
+    # dense cyan vessels pull a plain local background toward cyan: the mucosa between them then
+    # reads brown. With the vessel cut the background is taken again without them.
+    plain = _fitted(background=12.0, brownish=True)
+    cut = _fitted(background=12.0, brownish=True, vessel_cut=2.0)
+    assert cut.vessel_cut == 2.0 and plain.vessel_cut == 0.0
+    x = _veined(9, spot=True)
+    a, b = _map(plain, x), _map(cut, x)
+    band = (slice(30, 76), slice(20, 50))  # inside the vessel band
+    spot = (45, 104)
+    p99 = {name: float(_map(col, _scene(False, 9)).quantile(0.99)) for name, col in (("plain", plain), ("cut", cut))}
+    assert a[band].max() > 10 * p99["plain"], (float(a[band].max()), p99)  # the gaps read as brown spots
+    assert b[band].max() < 0.2 * a[band].max(), (float(b[band].max()), float(a[band].max()))
+    # the brown spot still stands out. It loses some of its score: the plain mucosa right around it reads
+    # slightly cyan against the background the spot itself lifts, so it is left out too (docs/MODEL.md)
+    assert b[spot] > 10 * p99["cut"] and b[spot] > 0.5 * a[spot], (float(b[spot]), float(a[spot]), p99)
+    # only for a brownish map against a local background; never negative
+    assert _fitted(background=12.0, vessel_cut=2.0).vessel_cut == 0.0
+    assert _fitted(brownish=True, vessel_cut=2.0).vessel_cut == 0.0
+    with pytest.raises(ValueError, match="vessel cut must be >= 0"):
+        ColourOutlier(2.0, background=12.0, brownish=True, vessel_cut=-1.0)
+    with pytest.raises(BundleError, match="colour_vessel_cut must be 0"):
+        ModelConfig(colour_vessel_cut=-1.0).validate()
+
+
 def test_brownish_modalities_are_checked() -> None:
     from engine.cli import _modality_tuple
     from engine.errors import CemdError
@@ -176,7 +212,8 @@ def _branch(colour: dict | None, modality: str = "wli") -> StudentBranch:
 @pytest.mark.parametrize("modality", ["wli", "nbi"])  # by default NBI's map is the brownish one
 def test_branch_adds_the_weighted_colour_map_and_exports(modality: str) -> None:
     col = _fitted(background=ModelConfig.colour_background,  # the branch's defaults: a local background...
-                  brownish=modality in ModelConfig.colour_brownish)  # ...and brownish in NBI
+                  brownish=modality in ModelConfig.colour_brownish,  # ...and brownish in NBI,
+                  vessel_cut=ModelConfig.colour_vessel_cut)  # with the vessels left out of its background
     stats = {"mean": col.mean.flatten().tolist(), "inv_cov": col.inv_cov.tolist(), "weight": 0.05}
     with_colour, plain = _branch(stats, modality), _branch(None, modality)
     assert with_colour.colour.brownish == (modality == "nbi")
@@ -211,21 +248,24 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     with torch.no_grad():
         before = load_bundle(b).branch("wli")(x)[1]
     r = _cemd("train", "--data", str(tiny_dataset), "--out", str(b), "--stage", "colour", "--colour-gain", "2",
-              "--colour-stride", "2", "--colour-background", "16", "--colour-brownish", "wli")
+              "--colour-stride", "2", "--colour-background", "16", "--colour-brownish", "wli",
+              "--colour-vessel-cut", "1.5")
     assert r.returncode == 0, r.stderr
     assert "WLI colour map: fitted on" in r.stdout and "recalibrate" in r.stdout
     meta = json.loads((b / "bundle.json").read_text())
     assert meta["model"]["colour_score"] is True and meta["model"]["colour_gain"] == 2
     assert meta["model"]["colour_stride"] == 2 and meta["model"]["colour_background"] == 16
-    assert meta["model"]["colour_brownish"] == ["wli"]
+    assert meta["model"]["colour_brownish"] == ["wli"] and meta["model"]["colour_vessel_cut"] == 1.5
     assert "colour.json" in meta["files"] and set(meta["score_stats"]) == {"wli", "nbi"}
     stats = json.loads((b / "colour.json").read_text())["modalities"]
     assert set(stats) == {"wli", "nbi"} and all(s["weight"] > 0 and s["stride"] == 2 and s["background"] == 16
                                                 for s in stats.values())
     assert stats["wli"]["brownish"] is True and stats["nbi"]["brownish"] is False
+    assert stats["wli"]["vessel_cut"] == 1.5 and "vessel_cut" not in stats["nbi"]
     bundle = load_bundle(b)
     assert bundle.branch("wli").colour.background == 16
     assert bundle.branch("wli").colour.brownish and not bundle.branch("nbi").colour.brownish
+    assert bundle.branch("wli").colour.vessel_cut == 1.5 and bundle.branch("nbi").colour.vessel_cut == 0
     with torch.no_grad():
         after = bundle.branch("wli")(x)[1]
     assert not torch.equal(before, after)  # the score now includes colour
@@ -243,13 +283,17 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
         torch.testing.assert_close(plain.branch("wli")(x)[1], before)
     # statistics fitted at another resolution than bundle.json asks for are refused, not misused
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_stride": 4}}))
-    with pytest.raises(BundleError, match="stride 2, background 16, brownish yes but bundle.json asks for sigma 4, stride 4"):
+    with pytest.raises(BundleError, match="stride 2, background 16, brownish yes, vessel cut 1.5 but bundle.json asks for sigma 4, stride 4"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_background": 0}}))
-    with pytest.raises(BundleError, match="background 16, brownish yes but bundle.json asks for .* background 0"):
+    with pytest.raises(BundleError, match="background 16, brownish yes, vessel cut 1.5 but bundle.json asks for .* background 0"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_brownish": ["nbi"]}}))
-    with pytest.raises(BundleError, match="wli: fitted .* brownish yes but bundle.json asks for .* brownish no"):
+    with pytest.raises(BundleError, match="wli: fitted .* brownish yes, vessel cut 1.5 but bundle.json asks for "
+                                          ".* brownish no, vessel cut 0"):
+        load_bundle(b)
+    (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_vessel_cut": 2}}))
+    with pytest.raises(BundleError, match="wli: fitted .* vessel cut 1.5 but bundle.json asks for .* vessel cut 2"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps(meta))
     # the colour file is part of the model: edited, it is refused
@@ -266,7 +310,7 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
     shutil.copytree(tiny_bundle, b)
     meta = json.loads((b / "bundle.json").read_text())
     for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background",
-                "colour_brownish"):
+                "colour_brownish", "colour_vessel_cut"):
         meta["model"].pop(key)
     (b / "bundle.json").write_text(json.dumps(meta))
     old, now = load_bundle(b), load_bundle(tiny_bundle)
@@ -274,6 +318,7 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
     assert old.model.colour_stride == 1  # a map fitted before the stride existed was fitted at full size
     assert old.model.colour_background == 0  # and against the frame's median colour
     assert old.model.colour_brownish == ()  # in any direction of colour, in both modalities
+    assert old.model.colour_vessel_cut == 0  # and nothing left out of a background
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(old.branch("wli")(x)[1], now.branch("wli")(x)[1])
