@@ -13,7 +13,8 @@ while a focal spot does — then its Mahalanobis
 distance to the same quantity on the modality's normal training images — or, for a *brownish*
 modality (NBI by default), only the part of the deviation that is browner than normal: the
 NBI sign of neoplasia is a brownish area, while the cyan vessels of normal mucosa deviate the
-other way and would otherwise count as much as a lesion. Pixels much darker
+other way and would otherwise count as much as a lesion (and, where they are dense, would pull
+the local background toward cyan: they can be left out of it). Pixels much darker
 than the frame (shadow, where chromaticity is noise) are left out. The map, times a weight that
 puts its normal spread on the distillation map's scale, is added to the distillation map before
 the image score is taken. Fitted from normal images only; plain tensor ops, so every backend
@@ -94,7 +95,8 @@ class ColourOutlier(nn.Module):
         self.vessel_cut = float(vessel_cut) if self.brownish and self.bg_blur is not None else 0.0
 
     def relative_chroma(self, frames: torch.Tensor, fov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-chromaticity minus the frame's median, N×2×s×s; pixels that count, N×1×s×s), s = S / stride."""
+        """(log-chromaticity minus its background — the frame's median or the local one, without the
+        vessels when ``vessel_cut`` is on —, N×2×s×s; pixels that count, N×1×s×s), s = S / stride."""
         n = frames.shape[0]
         frames = frames.float()
         if self.stride > 1:
