@@ -175,7 +175,7 @@ def _run_evaluate_video(args: argparse.Namespace, factory: ReplayerFactory) -> i
     if problem:
         raise CemdError(problem)
     metrics = event_metrics(track.t_ms, track.modality, track.score, track.alerts, events, track.fps)
-    thresholds = {m: round(logic.threshold(m), 6) for m in replayer.backends}
+    thresholds = {m: float(logic.threshold(m)) for m in replayer.backends}
     out = {
         "schema": "cemd.evaluate-video/1", "video": track.to_json(), "events": str(args.events),
         "synthetic": bool(events.get("synthetic")), "bundle": str(args.bundle),

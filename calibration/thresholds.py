@@ -76,10 +76,12 @@ class ModalityCalibration:
     curve: dict[str, list[float]] = field(default_factory=dict)  # threshold → false alerts per hour
 
     def to_json(self) -> dict[str, Any]:
+        # threshold = max(rate_threshold, bulk_floor) + margin is kept at full precision: rounding
+        # each of the four on its own could put the stored threshold below the stored floor + margin
         r = lambda v: round(float(v), 6)  # noqa: E731
-        return {"threshold": r(self.threshold), "n_of_m": list(self.n_of_m),
-                "rate_threshold": r(self.rate_threshold), "bulk_floor": r(self.bulk_floor),
-                "bulk_quantile": BULK_QUANTILE, "margin": r(self.margin), "sigma": r(self.sigma),
+        return {"threshold": float(self.threshold), "n_of_m": list(self.n_of_m),
+                "rate_threshold": float(self.rate_threshold), "bulk_floor": float(self.bulk_floor),
+                "bulk_quantile": BULK_QUANTILE, "margin": float(self.margin), "sigma": r(self.sigma),
                 "median": r(self.median), "normal_frames": self.frames, "normal_minutes": round(self.minutes, 3),
                 "false_alerts_on_data": self.false_alerts_at_threshold,
                 "false_alerts_per_hour_on_data": round(self.false_alerts_per_hour_at_threshold, 3)}

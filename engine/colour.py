@@ -117,27 +117,27 @@ class ColourOutlier(nn.Module):
                                  f"{chroma.shape[-1]}² colour map (stride {self.stride})")
             # one grouped blur of (chroma × valid, valid): the weighted mean of the valid neighbours
             sums = self.bg_blur(torch.cat([chroma * valid, valid], dim=1))
-            rel = chroma - sums[:, :2] / (sums[:, 2:3] + 1e-6)
+            bg = sums[:, :2] / (sums[:, 2:3] + 1e-6)
             if self.vessel_cut > 0:
                 # again without the vessels: pixels far less brown than the first background
-                d = rel - self.mean
-                keep = valid * ((d[:, 0:1] * self.brown_u[:, 0:1] + d[:, 1:2] * self.brown_u[:, 1:2])
-                                > -self.vessel_cut).to(valid.dtype)
+                keep = valid * (self._brownness(chroma - bg - self.mean) > -self.vessel_cut).to(valid.dtype)
                 sums2 = self.bg_blur(torch.cat([chroma * keep, keep], dim=1))
                 # where nothing but vessels is near, keep the first background
-                bg = torch.where(sums2[:, 2:3] > 1e-3, sums2[:, :2] / (sums2[:, 2:3] + 1e-6),
-                                 sums[:, :2] / (sums[:, 2:3] + 1e-6))
-                rel = chroma - bg
-            return rel, valid
+                bg = torch.where(sums2[:, 2:3] > 1e-3, sums2[:, :2] / (sums2[:, 2:3] + 1e-6), bg)
+            return chroma - bg, valid
         valid_sub = valid[sub].flatten(1)
         med = torch.stack([masked_median(chroma[:, k:k + 1][sub].flatten(1), valid_sub) for k in range(2)], dim=1)
         return chroma - med.view(n, 2, 1, 1), valid
+
+    def _brownness(self, d: torch.Tensor) -> torch.Tensor:
+        """Component of a deviation N×2×s×s along the brownish direction, in normal standard deviations."""
+        return d[:, 0:1] * self.brown_u[:, 0:1] + d[:, 1:2] * self.brown_u[:, 1:2]
 
     def forward(self, frames: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
         rel, valid = self.relative_chroma(frames, fov)
         d = rel - self.mean
         if self.brownish:
-            dist = (d[:, 0:1] * self.brown_u[:, 0:1] + d[:, 1:2] * self.brown_u[:, 1:2]).clamp(min=0)
+            dist = self._brownness(d).clamp(min=0)
         else:
             a, b, c = self.inv_cov[0, 0], self.inv_cov[0, 1] + self.inv_cov[1, 0], self.inv_cov[1, 1]
             m2 = a * d[:, 0:1] ** 2 + b * d[:, 0:1] * d[:, 1:2] + c * d[:, 1:2] ** 2
@@ -151,8 +151,10 @@ class ColourOutlier(nn.Module):
 @torch.no_grad()
 def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_window: int,
                per_image: int = 4000, seed: int = 0, stride: int = 1, background: float = 0.0,
-               brownish: bool = False) -> dict[str, Any]:
-    """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8)."""
+               brownish: bool = False, vessel_cut: float = 0.0) -> dict[str, Any]:
+    """Mean and inverse covariance of relative chromaticity over normal images (N×S×S×3 uint8), with
+    the settings they are for (``brownish`` and its ``vessel_cut`` only recorded: the statistics are
+    those against the plain background)."""
     model = ColourOutlier(sigma, stride=stride, background=background)
     lit = FieldOfViewMask(fov_threshold, fov_window)
     rng = np.random.default_rng(seed)
@@ -170,4 +172,5 @@ def fit_colour(images: np.ndarray, sigma: float, fov_threshold: float, fov_windo
     cov = np.cov(allp.T) + 1e-6 * np.eye(2)
     return {"mean": allp.mean(axis=0).tolist(), "inv_cov": np.linalg.inv(cov).tolist(),
             "pixels": int(len(allp)), "images": int(len(images)), "sigma": sigma,
-            "stride": int(stride), "background": float(background), "brownish": bool(brownish)}
+            "stride": int(stride), "background": float(background), "brownish": bool(brownish),
+            **({"vessel_cut": float(vessel_cut)} if brownish else {})}

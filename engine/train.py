@@ -363,9 +363,7 @@ class Trainer:
     def run(self) -> Path:
         t_start = time.perf_counter()
         if self.stage == "colour":
-            fit_bundle_colour(self.out, self.data, self.model_cfg.colour_gain, self.log, self.model_cfg.colour_stride,
-                              self.model_cfg.colour_background, self.model_cfg.colour_brownish,
-                              self.model_cfg.colour_vessel_cut)
+            self._fit_colour()
             return self.out
         # The colour map is fitted last, on the finished branches (its weight depends on their maps).
         want_colour = self.model_cfg.colour_score
@@ -430,11 +428,14 @@ class Trainer:
         atomic_write_json(meta_path, meta)
         self._state_path().unlink(missing_ok=True)
         if want_colour:
-            fit_bundle_colour(self.out, self.data, self.model_cfg.colour_gain, self.log, self.model_cfg.colour_stride,
-                              self.model_cfg.colour_background, self.model_cfg.colour_brownish,
-                              self.model_cfg.colour_vessel_cut)
+            self._fit_colour()
         self.log(f"bundle written to {self.out} in {time.perf_counter() - t_start:.0f} s")
         return self.out
+
+    def _fit_colour(self) -> None:
+        cfg = self.model_cfg
+        fit_bundle_colour(self.out, self.data, cfg.colour_gain, self.log, cfg.colour_stride, cfg.colour_background,
+                          cfg.colour_brownish, cfg.colour_vessel_cut)
 
     def _data_meta(self) -> dict[str, Any]:
         info: dict[str, Any] = {"root": str(self.data), "synthetic": self.index.synthetic, "modalities": {}}
@@ -510,9 +511,7 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
         held_out[m] = [paths[n] for n in val]
         stats = fit_colour(ds.load_images([paths[n] for n in fit], size), bundle.model.colour_sigma,
                            bundle.model.fov_threshold, bundle.model.fov_window, seed=bundle.train.seed,
-                           stride=stride, background=background, brownish=m in brownish)
-        if m in brownish:
-            stats["vessel_cut"] = float(vessel_cut)
+                           stride=stride, background=background, brownish=m in brownish, vessel_cut=vessel_cut)
         branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
         colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background,
                                m in brownish, vessel_cut)

@@ -11,7 +11,8 @@ import pytest
 from calibration.debounce import count_events
 from calibration.events import check_fits, event_metrics, lesion_events, load_events, truth_modality
 from calibration.run import _check_amount, gather
-from calibration.thresholds import CalibrationOptions, NormalScores, calibrate_modality, choose, suspect_stretches
+from calibration.thresholds import (CalibrationOptions, ModalityCalibration, NormalScores, calibrate_modality, choose,
+                                    suspect_stretches)
 from engine.errors import CemdError
 from realtime.alerts import AlertConfig, AlertLogic, Thresholds
 
@@ -69,6 +70,20 @@ def test_threshold_meets_the_target_on_the_data_with_margin_and_floor() -> None:
     above = lambda thr: len(count_events(data.t_ms, np.zeros(len(data.score), "<U1"), data.score > thr, 1, 1, 500))  # noqa: E731
     assert above(cal.rate_threshold) <= allowed < above(cal.rate_threshold - 1e-6)
     assert cal.threshold > np.percentile(data.score, 99)  # never inside the bulk
+
+
+def test_stored_threshold_is_never_below_stored_floor_plus_margin() -> None:
+    """The numbers of a fresh-clone failure: floor 0.2376485 and margin 0.0170515 each rounded up at
+    6 decimals summed to 0.254701 > the threshold rounded to 0.2547. Stored unrounded, the stored
+    threshold is the stored floor + margin (float addition is monotonic), on any machine."""
+    for floor, margin, rate in ((0.2376485, 0.0170515, 0.2), (0.1234565, 0.0000015, 0.1234564),
+                                (0.3, 0.05, 0.3500005)):
+        thr = max(rate, floor) + margin
+        c = ModalityCalibration("wli", thr, (4, 6), rate, floor, margin, 0.01, 0.2, 100, 1.0, 0, 0.0)
+        stored = json.loads(json.dumps(c.to_json()))
+        assert stored["threshold"] >= stored["bulk_floor"] + stored["margin"]
+        assert stored["threshold"] >= stored["rate_threshold"] + stored["margin"]
+        assert stored["threshold"] == thr
 
 
 def test_debouncing_lowers_the_threshold_and_the_choice_prefers_it() -> None:
