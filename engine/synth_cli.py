@@ -1,4 +1,4 @@
-"""`cemd synth` and `cemd synth-video`: synthetic datasets and videos from the command line."""
+"""`cemd synth`, `cemd synth-video` and `cemd slideshow`: synthetic datasets and test videos from the command line."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.errors import CemdError
 
-__all__ = ["register", "run_synth", "run_synth_video"]
+__all__ = ["register", "run_slideshow", "run_synth", "run_synth_video"]
 
 _VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
 
@@ -52,6 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the same examination without lesions: normal video, e.g. for cemd calibrate")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=run_synth_video)
+
+    s = sub.add_parser(
+        "slideshow",
+        help="turn a folder of images into a test video (H.264 MP4) and its slides JSON",
+        description="Show each image of a folder (sorted by name) for a few seconds in an H.264 video, letterboxed "
+        "to one size, to watch the monitor's overlay on your own frames; writes NAME.slides.json beside it "
+        "(which image is on screen at which frame and time).",
+    )
+    s.add_argument("images", type=Path, metavar="DIR", help="folder of images (.png, .jpg, .webp, …)")
+    s.add_argument("--out", type=Path, required=True, help="video file to write (.mp4)")
+    s.add_argument("--fps", type=float, default=30.0, help="frames per second (default 30)")
+    s.add_argument("--seconds-each", type=float, default=1.0, help="seconds each image is shown (default 1)")
+    s.add_argument("--size", default=None,
+                   help="WIDTHxHEIGHT, even numbers (default: the first image's size, rounded up to even)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_slideshow)
 
     f = sub.add_parser(
         "synth-frames",
@@ -148,6 +165,29 @@ def run_synth_video(args: argparse.Namespace) -> int:
         f"({n / max(seconds, 1e-9):.0f} frames/s); lesion present in {len(lesion_frames) / n:.0%} of frames; "
         f"events → {events_out}"
     )
+    return 0
+
+
+def run_slideshow(args: argparse.Namespace) -> int:
+    from engine.slideshow import slides_path, write_slideshow
+    from engine.synth_video import parse_size
+
+    if not (math.isfinite(args.fps) and 0 < args.fps <= 240):
+        raise CemdError(f"--fps must be in (0, 240], got {args.fps}")
+    if not (math.isfinite(args.seconds_each) and args.seconds_each > 0):
+        raise CemdError(f"--seconds-each must be > 0, got {args.seconds_each}")
+    size = parse_size(args.size) if args.size else None
+    out: Path = args.out
+    if out.suffix.lower() not in _VIDEO_SUFFIXES:
+        raise CemdError(f"--out {out}: use a video file name ending in .mp4 (or .mkv/.mov)")
+    meta = write_slideshow(args.images, out, args.fps, args.seconds_each, size, progress=not args.no_progress)
+    console = Console()
+    for w in meta["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    w, h = meta["size"]
+    console.print(f"{meta['frames']} frames ({len(meta['slides'])} images × {args.seconds_each:g} s) "
+                  f"{meta['duration_s']:g} s {w}x{h} @ {args.fps:g} fps → {out} (slides: {slides_path(out)})",
+                  highlight=False, markup=False)
     return 0
 
 
