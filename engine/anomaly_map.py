@@ -169,7 +169,7 @@ def masked_median(flat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float,
                  fov: torch.Tensor | None = None) -> torch.Tensor:
-    """Image score of an N×1×H×W map: ``max``, ``mean``, ``topk`` (mean of the top ``topk_fraction``)
+    """Image score of an N×1×H×W map: ``max``, ``mean`` (inside ``fov`` when given), ``topk`` (mean of the top ``topk_fraction``)
     or ``topk_minus_median`` (that mean minus the map's median inside the field of view ``fov``,
     N×1×H×W, or the whole map without one): a lesion is a local rise over the frame's own level,
     and the level itself moves with lighting and tissue from one examination to the next."""
@@ -177,7 +177,11 @@ def reduce_score(amap: torch.Tensor, reduction: str, topk_fraction: float,
     if reduction == "max":
         return flat.amax(dim=1)
     if reduction == "mean":
-        return flat.mean(dim=1)
+        # over the field of view only: the black border (map 0) would otherwise weigh in by its size
+        if fov is None:
+            return flat.mean(dim=1)
+        inside = fov.flatten(1)
+        return (flat * inside).sum(dim=1) / inside.sum(dim=1).clamp(min=1)
     k = max(int(flat.shape[1] * topk_fraction), 1)
     top = flat.topk(k, dim=1).values.mean(dim=1)
     if reduction == "topk_minus_median":

@@ -85,19 +85,18 @@ _LITE0_STAGES = (
 
 
 class EfficientNetLite0Encoder(nn.Module):
-    """EfficientNet-Lite0 trunk returning features at strides 4, 8 and 16.
+    """EfficientNet-Lite0 trunk returning the features after the blocks ``taps``.
 
-    Channels are 24, 40 and 112. Only the blocks up to stride 16 are built: the rest
-    of the network (and its weights) would be dead code in every graph we export.
+    The default taps give strides 4, 8 and 16 (channels 24, 40 and 112); ``LITE0_DEEP_TAPS``
+    gives strides 8, 16 and 32 (40, 112, 320: the last block of the network). Only the blocks
+    up to the last tap are built: the rest (and its weights) would be dead code in every graph
+    we export.
     """
 
-    channels = (24, 40, 112)
-    strides = (4, 8, 16)
-    # Index of the block after which each returned scale is taken.
-    _taps = (2, 4, 10)
-
-    def __init__(self) -> None:
+    def __init__(self, taps: tuple[int, ...] = (2, 4, 10)) -> None:
         super().__init__()
+        # Index of the block after which each returned scale is taken.
+        self._taps = tuple(taps)
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
@@ -141,7 +140,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_lite0(weights: Path | None = None) -> EfficientNetLite0Encoder:
+LITE0_DEEP_TAPS = (4, 10, 15)
+
+
+def build_lite0(weights: Path | None = None, taps: tuple[int, ...] = (2, 4, 10)) -> EfficientNetLite0Encoder:
     """Lite0 encoder with the packaged ImageNet weights (or a user file of the same format)."""
     path = Path(weights) if weights else lite0_weights_path()
     if not path.is_file():
@@ -150,7 +152,7 @@ def build_lite0(weights: Path | None = None) -> EfficientNetLite0Encoder:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BundleError(f"encoder weights {path} are unreadable ({exc}); reinstall the weights package") from exc
-    encoder = EfficientNetLite0Encoder()
+    encoder = EfficientNetLite0Encoder(taps)
     own = encoder.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
@@ -195,6 +197,9 @@ def _build_wrn50(weights: Path | None) -> nn.Module:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), (4, 8, 16), build_lite0),
+    # The same network read deeper: its stride-32 output sees a polyp whole (docs/RESULTS.md, real data).
+    "efficientnet_lite0_deep": BackboneSpec("efficientnet_lite0_deep", (40, 112, 320), (8, 16, 32),
+                                            lambda w: build_lite0(w, LITE0_DEEP_TAPS)),
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", (256, 512, 1024), (4, 8, 16), _build_wrn50),
 }
 

