@@ -12,9 +12,18 @@ Randomness is split into independent streams derived from one seed:
 - the *scene* stream (patient tone, texture, vessels, camera, text) never depends on the lesion,
   so ``render_pair(s, kind=None)`` and ``render_pair(s, kind=k)`` show the same scene and differ
   only where the lesion is (the visibility tests rely on this);
-- the *lesion* stream (shape, size, position, lesion texture).
+- the *lesion* stream (shape, size, position, lesion texture);
+- generator 2.0 only: the *nuisance* stream (camera pipeline, exposure, fluids, JPEG quality), also
+  independent of the lesion.
 
-Everything is vectorised numpy + OpenCV (about 20 ms per 256² pair on 2 CPU cores).
+Generator 2.0 (``generator="2.0"``; 1.1 stays the default and bit-for-bit unchanged) draws the same
+scene and adds, from a third stream, nuisances that do not cancel in log-chromaticity — a camera
+pipeline on linear light (light-source colour, channel mixing, coloured flare offset, per-channel
+light falloff, another display gamma), over/under-exposure with clipping, bile, blood, mucus and dye
+on the mucosa, JPEG compression — and lesions carried by texture, relief and structure with only a
+small colour change from within the normal spread (docs/DATA.md#generator-20-nuisances-that-defeat-colour-rules).
+
+Everything is vectorised numpy + OpenCV (about 20 ms per 256² pair on 2 CPU cores; 2.0 about 30 ms).
 Lengths are in units of the field-of-view radius, so any image size shows the same anatomy.
 ``engine.synth_video`` reuses the scene/lesion/colour functions on a large "world" canvas.
 """
@@ -25,7 +34,7 @@ import functools
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,6 +46,7 @@ from engine.errors import CemdError
 __all__ = [
     "DATASET_FORMAT",
     "GENERATOR_VERSION",
+    "GENERATORS",
     "LESION_KINDS",
     "MODALITIES",
     "SynthPair",
@@ -46,7 +56,8 @@ __all__ = [
     "item_seed",
 ]
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.1"  # the default generator (the shipped demo bundle and its calibration were made on it)
+GENERATORS: tuple[str, ...] = ("1.1", "2.0")
 DATASET_FORMAT = "cemd-dataset/1"
 MODALITIES: tuple[str, str] = ("wli", "nbi")
 
@@ -70,6 +81,7 @@ LESION_KINDS: dict[str, dict[str, Any]] = {
 
 _NOISE_GAIN = 1.0 / 0.8  # upsampling white noise keeps ~0.8 of its std
 _SCENE, _LESION = 0, 1  # child streams of an item's seed
+_NUISANCE = 2  # generator 2.0 only: camera pipeline, fluids, exposure, compression (never drawn by 1.1)
 _SPLIT_IDS = {"train": 1, "test": 2, "example": 3}
 _KIND_IDS = {None: 0, "elevated_erythema": 1, "irregular_microvessels": 2, "depressed_neoplasia": 3}
 _SEED_TAG = 0x53594E54  # "SYNT": keeps these streams apart from other users of the same integer seed
@@ -423,16 +435,16 @@ def make_lesion(
 
 
 def _lesion_vessels(
-    rng: np.random.Generator, lesion: LesionShape, density: float, L: float
+    rng: np.random.Generator, lesion: LesionShape, density: float, L: float, min_walks: int = 6
 ) -> np.ndarray:
-    """Dense tortuous vessels of irregular calibre, confined to the lesion."""
+    """Dense tortuous vessels of irregular calibre, confined to the lesion (at least ``min_walks`` of them)."""
     h, w = lesion.mask.shape
     ys, xs = np.nonzero(lesion.mask)
     canvas = np.zeros((h, w), np.float32)
     if len(xs) == 0:
         return canvas
     step = 0.018 * L
-    n = max(6, int(density * len(xs) / (4.5 * step) ** 2))
+    n = max(min_walks, int(density * len(xs) / (4.5 * step) ** 2))
     pick = rng.integers(0, len(xs), n)
     starts = np.stack([xs[pick], ys[pick]], 1).astype(np.float32)
     walks = _walks(rng, starts, 12, step, 0.75, smooth=False)
@@ -483,6 +495,136 @@ def apply_lesion(fields: Fields, lesion: LesionShape, rng: np.random.Generator, 
         fields.pit *= 1 - 0.85 * a
         fields.groove *= 1 - 0.85 * a
         fields.cap += _lesion_vessels(rng, lesion, rng.uniform(0.4, 0.8), L) * np.float32(rng.uniform(0.7, 1.0))
+    else:  # pragma: no cover - guarded by callers
+        raise CemdError(f"unknown lesion kind {lesion.kind!r}; choose one of {', '.join(LESION_KINDS)}")
+
+
+# --------------------------------------------------------------------------- generator 2.0: lesions
+
+
+def _inside_mean(a: np.ndarray, inside: np.ndarray) -> float:
+    v = a[inside]
+    return float(v.mean()) if v.size else 0.0
+
+
+def _replace_pattern(field_: np.ndarray, pattern: np.ndarray, a: np.ndarray, inside: np.ndarray, gain: float) -> None:
+    """In place: ``field_`` → ``pattern`` under the lesion weight ``a``, the pattern scaled so that the
+    field's mean inside the lesion changes only by ``gain`` (structure changes, mean absorbance not)."""
+    target = _inside_mean(field_, inside) * gain
+    m = _inside_mean(pattern, inside)
+    field_ *= 1 - a
+    if m > 1e-6 and target > 0:
+        field_ += a * pattern * np.float32(target / m)
+
+
+def _ridge_pattern(rng: np.random.Generator, h: int, w: int, spacing: float, lesion: LesionShape) -> np.ndarray:
+    """Tubular/gyrus-like surface pattern (0..1): wavy ridges about ``spacing`` px apart that bend and fork."""
+    gx, gy = _pixel_grid(h, w)
+    cx, cy = lesion.center
+    theta = np.float32(rng.uniform(0, np.pi)) + np.float32(0.35) * _noise(rng, h, w, max(2.0, lesion.r_mean))
+    u = (gx - np.float32(cx)) * np.cos(theta) + (gy - np.float32(cy)) * np.sin(theta)
+    phase = u * np.float32(2 * np.pi / spacing) + np.float32(2.5) * _noise(rng, h, w, max(2.0, 1.5 * spacing))
+    ridges = np.float32(0.5) + np.float32(0.5) * np.cos(phase)
+    return (ridges * ridges).astype(np.float32)
+
+
+def _irregular_pits(rng: np.random.Generator, h: int, w: int, spacing: float) -> np.ndarray:
+    """Pits of uneven size on a disordered lattice (0..1), instead of the regular hexagonal one."""
+    sp = spacing * float(rng.uniform(0.75, 1.35))
+    d_seed, _ = _voronoi(_hex_seeds(rng, h, w, sp, 0.45), h, w)
+    size = np.float32(0.22 * sp) * (1 + 0.45 * np.clip(_noise(rng, h, w, max(2.0, 1.2 * sp)), -1.5, 1.5))
+    return np.exp(-((d_seed / size) ** 2)).astype(np.float32)
+
+
+def _network_vessels(rng: np.random.Generator, lesion: LesionShape, L: float, target: float, inside: np.ndarray,
+                     intensity: float) -> np.ndarray:
+    """A dense network of tortuous lesion vessels of uneven calibre (1–3 px), as many as give a mean of
+    ``target`` inside the lesion at about ``intensity``: a changed vessel pattern, not a browner area."""
+    h, w = lesion.mask.shape
+    canvas = np.zeros((h, w), np.float32)
+    ys, xs = np.nonzero(inside)
+    if len(xs) == 0 or target <= 0:
+        return canvas
+    steps, step = 12, 0.022 * L
+    per_walk = steps * step * 2.0  # px of vessel per walk (calibre 1–3 px)
+    n = int(np.clip(round(target * len(xs) / (per_walk * intensity)), 3, 400))
+    pick = rng.integers(0, len(xs), n)
+    walks = _walks(rng, np.stack([xs[pick], ys[pick]], 1).astype(np.float32), steps, step, 0.8, smooth=False)
+    by_width: dict[int, list[np.ndarray]] = {}
+    for wk in walks:
+        for c in range(0, steps, 4):  # calibre changes along each vessel
+            by_width.setdefault(int(rng.choice([1, 2, 2, 3])), []).append(wk[c : c + 5])
+    for wd, lines in by_width.items():
+        _draw_polylines(canvas, lines, wd, 1.0)
+    canvas *= np.clip(lesion.alpha * 1.5, 0, 1)
+    canvas *= 0.7 + 0.3 * np.clip(_noise(rng, h, w, max(2.0, 0.05 * L)), -1, 1)
+    return _blur(canvas, 0.35)
+
+
+def apply_lesion_v2(fields: Fields, lesion: LesionShape, rng: np.random.Generator, L: float, t: Tissue) -> None:
+    """Generator 2.0: edit the scene fields so the lesion shows by texture, relief and structure.
+
+    Its colour change is small and drawn from the scene's *own* normal colour variation (a share of
+    its patchy redness, pallor, brownish tone): pits and grooves are replaced by another pattern of
+    about the same mean absorbance, lesion vessels replace the capillaries at one to a few times
+    their mean absorbance (a changed pattern, not a browner area), and the relief (a dome or a dip, a
+    nodular or uneven surface, glints on the bump) multiplies all channels alike. The lesion's mean
+    log-chromaticity stays within the normal regional spread (tests/test_synth.py measures it), so a
+    colour rule has little to go on; a texture-aware detector does.
+    """
+    a = lesion.alpha
+    h, w = a.shape
+    r = lesion.r_mean
+    inside = a > 0.5
+    if not inside.any():
+        inside = lesion.mask.astype(bool)
+    pit_sp = t.pit_spacing * L
+    solid = lesion.mask.astype(np.float32)
+    if lesion.kind == "elevated_erythema":
+        fields.height += _blur(solid, 0.35 * r) * np.float32(rng.uniform(0.2, 0.32) * r)
+        # nodular, granular surface on the dome (shading texture in both lights)
+        fields.height += a * _fbm(rng, h, w, max(2.0, 1.6 * pit_sp), 2) * np.float32(rng.uniform(0.022, 0.035) * L)
+        ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.6, 2.4)) * pit_sp, lesion)
+        fields.height += a * ridges * np.float32(rng.uniform(0.004, 0.008) * L)  # tubular surface relief
+        _replace_pattern(fields.pit, ridges, a, inside, float(rng.uniform(0.85, 1.15)))
+        _replace_pattern(fields.groove, ridges, a, inside, float(rng.uniform(0.85, 1.15)))
+        # mottled redness: fine red speckle of (almost) zero mean, plus a share of the scene's own redness
+        speck = np.maximum(_noise(rng, h, w, max(1.6, 0.9 * pit_sp)), 0)
+        speck -= np.float32(_inside_mean(speck, inside))
+        fields.hb += a * (speck * np.float32(rng.uniform(0.4, 0.7))
+                          + np.float32(rng.uniform(0.0, 0.8) * t.redness_patch))
+        np.maximum(fields.hb, 0, out=fields.hb)
+        fields.gloss += a * np.float32(rng.uniform(0.3, 0.8))  # wet dome: glints follow the bump
+    elif lesion.kind == "irregular_microvessels":
+        gain = float(rng.uniform(2.5, 4.0))
+        vessels = _network_vessels(rng, lesion, L, _inside_mean(fields.cap, inside) * gain, inside,
+                                   float(rng.uniform(0.6, 0.9)))
+        _replace_pattern(fields.cap, vessels, a, inside, gain)
+        # irregular microsurface: the pits give way to coarse, bent ridges (pits absorb ~3× more in NBI)
+        ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.6, 2.4)) * pit_sp, lesion)
+        _replace_pattern(fields.pit, ridges, a, inside, float(rng.uniform(2.0, 3.0)))
+        fields.height += a * _fbm(rng, h, w, max(2.0, 1.2 * pit_sp), 2) * np.float32(rng.uniform(0.004, 0.008) * L)
+        fields.shb += a * np.float32(rng.uniform(0.0, 0.05))
+        fields.hb += a * np.float32(rng.uniform(0.0, 0.5) * t.redness_patch)
+    elif lesion.kind == "depressed_neoplasia":
+        dip = _blur(solid, 0.06 * r + 0.5)
+        fields.height -= dip * np.float32(rng.uniform(0.1, 0.16) * r)
+        # irregular, uneven surface: fine roughness (as 1.1) and coarse nodules
+        fields.height += a * _fbm(rng, h, w, 0.05 * L, 2) * np.float32(0.02 * L)
+        fields.height += a * _fbm(rng, h, w, 0.15 * L, 2) * np.float32(rng.uniform(0.02, 0.035) * L)
+        ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.2, 2.0)) * pit_sp, lesion)
+        _replace_pattern(fields.groove, ridges, a, inside, float(rng.uniform(0.7, 1.1)))
+        fields.height += a * ridges * np.float32(rng.uniform(0.004, 0.008) * L)
+        _replace_pattern(fields.pit, _irregular_pits(rng, h, w, pit_sp), a, inside, float(rng.uniform(0.6, 1.0)))
+        gain = float(rng.uniform(1.0, 1.6))
+        vessels = _network_vessels(rng, lesion, L, _inside_mean(fields.cap, inside) * gain, inside,
+                                   float(rng.uniform(0.5, 0.9)))
+        _replace_pattern(fields.cap, vessels, a, inside, gain)
+        if rng.random() < 0.5:
+            fields.pale += a * np.float32(rng.uniform(0.0, 0.5) * t.pallor)
+        else:
+            fields.hb += a * np.float32(rng.uniform(0.0, 0.8) * t.redness_patch)
+        fields.shb += a * np.float32(rng.uniform(0.0, 0.05))
     else:  # pragma: no cover - guarded by callers
         raise CemdError(f"unknown lesion kind {lesion.kind!r}; choose one of {', '.join(LESION_KINDS)}")
 
@@ -718,6 +860,206 @@ def _misreg_matrix(cam: Camera) -> np.ndarray:
     return m
 
 
+# --------------------------------------------------------------------------- generator 2.0: nuisances
+
+_DECODE_GAMMA = 2.2  # display values ↔ linear light
+
+# Absorbance per unit thickness of the fluids over the mucosa, per display channel (R, G, B).
+# Bile (bilirubin/biliverdin) absorbs blue and some red: yellow to green in WLI; it absorbs the
+# 415 nm light of NBI's G/B channels strongly, so it looks red-orange there, as in real NBI.
+# Blood absorbs G/B in WLI (deep red) and both NBI bands (near black-brown). Indigo carmine
+# absorbs around 610 nm: blue in WLI, a dark teal in NBI (some 540 nm absorption).
+FLUID_ABSORB: dict[str, dict[str, tuple[float, float, float]]] = {
+    "bile": {"wli": (0.70, 0.20, 1.60), "nbi": (0.15, 1.30, 1.50)},
+    "blood": {"wli": (0.25, 2.00, 1.60), "nbi": (1.40, 2.20, 2.20)},
+    "dye": {"wli": (1.60, 0.45, 0.05), "nbi": (0.90, 0.20, 0.10)},
+}
+MUCUS_WHITE: dict[str, tuple[float, float, float]] = {"wli": (238.0, 228.0, 220.0), "nbi": (200.0, 225.0, 215.0)}
+NUISANCE_KINDS = ("bile", "blood", "mucus", "dye")
+
+
+@dataclass(frozen=True)
+class CameraPipeline:
+    """Generator 2.0, one modality of one examination: what the light source and the processor do
+    to colour beyond a per-channel gain (a gain cancels in log-chromaticity; these do not)."""
+
+    temperature: tuple[float, float, float]  # light-source colour: per-channel gain on linear light
+    mix: np.ndarray  # 3×3 channel mixing on linear light (sensor crosstalk, colour-correction matrix)
+    offset: tuple[float, float, float]  # additive linear offset: coloured veiling flare / black level
+    chroma_vignette: tuple[float, float, float]  # per-channel exponent on the light falloff
+    gamma: float  # the processor's display gamma (the scene is decoded with 2.2)
+
+
+@dataclass
+class Nuisances:
+    """Generator 2.0, one examination: camera pipeline, exposure, compression, fluids on the mucosa."""
+
+    exposure: float  # extra exposure factor (1 = none; 1.2–1.5 over-exposed, clipping; 0.5–0.7 under-exposed)
+    pipeline: dict[str, CameraPipeline]
+    jpeg_quality: int  # 0 = not compressed
+    layers: dict[str, np.ndarray]  # fluid thickness / opacity maps (bile, blood, mucus; dye coverage)
+    wet_glint: np.ndarray  # glint potential of the fluid surfaces (noise, std ≈ 1)
+    glint_threshold: float
+
+    def meta(self, fov_mask: np.ndarray) -> dict[str, Any]:
+        """What this examination shows, for tests and dataset.json: the share of the FOV each fluid
+        covers (0 when absent), the exposure and the JPEG quality (None when not compressed)."""
+        n = max(1, int(fov_mask.sum()))
+        cover = {k: round(float(((self.layers[k] > 0.1) & fov_mask).sum() / n), 4) if k in self.layers else 0.0
+                 for k in NUISANCE_KINDS}
+        return {**cover, "exposure": round(self.exposure, 3),
+                "jpeg_quality": self.jpeg_quality or None,
+                "pipeline": {m: {"temperature": [round(v, 3) for v in p.temperature],
+                                 "offset": [round(v, 4) for v in p.offset], "gamma": round(p.gamma, 3)}
+                             for m, p in self.pipeline.items()}}
+
+
+def _blob(rng: np.random.Generator, cam: Camera, h: int, w: int, frac: tuple[float, float]) -> np.ndarray:
+    """A soft, irregular, elongated patch (0..1) of about ``frac`` (log-uniform) of the FOV area."""
+    f = float(np.exp(rng.uniform(np.log(frac[0]), np.log(frac[1]))))
+    r = cam.radius * math.sqrt(f)
+    ang, d = rng.uniform(0, 2 * np.pi), cam.radius * 0.85 * math.sqrt(rng.uniform(0, 1))
+    cx, cy = cam.cx + d * math.cos(ang), cam.cy + d * math.sin(ang)
+    elong, rot = float(rng.uniform(1.0, 2.0)), float(rng.uniform(0, np.pi))
+    gx, gy = _pixel_grid(h, w)
+    dx, dy = gx - np.float32(cx), gy - np.float32(cy)
+    u = (dx * np.float32(math.cos(rot)) + dy * np.float32(math.sin(rot))) / np.float32(elong)
+    v = (dy * np.float32(math.cos(rot)) - dx * np.float32(math.sin(rot))) * np.float32(elong)
+    dist = np.sqrt(u * u + v * v) / np.float32(r)
+    edge = 1 - dist + np.float32(0.35) * _noise(rng, h, w, max(2.0, 0.6 * r))
+    return np.clip(edge * 4, 0, 1).astype(np.float32)
+
+
+def _streaks(rng: np.random.Generator, cam: Camera, h: int, w: int) -> np.ndarray:
+    """A few smeared streaks (0..1): blood wiped across the mucosa or running down it."""
+    canvas = np.zeros((h, w), np.float32)
+    n = int(rng.integers(1, 4))
+    ang = rng.uniform(0, 2 * np.pi, n)
+    d = cam.radius * 0.7 * np.sqrt(rng.uniform(0, 1, n))
+    starts = np.stack([cam.cx + d * np.cos(ang), cam.cy + d * np.sin(ang)], 1).astype(np.float32)
+    walks = _walks(rng, starts, 16, 0.035 * cam.radius, 0.12, smooth=True)
+    for wk in walks:
+        _draw_polylines(canvas, [wk], max(1, round(rng.uniform(0.02, 0.07) * cam.radius)), 1.0)
+    return np.clip(_blur(canvas, 0.015 * cam.radius + 0.5) * 1.3, 0, 1)
+
+
+def _mucus(rng: np.random.Generator, cam: Camera, h: int, w: int) -> np.ndarray:
+    """Whitish translucent mucus (opacity 0..1): a thin sheet, strands and small bubbles."""
+    out = np.zeros((h, w), np.float32)
+    if rng.random() < 0.7:
+        out = np.maximum(out, _blob(rng, cam, h, w, (0.01, 0.12)) * np.float32(rng.uniform(0.1, 0.35)))
+    strands = np.zeros((h, w), np.float32)
+    n = int(rng.integers(0, 3))
+    if n:
+        ang = rng.uniform(0, 2 * np.pi, n)
+        d = cam.radius * 0.8 * np.sqrt(rng.uniform(0, 1, n))
+        starts = np.stack([cam.cx + d * np.cos(ang), cam.cy + d * np.sin(ang)], 1).astype(np.float32)
+        for wk in _walks(rng, starts, 14, 0.04 * cam.radius, 0.1, smooth=True):
+            _draw_polylines(strands, [wk], max(1, round(rng.uniform(0.008, 0.03) * cam.radius)),
+                            255 * rng.uniform(0.2, 0.5))
+    bubbles = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(0, 4))):
+        ang, d = rng.uniform(0, 2 * np.pi), cam.radius * 0.85 * math.sqrt(rng.uniform(0, 1))
+        c = (int(round((cam.cx + d * math.cos(ang)) * 4)), int(round((cam.cy + d * math.sin(ang)) * 4)))
+        rad = int(round(rng.uniform(0.015, 0.06) * cam.radius * 4))
+        cv2.circle(bubbles, c, max(4, rad), 255 * rng.uniform(0.3, 0.6), 1, cv2.LINE_AA, shift=2)
+    out = np.maximum(out, _blur(strands, 0.6) / np.float32(255))
+    return np.maximum(out, bubbles / np.float32(255))
+
+
+def _pipeline(rng: np.random.Generator) -> CameraPipeline:
+    t = float(rng.uniform(-1, 1))
+    k = float(rng.uniform(-0.15, 0.25))  # saturation change of the colour-correction matrix
+    mix = (1 + k) * np.eye(3) - (k / 3) * np.ones((3, 3)) + rng.uniform(-0.04, 0.04, (3, 3)) * (1 - np.eye(3))
+    mix -= (mix.sum(1, keepdims=True) - 1) / 3  # grey stays grey
+    flare = 1.0 if rng.random() < 0.6 else 0.25
+    return CameraPipeline(
+        temperature=(1 + 0.15 * t, 1.0, 1 - 0.18 * t),
+        mix=mix.astype(np.float32),
+        offset=tuple(float(v) for v in rng.uniform(0, 0.012, 3) * flare),  # type: ignore[arg-type]
+        chroma_vignette=tuple(float(v) for v in rng.uniform(-0.2, 0.2, 3)),  # type: ignore[arg-type]
+        gamma=float(rng.uniform(2.0, 2.45)),
+    )
+
+
+def sample_nuisances(rng: np.random.Generator, cam: Camera, h: int, w: int) -> Nuisances:
+    """One examination's nuisances (generator 2.0), from their own stream: never from the lesion's."""
+    u = rng.random()
+    exposure = float(rng.uniform(1.2, 1.5) if u < 0.1 else rng.uniform(0.5, 0.7) if u < 0.2 else 1.0)
+    pipeline = {m: _pipeline(rng) for m in MODALITIES}
+    jpeg = int(rng.integers(50, 96)) if rng.random() < 0.6 else 0
+    layers: dict[str, np.ndarray] = {}
+    if rng.random() < 0.35:
+        bile = np.zeros((h, w), np.float32)
+        for _ in range(int(rng.integers(1, 4))):  # mostly thin films: strongly coloured, little darker
+            bile = np.maximum(bile, _blob(rng, cam, h, w, (0.01, 0.15)) * np.float32(rng.uniform(0.1, 0.4)))
+        layers["bile"] = bile * (0.75 + 0.25 * np.clip(_noise(rng, h, w, 0.08 * cam.radius), -2, 2))
+    if rng.random() < 0.15:
+        blood = _streaks(rng, cam, h, w) if rng.random() < 0.3 else _blob(rng, cam, h, w, (0.005, 0.08))
+        layers["blood"] = blood * np.float32(rng.uniform(0.1, 0.5))
+    if rng.random() < 0.2:
+        layers["mucus"] = _mucus(rng, cam, h, w)
+    if rng.random() < 0.08:
+        layers["dye"] = _blob(rng, cam, h, w, (0.15, 0.6)) * np.float32(rng.uniform(0.3, 0.8))
+    wet = _fbm(rng, h, w, 0.03 * cam.radius, 2)
+    return Nuisances(exposure, pipeline, jpeg, layers, wet, float(rng.uniform(1.5, 2.1)))
+
+
+def _dye_thickness(coverage: np.ndarray, fields: Fields) -> np.ndarray:
+    """Sprayed dye pools in the grooves and pits: a thin film plus what the surface pattern holds."""
+    return coverage * (np.float32(0.25) + np.float32(2.0) * fields.groove + np.float32(1.5) * fields.pit)
+
+
+def apply_fluids(planes: list[np.ndarray], nuis: Nuisances, modality: str, fields: Fields) -> list[np.ndarray]:
+    """Fluids over the mucosa (before the light falloff, like the tissue): Beer–Lambert absorption of
+    bile, blood and dye, then translucent mucus that scatters white and blurs what lies under it."""
+    for name in ("dye", "bile", "blood"):
+        if name not in nuis.layers:
+            continue
+        thick = _dye_thickness(nuis.layers[name], fields) if name == "dye" else nuis.layers[name]
+        for c, plane in enumerate(planes):
+            plane *= cv2.exp(thick * np.float32(-FLUID_ABSORB[name][modality][c]))
+    if "mucus" in nuis.layers:
+        m = nuis.layers["mucus"]
+        for c, plane in enumerate(planes):
+            under = plane + (_blur(plane, 1.5) - plane) * np.minimum(m * 2, 1)
+            planes[c] = under + (np.float32(MUCUS_WHITE[modality][c]) - under) * m
+    return planes
+
+
+def wet_glints(nuis: Nuisances) -> np.ndarray | None:
+    """Glints on the wet fluid surfaces (0..1), or None without fluids."""
+    wet = None
+    for name, weight in (("mucus", 2.0), ("bile", 0.8), ("blood", 0.8)):
+        if name in nuis.layers:
+            layer = np.minimum(nuis.layers[name] * np.float32(weight), 1)
+            wet = layer if wet is None else np.maximum(wet, layer)
+    if wet is None:
+        return None
+    return np.clip((nuis.wet_glint - np.float32(nuis.glint_threshold)) * np.float32(2.5), 0, 1) * wet
+
+
+def apply_pipeline(planes: list[np.ndarray], pipe: CameraPipeline) -> list[np.ndarray]:
+    """Display planes → linear light → light-source colour, channel mixing, coloured flare → the
+    processor's own gamma. Unlike a per-channel gain, none of these cancels in log-chromaticity."""
+    lin = [cv2.pow(np.maximum(p, 0) * np.float32(1 / 255), _DECODE_GAMMA) * np.float32(pipe.temperature[c])
+           for c, p in enumerate(planes)]
+    out = []
+    for i in range(3):
+        acc = lin[0] * pipe.mix[i, 0] + lin[1] * pipe.mix[i, 1] + lin[2] * pipe.mix[i, 2]
+        acc += np.float32(pipe.offset[i])
+        out.append(cv2.pow(np.maximum(acc, 0), 1.0 / pipe.gamma) * np.float32(255))
+    return out
+
+
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """Encode and decode as JPEG at ``quality`` (block artefacts, 4:2:0 chroma smear)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV always has a JPEG codec
+        raise CemdError("OpenCV could not encode a JPEG")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
 # --------------------------------------------------------------------------- paired still images
 
 
@@ -728,6 +1070,9 @@ class SynthPair:
     The field of view is fixed by the scope optics, so it is one mask for both modalities
     (``fov_mask``); a misregistration moves the *scene* inside it, so each modality has its own
     lesion mask. ``area_fraction`` = lesion area in WLI / FOV area (0 when ``kind`` is None).
+    ``generator`` is the simulator version that drew it; ``nuisances`` (generator 2.0 only, empty for
+    1.1) says what the examination shows besides mucosa: the share of the FOV under bile, blood,
+    mucus and dye, the exposure factor, the JPEG quality and the camera pipeline.
     """
 
     wli: np.ndarray
@@ -737,6 +1082,8 @@ class SynthPair:
     kind: str | None
     fov_mask: np.ndarray
     area_fraction: float
+    generator: str = GENERATOR_VERSION
+    nuisances: dict[str, Any] = field(default_factory=dict)
 
     def image(self, modality: str) -> np.ndarray:
         return self.wli if modality == "wli" else self.nbi
@@ -772,12 +1119,17 @@ def render_pair(
     kind: str | None = None,
     *,
     misregistration: float = 1.0,
+    generator: str = GENERATOR_VERSION,
 ) -> SynthPair:
     """Render one paired WLI/NBI image of a random scene, with a lesion of ``kind`` (or none).
 
     ``misregistration`` scales the small NBI-vs-WLI shift/rotation (0 = perfectly aligned).
     Same seed → identical arrays; the same seed with ``kind=None`` is the same scene without the lesion.
+    ``generator`` "1.1" (default, unchanged since 1.1) or "2.0": the same scene plus nuisances that do
+    not cancel in log-chromaticity, and lesions carried by texture and relief (docs/DATA.md).
     """
+    if generator not in GENERATORS:
+        raise CemdError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
     if kind is not None and kind not in LESION_KINDS:
         raise CemdError(f"unknown lesion kind {kind!r}; choose one of {', '.join(LESION_KINDS)}")
     if not isinstance(size, (int, np.integer)) or size < 64:
@@ -793,12 +1145,17 @@ def render_pair(
     fov_mask = fov >= 0.5
     noise = _sensor_noise(rng, h, w, cam.noise)
     noise_draws = {"wli": noise, "nbi": noise[::-1, ::-1, ::-1]}  # one draw, decorrelated by flipping
+    v2 = generator == "2.0"
+    nuis = sample_nuisances(_child_rng(ss, _NUISANCE), cam, h, w) if v2 else None
 
     mask = np.zeros((h, w), np.uint8)
     if kind is not None:
         lrng = _child_rng(ss, _LESION)
         lesion = _place_lesion(lrng, kind, cam, illum, float(fov_mask.sum()), h, w)
-        apply_lesion(fields, lesion, lrng, cam.radius * tissue.zoom)
+        if v2:
+            apply_lesion_v2(fields, lesion, lrng, cam.radius * tissue.zoom, tissue)
+        else:
+            apply_lesion(fields, lesion, lrng, cam.radius * tissue.zoom)
         mask = lesion.mask
 
     shade = shading(fields, tissue)
@@ -811,26 +1168,30 @@ def render_pair(
         text[m] = cv2.max(text[m], shared)
         text[m][fov > 0] = 0
     images: dict[str, np.ndarray] = {}
-    for modality in MODALITIES:
-        planes = colorize(fields, tissue, modality, shade, cam.radius)
-        gains = cam.wb[modality]
-        warp = modality == "nbi" and misregistration
-        glint = _warp(spec, m_nbi) if warp else spec
-        out = []
-        for c, plane in enumerate(planes):
-            if warp:
-                plane = _warp(plane, m_nbi)
-            plane *= illum
-            plane *= np.float32(gains[c])
-            plane += (np.float32(262.0) - plane) * glint  # glints saturate to white in both modalities
-            if cam.defocus:
-                plane = _blur(plane, cam.defocus)
-            if cam.motion != (1, 1):
-                plane = cv2.blur(plane, cam.motion)
-            plane += noise_draws[modality][c]
-            plane *= fov
-            out.append(cv2.max(_to_uint8(plane), text[modality]))
-        images[modality] = cv2.merge(out)
+    if nuis is not None:
+        images = _render_v2(fields, tissue, cam, nuis, shade, spec, illum, fov, m_nbi, misregistration, text,
+                            noise_draws)
+    else:
+        for modality in MODALITIES:
+            planes = colorize(fields, tissue, modality, shade, cam.radius)
+            gains = cam.wb[modality]
+            warp = modality == "nbi" and misregistration
+            glint = _warp(spec, m_nbi) if warp else spec
+            out = []
+            for c, plane in enumerate(planes):
+                if warp:
+                    plane = _warp(plane, m_nbi)
+                plane *= illum
+                plane *= np.float32(gains[c])
+                plane += (np.float32(262.0) - plane) * glint  # glints saturate to white in both modalities
+                if cam.defocus:
+                    plane = _blur(plane, cam.defocus)
+                if cam.motion != (1, 1):
+                    plane = cv2.blur(plane, cam.motion)
+                plane += noise_draws[modality][c]
+                plane *= fov
+                out.append(cv2.max(_to_uint8(plane), text[modality]))
+            images[modality] = cv2.merge(out)
 
     mask_wli = mask.astype(bool)
     if kind is not None and misregistration:
@@ -841,7 +1202,45 @@ def render_pair(
     mask_wli &= fov_mask
     mask_nbi &= fov_mask
     frac = float(mask_wli.sum() / max(1, fov_mask.sum()))
+    if nuis is not None:
+        return SynthPair(images["wli"], images["nbi"], mask_wli, mask_nbi, kind, fov_mask, frac, generator,
+                         nuis.meta(fov_mask))
     return SynthPair(images["wli"], images["nbi"], mask_wli, mask_nbi, kind, fov_mask, frac)
+
+
+def _render_v2(fields: Fields, tissue: Tissue, cam: Camera, nuis: Nuisances, shade: np.ndarray, spec: np.ndarray,
+               illum: np.ndarray, fov: np.ndarray, m_nbi: np.ndarray, misregistration: float,
+               text: dict[str, np.ndarray], noise_draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Generator 2.0's camera: 1.1's steps plus fluids on the mucosa, glints on them, a per-channel
+    light falloff, over/under-exposure, the colour pipeline on linear light, and JPEG compression."""
+    wet = wet_glints(nuis)
+    glint_scene = spec if wet is None else np.maximum(spec, wet)
+    images: dict[str, np.ndarray] = {}
+    for modality in MODALITIES:
+        pipe = nuis.pipeline[modality]
+        falloff = [cv2.pow(illum, 1.0 + d) * np.float32(nuis.exposure) for d in pipe.chroma_vignette]
+        planes = apply_fluids(colorize(fields, tissue, modality, shade, cam.radius), nuis, modality, fields)
+        gains = cam.wb[modality]
+        warp = modality == "nbi" and misregistration
+        glint = _warp(glint_scene, m_nbi) if warp else glint_scene
+        for c in range(3):
+            plane = _warp(planes[c], m_nbi) if warp else planes[c]
+            plane *= falloff[c]
+            plane *= np.float32(gains[c])
+            plane += (np.float32(262.0) - plane) * glint
+            if cam.defocus:
+                plane = _blur(plane, cam.defocus)
+            if cam.motion != (1, 1):
+                plane = cv2.blur(plane, cam.motion)
+            planes[c] = plane
+        out = []
+        for c, plane in enumerate(apply_pipeline(planes, pipe)):
+            plane += noise_draws[modality][c]
+            plane *= fov
+            out.append(cv2.max(_to_uint8(plane), text[modality]))
+        img = cv2.merge(out)
+        images[modality] = jpeg_roundtrip(img, nuis.jpeg_quality) if nuis.jpeg_quality else img
+    return images
 
 
 # --------------------------------------------------------------------------- dataset writer
@@ -886,7 +1285,8 @@ def _dataset_items(n_train: int, n_test: int) -> Iterator[tuple[str, str | None,
             yield "test", kind, i
 
 
-def _dataset_meta(seed: int, size: int, counts: dict[str, Any], complete: bool) -> dict[str, Any]:
+def _dataset_meta(seed: int, size: int, counts: dict[str, Any], complete: bool,
+                  generator: str = GENERATOR_VERSION) -> dict[str, Any]:
     return {
         "format": DATASET_FORMAT,
         "synthetic": True,
@@ -896,7 +1296,7 @@ def _dataset_meta(seed: int, size: int, counts: dict[str, Any], complete: bool) 
         "modalities": list(MODALITIES),
         "kinds": {k: {"visible_in": list(v["visible_in"])} for k, v in LESION_KINDS.items()},
         "counts": counts,
-        "generator": f"engine.synth {GENERATOR_VERSION}",
+        "generator": f"engine.synth {generator}",
         "complete": complete,
     }
 
@@ -908,13 +1308,18 @@ def write_dataset(
     n_test: int = 100,
     size: int = 256,
     progress: bool = True,
+    generator: str = GENERATOR_VERSION,
 ) -> dict[str, Any]:
     """Write a paired MVTec-style dataset (layout in docs/DATA.md) and return its dataset.json.
 
     ``n_test`` is the number of test normals and the number per lesion kind. Items are seeded by
     (seed, split, kind, index), so a bigger dataset extends a smaller one with the same seed, and
     train/test never share a scene. ``complete`` in dataset.json is false until the last file is written.
+    ``generator`` picks the simulator version (default 1.1); dataset.json records it, and a 2.0 dataset
+    also counts the images per split that show each nuisance (``nuisances``).
     """
+    if generator not in GENERATORS:
+        raise CemdError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
     out = Path(out)
     for name, value, low in (("n_train", n_train, 0), ("n_test", n_test, 0), ("size", size, 64)):
         if not isinstance(value, (int, np.integer)) or value < low:
@@ -924,7 +1329,8 @@ def write_dataset(
     _seed_sequence(seed)
     _prepare_out(out)
     counts: dict[str, Any] = {"train": {"good": n_train}, "test": {"good": n_test, **{k: n_test for k in LESION_KINDS}}}
-    (out / "dataset.json").write_text(json.dumps(_dataset_meta(seed, size, counts, False), indent=2) + "\n")
+    (out / "dataset.json").write_text(json.dumps(_dataset_meta(seed, size, counts, False, generator), indent=2)
+                                      + "\n")
     for modality in MODALITIES:
         for split, kind in [("train", None), ("test", None)] + [("test", k) for k in LESION_KINDS]:
             if (split == "train" and n_train) or (split == "test" and n_test):
@@ -934,9 +1340,15 @@ def write_dataset(
 
     total = n_train + n_test * (1 + len(LESION_KINDS))
     fractions: list[float] = []
+    shown: dict[str, dict[str, int]] = {}
     with _progress(progress, total, f"synth → {out}") as advance:
         for split, kind, i in _dataset_items(n_train, n_test):
-            pair = render_pair(item_seed(seed, split, kind, i), size, kind)
+            pair = render_pair(item_seed(seed, split, kind, i), size, kind, generator=generator)
+            if pair.nuisances:
+                tally = shown.setdefault(split, {"images": 0, **{k: 0 for k in _NUISANCE_TALLY}})
+                tally["images"] += 1
+                for k, hit in _nuisance_flags(pair.nuisances).items():
+                    tally[k] += hit
             name = f"{i:05d}"
             for modality in MODALITIES:
                 _write_png(out / modality / split / (kind or "good") / f"{name}.png", pair.image(modality))
@@ -946,7 +1358,9 @@ def write_dataset(
             if kind is not None:
                 fractions.append(pair.area_fraction)
             advance()
-    meta = _dataset_meta(seed, size, counts, True)
+    meta = _dataset_meta(seed, size, counts, True, generator)
+    if shown:
+        meta["nuisances"] = shown
     if fractions:
         f = np.asarray(fractions)
         meta["lesion_area_fraction"] = {
@@ -956,6 +1370,17 @@ def write_dataset(
         }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+_NUISANCE_TALLY = (*NUISANCE_KINDS, "over_exposed", "under_exposed", "jpeg")
+
+
+def _nuisance_flags(nuisances: dict[str, Any]) -> dict[str, bool]:
+    """Which nuisances one pair's metadata shows (for dataset.json's per-split counts)."""
+    flags = {k: nuisances[k] > 0 for k in NUISANCE_KINDS}
+    flags.update(over_exposed=nuisances["exposure"] > 1.1, under_exposed=nuisances["exposure"] < 0.9,
+                 jpeg=nuisances["jpeg_quality"] is not None)
+    return flags
 
 
 class _progress:
@@ -990,18 +1415,19 @@ def _contour_copy(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _typical_example(seed: int, size: int, kind: str | None) -> SynthPair:
+def _typical_example(seed: int, size: int, kind: str | None, generator: str = GENERATOR_VERSION) -> SynthPair:
     """The first example with a mid-sized lesion (3–7 % of the FOV), so the figure shows it clearly."""
-    pair = render_pair(item_seed(seed, "example", kind, 0), size, kind)
+    pair = render_pair(item_seed(seed, "example", kind, 0), size, kind, generator=generator)
     for index in range(1, 40):
         if kind is None or 0.03 <= pair.area_fraction <= 0.07:
             break
-        pair = render_pair(item_seed(seed, "example", kind, index), size, kind)
+        pair = render_pair(item_seed(seed, "example", kind, index), size, kind, generator=generator)
     return pair
 
 
-def render_example_grid(path: Path, seed: int = 0, size: int = 256) -> Path:
-    """docs/img/synth_examples.png: one row per kind (normal first); WLI, WLI+mask, NBI, NBI+mask."""
+def render_example_grid(path: Path, seed: int = 0, size: int = 256, generator: str = GENERATOR_VERSION) -> Path:
+    """docs/img/synth_examples.png: one row per kind (normal first); WLI, WLI+mask, NBI, NBI+mask
+    (``generator`` 2.0: docs/img/synth_examples_2.0.png)."""
     path = Path(path)
     rows: list[tuple[str, str | None]] = [("normal", None)] + [(k, k) for k in LESION_KINDS]
     cols = ["WLI", "WLI + mask", "NBI", "NBI + mask"]
@@ -1012,7 +1438,7 @@ def render_example_grid(path: Path, seed: int = 0, size: int = 256) -> Path:
     for j, name in enumerate(cols):
         cv2.putText(canvas, name, (left + j * (size + pad) + 8, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     for i, (label, kind) in enumerate(rows):
-        pair = _typical_example(seed, size, kind)
+        pair = _typical_example(seed, size, kind, generator)
         tiles = [pair.wli, _contour_copy(pair.wli, pair.mask_wli), pair.nbi, _contour_copy(pair.nbi, pair.mask_nbi)]
         y = top + i * (size + pad)
         for j, tile in enumerate(tiles):
@@ -1027,11 +1453,16 @@ def render_example_grid(path: Path, seed: int = 0, size: int = 256) -> Path:
                         (90, 90, 90), 1, cv2.LINE_AA)
             cv2.putText(canvas, f"area {pair.area_fraction:.1%} of FOV", (8, y + size // 2 + 8 + 22 * len(words)),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.45, (90, 90, 90), 1, cv2.LINE_AA)
-    cv2.putText(canvas, "SYNTHETIC", (8, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (200, 0, 0), 2, cv2.LINE_AA)
+    label = "SYNTHETIC" if generator == GENERATOR_VERSION else f"SYNTHETIC {generator}"
+    cv2.putText(canvas, label, (8, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (200, 0, 0), 2, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_png(path, canvas, compression=9)
     return path
 
 
-if __name__ == "__main__":  # python -m engine.synth → regenerate the documentation figure
-    print(render_example_grid(Path(__file__).resolve().parents[1] / "docs" / "img" / "synth_examples.png", seed=0))
+if __name__ == "__main__":  # python -m engine.synth [2.0] → regenerate the documentation figure
+    import sys
+
+    _gen = sys.argv[1] if len(sys.argv) > 1 else GENERATOR_VERSION
+    _name = "synth_examples.png" if _gen == GENERATOR_VERSION else f"synth_examples_{_gen}.png"
+    print(render_example_grid(Path(__file__).resolve().parents[1] / "docs" / "img" / _name, seed=0, generator=_gen))

@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test", type=int, default=100,
                    help="test normals, and test images per lesion kind (default 100)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--generator", choices=("1.1", "2.0"), default="1.1",
+                   help="simulator version (default 1.1, what the demo bundle was made on); 2.0 adds nuisances "
+                   "that defeat colour rules (bile, blood, mucus, dye, exposure, colour pipeline, JPEG) and "
+                   "lesions carried by texture and relief (docs/DATA.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
 
@@ -101,10 +105,11 @@ def run_synth(args: argparse.Namespace) -> int:
     if not 64 <= args.size <= 2048:
         raise CemdError(f"--size must be between 64 and 2048 pixels, got {args.size}")
     start = time.perf_counter()
-    meta = write_dataset(args.out, args.seed, args.train, args.test, args.size, progress=not args.no_progress)
+    meta = write_dataset(args.out, args.seed, args.train, args.test, args.size, progress=not args.no_progress,
+                         generator=args.generator)
     seconds = time.perf_counter() - start
 
-    table = Table(title=f"SYNTHETIC dataset → {args.out}", show_header=True)
+    table = Table(title=f"SYNTHETIC dataset (generator {args.generator}) → {args.out}", show_header=True)
     table.add_column("split / kind")
     table.add_column("pairs", justify="right")
     table.add_column("visible in")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -142,6 +143,162 @@ def test_pair_render_speed_is_reasonable() -> None:
     ms = (time.perf_counter() - start) / 10 * 1000
     print(f"256² pair: {ms:.1f} ms")
     assert ms < 125  # target 25 ms; loose so a busy CI machine does not fail
+
+
+# --------------------------------------------------------------------------- generator 2.0
+
+# render_pair(seed, size, kind) MD5 over (wli, nbi, mask_wli, mask_nbi) bytes, recorded on the 1.1 code
+# before generator 2.0 existed. Bit-exact output depends on OpenCV/numpy, so the pins are only checked
+# on the versions they were recorded with.
+_PINNED_11 = {
+    (3, 96, None): "b9c6c509bf98b7c625184b347a87f9ff",
+    (4, 128, "elevated_erythema"): "2a2b6af14e96662d09db08dea145f895",
+    (5, 128, "irregular_microvessels"): "41a130c24b6380a2b21eaea4f95572e7",
+    (6, 128, "depressed_neoplasia"): "6019a7b6121e9e7037fd3917fac29843",
+}
+_PINNED_WITH = ("5.0.0", "2.4.6")  # cv2.__version__, numpy.__version__
+
+
+def _pair_md5(p) -> str:
+    h = hashlib.md5()
+    for a in (p.wli, p.nbi, p.mask_wli, p.mask_nbi):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_generator_1_1_is_the_default_and_unchanged() -> None:
+    for (seed, size, kind), digest in _PINNED_11.items():
+        p = render_pair(seed, size, kind)
+        assert p.generator == "1.1" and p.nuisances == {}
+        assert _pair_md5(p) == _pair_md5(render_pair(seed, size, kind, generator="1.1"))
+        if (cv2.__version__, np.__version__) == _PINNED_WITH:
+            assert _pair_md5(p) == digest, (seed, size, kind)
+    if (cv2.__version__, np.__version__) != _PINNED_WITH:
+        pytest.skip(f"1.1 MD5 pins recorded with OpenCV/numpy {_PINNED_WITH}, "
+                    f"running {cv2.__version__}/{np.__version__}")
+
+
+def test_generator_2_0_is_deterministic_and_differs_from_1_1() -> None:
+    a = render_pair(7, 128, "depressed_neoplasia", generator="2.0")
+    b = render_pair(7, 128, "depressed_neoplasia", generator="2.0")
+    for name in ("wli", "nbi", "mask_wli", "mask_nbi", "fov_mask"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.nuisances == b.nuisances and a.generator == "2.0"
+    old = render_pair(7, 128, "depressed_neoplasia")
+    assert not np.array_equal(a.wli, old.wli) and not np.array_equal(a.nbi, old.nbi)
+    assert np.array_equal(a.fov_mask, old.fov_mask)  # the same scope and scene underneath
+    assert not np.array_equal(render_pair(8, 128, "depressed_neoplasia", generator="2.0").wli, a.wli)
+    with pytest.raises(CemdError, match="generator"):
+        render_pair(7, 128, generator="3.0")
+
+
+def test_generator_2_0_lesion_changes_only_the_lesion_area() -> None:
+    # The nuisances come from their own stream: the same seed with and without a lesion is the same
+    # examination (fluids, exposure, pipeline, JPEG quality), different only at the lesion.
+    for seed in range(4):
+        for kind in KINDS:
+            base, les = render_pair(seed, 160, generator="2.0"), render_pair(seed, 160, kind, generator="2.0")
+            assert base.nuisances == les.nuisances
+            for m in MODALITIES:
+                grown = cv2.dilate(les.mask(m).astype(np.uint8), np.ones((32, 32), np.uint8)).astype(bool)
+                diff = np.abs(les.image(m).astype(float) - base.image(m).astype(float)).mean(-1)
+                assert diff[~grown].mean() < 1.0, (seed, kind, m)
+
+
+def _log_chroma(img: np.ndarray) -> np.ndarray:
+    """Per-pixel (log R/G, log B/G) after a small blur (what a colour rule looks at)."""
+    x = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.0) + 4
+    return np.stack([np.log(x[..., 0] / x[..., 1]), np.log(x[..., 2] / x[..., 1])], -1)
+
+
+def _highpass_energy(img: np.ndarray, region: np.ndarray) -> float:
+    lum = img.astype(np.float32).mean(-1)
+    hp = lum - cv2.GaussianBlur(lum, (0, 0), 2.0)
+    return float((hp[region] ** 2).mean())
+
+
+def _lit(img: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Pixels not in shadow, by the colour map's own rule (engine/colour.py DARK_FRACTION): chromaticity
+    of near-black pixels is noise, and a colour rule does not look at it."""
+    from engine.colour import DARK_FRACTION
+
+    lum = img.astype(np.float32).mean(-1)
+    return fov & (lum > DARK_FRACTION * np.median(lum[fov]))
+
+
+def _lesion_colour_and_texture(generator: str, kind: str, modality: str, seeds: range):
+    """Per seed: the lesion's shift of mean log-chromaticity over the lit pixels of its mask (against the
+    same scene without it), in units of the normal spread — the std over the normal images of a
+    lesion-sized region's mean log-chromaticity minus its image's — and the log ratio of high-pass
+    energy inside the mask."""
+    shift, spread, texture = [], [], []
+    for s in seeds:
+        les, base = render_pair(s, 256, kind, generator=generator), render_pair(s, 256, generator=generator)
+        mask = les.mask(modality)
+        lit = mask & _lit(les.image(modality), les.fov_mask) & _lit(base.image(modality), base.fov_mask)
+        c_les, c_base = _log_chroma(les.image(modality)), _log_chroma(base.image(modality))
+        shift.append(c_les[lit].mean(0) - c_base[lit].mean(0))
+        spread.append(c_base[lit].mean(0) - c_base[_lit(base.image(modality), base.fov_mask)].mean(0))
+        energy = _highpass_energy(les.image(modality), mask) / _highpass_energy(base.image(modality), mask)
+        texture.append(math.log(energy))
+    sigma = np.std(spread, axis=0)
+    return np.abs(np.array(shift)) / sigma, np.array(texture)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generator_2_0_lesions_are_texture_not_colour(kind: str) -> None:
+    """2.0: inside the mask, local texture changes (high-pass energy ×1.5 or more in most lesions) while
+    the mean log-chromaticity of its lit pixels stays within the normal spread (median shift ≤ 1 σ on
+    both axes, 90th percentile ≤ 2.5 σ). In 1.1 the same statistic puts the lesion colour ≥ 3 σ out."""
+    seeds = range(12)
+    for m in LESION_KINDS[kind]["visible_in"]:
+        z20, tex20 = _lesion_colour_and_texture("2.0", kind, m, seeds)
+        z11, _ = _lesion_colour_and_texture("1.1", kind, m, seeds)
+        print(kind, m, "2.0 |Δ|/σ median", np.median(z20, 0).round(2), "p90", np.percentile(z20, 90, axis=0).round(2),
+              "log texture ratio median", round(float(np.median(tex20)), 2), "| 1.1 median", np.median(z11, 0).round(2))
+        assert (np.median(z20, axis=0) <= 1.0).all(), z20
+        assert (np.percentile(z20, 90, axis=0) <= 2.5).all(), z20
+        assert np.median(tex20) > math.log(1.5) and (np.abs(tex20) > math.log(1.5)).mean() >= 0.75, tex20
+        assert np.median(z11, axis=0).max() >= 3.0, z11  # the statistic does tell a colour lesion
+
+
+def test_generator_2_0_nuisances_are_present_in_normal_images() -> None:
+    metas = [render_pair(item_seed(5, "train", None, i), 96, generator="2.0").nuisances for i in range(60)]
+    for fluid in ("bile", "blood", "mucus", "dye"):
+        hits = sum(m[fluid] > 0 for m in metas)
+        assert 1 <= hits < 60, (fluid, hits)  # some normal images show it, not all
+    assert sum(m["bile"] > 0 or m["blood"] > 0 or m["mucus"] > 0 or m["dye"] > 0 for m in metas) >= 20
+    assert any(m["exposure"] > 1.1 for m in metas) and any(m["exposure"] < 0.9 for m in metas)
+    qualities = {m["jpeg_quality"] for m in metas}
+    assert None in qualities and len(qualities) > 10  # some uncompressed, the rest at many qualities
+    for m in metas:
+        for p in m["pipeline"].values():  # never a plain per-channel gain: flare offset or a gamma change
+            assert max(p["offset"]) > 0 or abs(p["gamma"] - 2.2) > 0.01
+
+
+def test_generator_2_0_dataset_json_and_cli(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    meta = write_dataset(out, seed=1, n_train=3, n_test=1, size=96, progress=False, generator="2.0")
+    disk = json.loads((out / "dataset.json").read_text())
+    assert disk == meta and meta["generator"] == "engine.synth 2.0" and meta["complete"] is True
+    assert meta["nuisances"]["train"]["images"] == 3 and meta["nuisances"]["test"]["images"] == 1 + len(KINDS)
+    assert set(meta["nuisances"]["train"]) == {"images", "bile", "blood", "mucus", "dye", "over_exposed",
+                                                "under_exposed", "jpeg"}
+    pair = render_pair(item_seed(1, "test", "elevated_erythema", 0), 96, "elevated_erythema", generator="2.0")
+    img = cv2.imread(str(out / "wli" / "test" / "elevated_erythema" / "00000.png"))
+    assert np.array_equal(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), pair.wli)
+    old = write_dataset(tmp_path / "old", seed=1, n_train=1, n_test=0, size=96, progress=False)
+    assert old["generator"] == "engine.synth 1.1" and "nuisances" not in old
+    with pytest.raises(CemdError, match="generator"):
+        write_dataset(tmp_path / "bad", seed=1, n_train=1, n_test=0, size=96, progress=False, generator="1.0")
+
+    cli_out = tmp_path / "cli"
+    assert _cli(["synth", "--out", str(cli_out), "--seed", "1", "--train", "3", "--test", "1", "--size", "96",
+                 "--generator", "2.0", "--no-progress"]) == 0
+    assert json.loads((cli_out / "dataset.json").read_text()) == meta
+    assert _md5(cli_out / "nbi" / "train" / "good" / "00002.png") == _md5(out / "nbi" / "train" / "good" / "00002.png")
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["synth", "--out", str(cli_out), "--seed", "1", "--generator", "1.0"])
 
 
 # --------------------------------------------------------------------------- dataset
