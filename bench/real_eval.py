@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.knn_bound import knn_maps
 from bench.provenance import provenance, provenance_markdown
 from engine import dataset as ds
 from engine import metrics
@@ -193,12 +194,8 @@ class KnnPeer:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self._patches(x)
-        q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        d = torch.cat([torch.cdist(q[i:i + 4096], self.bank).min(1).values for i in range(0, len(q), 4096)])
-        d = d.reshape(f.shape[0], 1, f.shape[2], f.shape[3])
         fov = self.fov(x)
-        amap = self.blur(F.interpolate(d, size=(self.size, self.size), mode="bilinear", align_corners=False)) * fov
+        amap = self.blur(knn_maps(self.bank, self._patches(x), self.size)) * fov
         return amap, reduce_score(amap, self.reduction, self.topk_fraction, fov)
 
 
