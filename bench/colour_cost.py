@@ -1,13 +1,16 @@
-"""What the colour outlier map costs: the same bundle's branches with and without it, timed interleaved.
+"""What the colour outlier map or the memory map costs: the same bundle's branches with and without it, timed interleaved.
 
     python -m bench.colour_cost --bundle models/demo [--strides 1] [--backends eager,aoti] [--rounds 5]
                                 [--runs 60] [--threads N] [--json OUT]
+    python -m bench.colour_cost --map memory --bundle B [--banks 4096] ...
 
-The bundle must have the colour map (``colour_score``). A copy of it with the map switched off
-(``plain_copy``: ``--plain``, default runs/colour-cost-plain; same weights, so only the map
-differs) is made, and for each of ``--strides`` other than the bundle's own a timing copy with
-the map computed at that stride (``stride_copy``: the same statistics relabelled, so its scores
-mean nothing, only its cost). All are loaded per backend, and timing alternates between them for
+The bundle must have the map (``colour_score`` / ``memory_score``). A copy of it with the map
+switched off (``plain_copy``: ``--plain``, default runs/colour-cost-plain; same weights, so only
+the map differs) is made, and for each of ``--strides`` other than the bundle's own a timing copy
+with the colour map computed at that stride (``stride_copy``: the same statistics relabelled, so
+its scores mean nothing, only its cost) — or, for the memory map, for each of ``--banks`` smaller
+than the bundle's a copy keeping that many of its patches (``bank_copy``: a smaller random draw,
+a valid map). All are loaded per backend, and timing alternates between them for
 ``--rounds`` rounds of ``--runs`` calls each, batch 1, each round starting with the next variant,
 so that drift on a shared machine hits all alike; the table gives medians over all calls and the
 ratio to the plain branch. ``--threads 1`` times them as each ``cemd calibrate`` worker runs them.
@@ -28,22 +31,25 @@ import torch
 from bench.provenance import provenance, provenance_markdown
 from bench.timing import time_calls
 from engine.backends import BackendUnavailable, load_scorer
-from engine.bundle import COLOUR_FILE, load_bundle
+from engine.bundle import COLOUR_FILE, MEMORY_FILE, load_bundle
 from engine.backbone import file_sha256
 
 
-def plain_copy(src: Path, dst: Path) -> Path:
-    """``src`` as it was before its colour map: the colour settings and ``colour.json`` gone from
-    bundle.json (such a bundle scores with the distillation map alone); weights untouched, no
-    calibration or compiled engines copied."""
+def plain_copy(src: Path, dst: Path, drop: str = "colour") -> Path:
+    """``src`` as it was before its colour map (``drop="colour"``: the colour settings and
+    ``colour.json`` gone from bundle.json) or without its memory map (``"memory"``); such a bundle
+    scores without that map; weights untouched, no calibration or compiled engines copied."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*", COLOUR_FILE))
+    name = COLOUR_FILE if drop == "colour" else MEMORY_FILE
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*", name))
     meta = json.loads((dst / "bundle.json").read_text())
-    for key in ("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background",
-                "colour_brownish", "colour_vessel_cut"):
+    keys = (("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background", "colour_brownish",
+             "colour_vessel_cut") if drop == "colour" else ("memory_score", "memory_scale", "memory_bank", "memory_gain"))
+    for key in keys:
         meta["model"].pop(key, None)
-    meta["files"].pop(COLOUR_FILE, None)
+    meta["files"].pop(name, None)
+    meta.pop("memory" if drop == "memory" else "colour_skipped", None)
     (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
     return dst
 
@@ -65,12 +71,32 @@ def stride_copy(src: Path, dst: Path, stride: int) -> Path:
     return dst
 
 
+def bank_copy(src: Path, dst: Path, bank: int) -> Path:
+    """``src`` with the first ``bank`` patches of each memory bank (the bank is a seeded random draw,
+    so its first rows are a smaller one); the weights fitted for the whole bank kept."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*"))
+    data = torch.load(dst / MEMORY_FILE, map_location="cpu", weights_only=True)
+    for entry in data["modalities"].values():
+        entry["bank"] = entry["bank"][:bank].clone()
+    torch.save(data, dst / MEMORY_FILE)
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["model"]["memory_bank"] = bank
+    meta["files"][MEMORY_FILE] = file_sha256(dst / MEMORY_FILE)
+    (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=Path("models/demo"))
     ap.add_argument("--plain", type=Path, default=Path("runs/colour-cost-plain"))
+    ap.add_argument("--map", choices=("colour", "memory"), default="colour", help="which map to time")
     ap.add_argument("--strides", default="1", help="colour map strides to time besides the bundle's own "
                     "(comma list; '' for none)")
+    ap.add_argument("--banks", default="4096", help="memory bank sizes to time besides the bundle's own "
+                    "(comma list, smaller than it; '' for none)")
     ap.add_argument("--backends", default="eager,aoti")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=60)
@@ -81,13 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     with_colour = load_bundle(a.bundle)
-    if not with_colour.model.colour_score:
-        raise SystemExit(f"{a.bundle} has no colour map (model.colour_score is false)")
-    own = with_colour.model.colour_stride
-    variants = {f"stride {own}": with_colour}
-    for k in sorted({int(v) for v in a.strides.split(",") if v.strip()} - {own}):
-        variants[f"stride {k}"] = load_bundle(stride_copy(a.bundle, a.plain.with_name(f"{a.plain.name}-stride{k}"), k))
-    variants["without"] = load_bundle(plain_copy(a.bundle, a.plain))
+    if not getattr(with_colour.model, f"{a.map}_score"):
+        raise SystemExit(f"{a.bundle} has no {a.map} map (model.{a.map}_score is false)")
+    if a.map == "colour":
+        own = with_colour.model.colour_stride
+        variants = {f"stride {own}": with_colour}
+        for k in sorted({int(v) for v in a.strides.split(",") if v.strip()} - {own}):
+            variants[f"stride {k}"] = load_bundle(stride_copy(a.bundle, a.plain.with_name(f"{a.plain.name}-stride{k}"), k))
+    else:
+        own = min(len(e["bank"]) for e in with_colour.memory.values())
+        variants = {f"bank {own}": with_colour}
+        for k in sorted({int(v) for v in a.banks.split(",") if v.strip() and int(v) < own}, reverse=True):
+            variants[f"bank {k}"] = load_bundle(bank_copy(a.bundle, a.plain.with_name(f"{a.plain.name}-bank{k}"), k))
+    variants["without"] = load_bundle(plain_copy(a.bundle, a.plain, a.map))
     rows: list[dict[str, Any]] = []
     for backend in (b.strip() for b in a.backends.split(",")):
         for m in with_colour.modalities:
@@ -110,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                          "ratio": {k: round(v / med["without"], 3) for k, v in med.items() if k != "without"},
                          "rounds": a.rounds, "runs": a.runs, "threads": torch.get_num_threads()})
             print(rows[-1], flush=True)
-    out = {"provenance": provenance(), "bundle": str(a.bundle), "results": rows}
+    out = {"provenance": provenance(), "bundle": str(a.bundle), "map": a.map, "results": rows}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))

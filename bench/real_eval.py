@@ -152,22 +152,47 @@ def _row(scorer: Scorer, fov_mask: FieldOfViewMask, windows: dict[str, np.ndarra
 
 
 def branch_scorer(bundle: Bundle, modality: str, part: str) -> Scorer:
-    """The branch as shipped (``all``), or one of its maps alone (``distillation``, ``colour``)."""
+    """The branch as shipped (``all``), or one of its maps alone (``distillation``, ``memory``, ``colour``)."""
     if part == "all":
         return bundle.branch(modality)
     if part == "distillation":
-        cfg = replace(bundle.model, colour_score=False)
+        cfg = replace(bundle.model, colour_score=False, memory_score=False)
         return StudentBranch(cfg, bundle.encoder, bundle.teacher.adapters, bundle.students[modality], modality).eval()
     full = bundle.branch(modality)
-    if full.colour is None:
-        raise ValueError("the bundle has no colour map")
+    if getattr(full, part, None) is None:
+        raise ValueError(f"the bundle has no {part} map")
+    fov_mask = full.fov if full.fov is not None else FieldOfViewMask(bundle.model.fov_threshold, bundle.model.fov_window)
 
-    def colour_only(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fov = full.fov(x)
-        amap = full.colour(x, fov) * fov
+    def one_map(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fov = fov_mask(x)
+        if part == "colour":
+            amap = full.colour(x, fov) * fov
+        else:
+            amap = full.smooth(full.memory(full.encoder(x)[full.memory_scale])) * fov
         return amap, reduce_score(amap, full.score_reduction, full.topk_fraction, fov)
 
-    return colour_only
+    return one_map
+
+
+def kind(bundle: Bundle, modality: str) -> str:
+    """What makes up the branch's map: the learned distillation map, plus the maps that need no training."""
+    parts = ["learned"]
+    if bundle.model.memory_score and modality in bundle.memory:
+        parts.append("memory (no training)")
+    if bundle.model.colour_score and modality in bundle.colour:
+        parts.append("hand-made")
+    return " + ".join(parts)
+
+
+def _fitted_copy(bundle_dir: Path, copy: Path, data: Path, reuse: bool, fit: Callable[[Path], Any]) -> Bundle:
+    """A copy of the bundle with one more map fitted on the same weights (reused when --reuse finds it)."""
+    import shutil
+
+    if not (reuse and (copy / "bundle.json").is_file()):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(bundle_dir, copy)
+        fit(copy)
+    return load_bundle(copy)
 
 
 class KnnPeer:
@@ -236,43 +261,47 @@ def run(data: Path, out: Path, whole_dir: Path | None, reuse: bool, bank: int,
 
     bundle, secs = _train(data, out / "default", model_cfg, train_cfg, reuse, log)
     rows["branch (defaults)"] = {**_row(branch_scorer(bundle, modality, "all"), fov_mask, windows, whole),
-                                 "train_seconds": secs, "kind": "learned + hand-made" if bundle.model.colour_score
-                                 and modality in bundle.colour else "learned"}
-    if bundle.model.colour_score and modality in bundle.colour:
+                                 "train_seconds": secs, "kind": kind(bundle, modality)}
+    log(f"branch: {rows['branch (defaults)']}")
+    if not bundle.model.memory_score:  # the memory map, fitted on the same weights, as a variant
+        from engine.train import fit_bundle_memory
+
+        with_memory = _fitted_copy(out / "default", out / "default+memory", data, reuse, lambda b: fit_bundle_memory(
+            b, data, log, model_cfg.memory_scale, model_cfg.memory_bank, model_cfg.memory_gain))
+        rows["branch + memory map (off by default)"] = {
+            **_row(branch_scorer(with_memory, modality, "all"), fov_mask, windows, whole), "kind": kind(with_memory, modality)}
+    else:
+        with_memory = bundle
+    if with_memory.model.memory_score and modality in with_memory.memory:
         rows["distillation map only"] = {**_row(branch_scorer(bundle, modality, "distillation"), fov_mask, windows,
                                                 whole), "kind": "learned"}
-        rows["colour map only"] = {**_row(branch_scorer(bundle, modality, "colour"), fov_mask, windows, whole),
+        rows["memory map only"] = {**_row(branch_scorer(with_memory, modality, "memory"), fov_mask, windows, whole),
+                                   "kind": "no training"}
+    if bundle.model.colour_score and modality in bundle.colour:
+        coloured = bundle
+    else:  # does the hand-made colour map earn its place? fit it on the same weights and score both together
+        from engine.train import fit_bundle_colour
+
+        mc = replace(bundle.model, colour_score=True)
+        coloured = _fitted_copy(out / "default", out / "default+colour", data, reuse, lambda b: fit_bundle_colour(
+            b, data, mc.colour_gain, log, mc.colour_stride, mc.colour_background, mc.colour_brownish,
+            mc.colour_vessel_cut))
+        if modality in coloured.colour:
+            rows["branch + colour map (off by default)"] = {
+                **_row(branch_scorer(coloured, modality, "all"), fov_mask, windows, whole), "kind": kind(coloured, modality)}
+    if modality in coloured.colour:
+        rows["colour map only"] = {**_row(branch_scorer(coloured, modality, "colour"), fov_mask, windows, whole),
                                    "kind": "hand-made"}
-    log(f"branch: {rows['branch (defaults)']}")
     val = validation_windows(data, modality, size, seed=train_cfg.seed, val_fraction=train_cfg.val_fraction)
     sets = {"test": windows} if val is None else {"validation": val, "test": windows}
     if val is not None:
         result["validation_windows"] = {"normal": int((val["labels"] == 0).sum()), "anomalous": int(val["labels"].sum())}
-    result["reductions"] = reduction_table(branch_scorer(bundle, modality, "distillation"), fov_mask, sets)
+    result["reductions"] = reduction_table(branch_scorer(bundle, modality, "all"), fov_mask, sets)
     log(f"reductions: {result['reductions']}")
-    if not bundle.model.colour_score:
-        # does the hand-made colour map earn its place? fit it on the same weights and score both together
-        from engine.train import fit_bundle_colour
 
-        with_colour = out / "default+colour"
-        if not (reuse and (with_colour / "colour.json").is_file()):
-            import shutil
-
-            shutil.rmtree(with_colour, ignore_errors=True)
-            shutil.copytree(out / "default", with_colour)
-            mc = replace(bundle.model, colour_score=True)
-            fit_bundle_colour(with_colour, data, mc.colour_gain, log, mc.colour_stride, mc.colour_background,
-                              mc.colour_brownish, mc.colour_vessel_cut)
-        coloured = load_bundle(with_colour)
-        if modality in coloured.colour:
-            rows["branch + colour map (off by default)"] = {
-                **_row(branch_scorer(coloured, modality, "all"), fov_mask, windows, whole), "kind": "learned + hand-made"}
-            rows["colour map only"] = {**_row(branch_scorer(coloured, modality, "colour"), fov_mask, windows, whole),
-                                       "kind": "hand-made"}
-
-    plain, secs = _train(data, out / "plain-rd", replace(model_cfg, teacher_training=False, colour_score=False),
-                         train_cfg, reuse, log)
-    rows["plain RD (no teacher training, no colour)"] = {
+    plain, secs = _train(data, out / "plain-rd", replace(model_cfg, teacher_training=False, colour_score=False,
+                                                         memory_score=False), train_cfg, reuse, log)
+    rows["plain RD (no teacher training, no memory, no colour)"] = {
         **_row(branch_scorer(plain, modality, "all"), fov_mask, windows, whole), "train_seconds": secs,
         "kind": "learned peer"}
 
@@ -305,7 +334,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{cell('whole_pixel_auroc')} | {ts if ts is not None else '–'} |")
     if result.get("reductions"):
         sets = list(next(iter(result["reductions"].values())))
-        lines += ["", "Image score of the distillation map, image AUROC: | reduction | " + " | ".join(sets) + " |",
+        lines += ["", "Image score of the branch's map, image AUROC: | reduction | " + " | ".join(sets) + " |",
                   "|---|" + "---|" * len(sets)]
         lines += [f"| {k} | " + " | ".join(f"{v[s]:.3f}" for s in sets) + " |" for k, v in result["reductions"].items()]
     lines += ["", provenance_markdown(result["provenance"])]

@@ -15,6 +15,7 @@ from engine.anomaly_map import FieldOfViewMask, SmoothUpsample, cosine_distance_
 from engine.backbone import FrozenEncoder, get_backbone
 from engine.colour import ColourOutlier
 from engine.config import ModelConfig
+from engine.memory import MemoryMap
 from engine.student import StudentNet
 from engine.teacher import TeacherAdapters
 
@@ -32,7 +33,7 @@ class TeacherView(nn.Module):
 
 class StudentBranch(nn.Module):
     def __init__(self, cfg: ModelConfig, encoder: FrozenEncoder, adapters: TeacherAdapters, student: StudentNet,
-                 modality: str, colour: dict | None = None) -> None:
+                 modality: str, colour: dict | None = None, memory: dict | None = None) -> None:
         super().__init__()
         self.modality = modality
         self.input_size = cfg.input_size
@@ -53,6 +54,11 @@ class StudentBranch(nn.Module):
                                         cfg.colour_vessel_cut)
             if self.fov is None:
                 self.fov = FieldOfViewMask(cfg.fov_threshold, cfg.fov_window)
+        # memory: the bank and weight of this modality (BUNDLE/memory.pt); None = no memory map
+        self.memory = None
+        self.memory_scale = cfg.memory_scale
+        if cfg.memory_score and memory is not None:
+            self.memory = MemoryMap(memory["bank"], float(memory["weight"]) * cfg.memory_gain)
         self.score_scales = tuple(cfg.score_scales)
         self.score_reduction = cfg.score_reduction
         self.topk_fraction = cfg.topk_fraction
@@ -61,6 +67,8 @@ class StudentBranch(nn.Module):
         feats = self.encoder(frames)
         amap = cosine_distance_maps(self.teacher(feats), self.student(feats), self.input_size, self.score_scales,
                                     upsample=self.smooth)
+        if self.memory is not None:
+            amap = amap + self.smooth(self.memory(feats[self.memory_scale]))
         fov = None
         if self.fov is not None:
             fov = self.fov(frames)

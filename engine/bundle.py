@@ -7,6 +7,8 @@ Layout::
     BUNDLE/teacher.pt         adapters + CMA fusion (the whole stage-1 teacher)
     BUNDLE/student_wli.pt     one file per trained student branch
     BUNDLE/student_nbi.pt
+    BUNDLE/colour.json        colour outlier map statistics (model.colour_score; optional)
+    BUNDLE/memory.pt          memory map: normal patches and weight per modality (model.memory_score; optional)
     BUNDLE/calibration.json   alert thresholds (written by `cemd calibrate`; optional)
 
 Loading validates all of it and raises `BundleError` naming what is wrong and the fix.
@@ -17,14 +19,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine import __version__
-from engine.backbone import FrozenEncoder, file_sha256, get_backbone, lite0_weights_path
+from engine.backbone import FrozenEncoder, file_sha256, get_backbone, lite0_weights_path, lite_weights_path
 from engine.branch import StudentBranch
 from engine.config import ModelConfig, TrainConfig, from_dict, to_dict
 from engine.errors import BundleError
@@ -34,6 +36,7 @@ from engine.teacher import MultimodalTeacher
 BUNDLE_FORMAT = "cemd-bundle/1"
 TEACHER_FILE = "teacher.pt"
 COLOUR_FILE = "colour.json"  # the colour outlier map's statistics per modality (model.colour_score)
+MEMORY_FILE = "memory.pt"  # the memory map's bank and weight per modality (model.memory_score)
 
 
 def student_file(modality: str) -> str:
@@ -74,6 +77,8 @@ def encoder_weights_sha(backbone: str, weights: Path | None) -> str:
         return file_sha256(weights)
     if backbone in ("efficientnet_lite0", "efficientnet_lite0_deep"):  # one weights file, read to two depths
         return file_sha256(lite0_weights_path())
+    if backbone in ("efficientnet_lite1_deep", "efficientnet_lite2_deep"):
+        return file_sha256(lite_weights_path(int(backbone[len("efficientnet_lite")])))
     raise BundleError(f"backbone {backbone} needs a weights file")
 
 
@@ -89,6 +94,8 @@ class Bundle:
     colour: dict[str, Any] = field(default_factory=dict)
     # modality → why its colour map could not apply (grayscale images…): that branch scores without it
     colour_skipped: dict[str, str] = field(default_factory=dict)
+    # modality → {"bank": M×C tensor, "weight": float} of its memory map (model.memory_score)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -115,8 +122,12 @@ class Bundle:
         if self.model.colour_score and colour is None and modality not in self.colour_skipped:
             raise BundleError(f"bundle {self.path} scores colour but {COLOUR_FILE} has no {modality.upper()} entry; "
                               f"refit it: cemd train --data DIR --out {self.path} --stage colour")
+        memory = self.memory.get(modality)
+        if self.model.memory_score and memory is None:
+            raise BundleError(f"bundle {self.path} scores with a memory map but {MEMORY_FILE} has no {modality.upper()} "
+                              f"entry; refit it: cemd train --data DIR --out {self.path} --stage memory")
         return StudentBranch(self.model, self.encoder, self.teacher.adapters, self.students[modality], modality,
-                             colour).eval()
+                             colour, memory).eval()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -159,8 +170,10 @@ def _load_state(path: Path, expected_sha: str | None, module: torch.nn.Module) -
 
 
 def load_bundle(path: str | Path, input_size: int | None = None, require_students: bool = True,
-                backbone_weights: Path | None = None) -> Bundle:
-    """Load and validate a bundle; every failure is a `BundleError` that names the fix."""
+                backbone_weights: Path | None = None, with_memory: bool = True) -> Bundle:
+    """Load and validate a bundle; every failure is a `BundleError` that names the fix.
+
+    ``with_memory=False`` loads it as if it had no memory map (to refit a missing or broken one)."""
     path = Path(path)
     meta = _read_meta(path)
     # bundles from before the colour map have no colour_score key: they score without it; those from
@@ -168,8 +181,9 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     # compared each pixel with the frame's median colour, those from before colour_brownish scored
     # colour deviations in any direction in every modality, those from before colour_vessel_cut kept
     # vessels in the background
+    # bundles from before the memory map score without one
     model = from_dict(ModelConfig, {"colour_score": False, "colour_stride": 1, "colour_background": 0.0,
-                                    "colour_brownish": [], "colour_vessel_cut": 0.0,
+                                    "colour_brownish": [], "colour_vessel_cut": 0.0, "memory_score": False,
                                     **meta.get("model", {})},
                       f"{path}/bundle.json model")
     # bundles from before early stopping ran every epoch
@@ -212,7 +226,41 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     if model.colour_score:
         colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE), model)
     skipped = {str(m): str(r) for m, r in (meta.get("colour_skipped") or {}).items() if m not in colour}
-    return Bundle(path, meta, model, train, encoder, teacher, students, colour, skipped)
+    memory: dict[str, Any] = {}
+    if model.memory_score and not with_memory:
+        model = replace(model, memory_score=False)
+    if model.memory_score:
+        memory = _load_memory(path / MEMORY_FILE, files.get(MEMORY_FILE), spec.channels[model.memory_scale])
+    return Bundle(path, meta, model, train, encoder, teacher, students, colour, skipped, memory)
+
+
+def _load_memory(path: Path, expected_sha: str | None, channels: int) -> dict[str, Any]:
+    fix = f"refit it: cemd train --data DIR --out {path.parent} --stage memory"
+    if not path.is_file() or expected_sha is None:
+        raise BundleError(f"bundle {path.parent} scores with a memory map (model.memory_score) but {path.name} is "
+                          f"{'missing' if not path.is_file() else 'not listed in bundle.json'}; {fix}")
+    actual = file_sha256(path)
+    if actual != expected_sha:
+        raise BundleError(f"{path} does not match the hash in bundle.json (sha256 {actual[:12]}… ≠ "
+                          f"{expected_sha[:12]}…); restore the file or {fix}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        out = {}
+        for m, entry in data["modalities"].items():
+            bank, weight = entry["bank"], float(entry["weight"])
+            if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or bank.shape[1] != channels or not len(bank):
+                raise ValueError(f"{m}: the bank is not an M×{channels} matrix")
+            if not weight > 0:
+                raise ValueError(f"{m}: weight {weight:g} is not > 0")
+            out[str(m)] = {"bank": bank.float(), "weight": weight}
+        return out
+    except Exception as exc:  # unreadable pickle, missing keys, wrong shapes
+        raise BundleError(f"{path} is not a memory map ({_one_line(exc)}); {fix}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> dict[str, Any]:

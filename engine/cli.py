@@ -18,8 +18,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", type=Path, required=True, help="dataset root (layout: docs/DATA.md)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--stage", choices=("teacher", "students", "colour", "all"), default="all",
-                   help="colour: only fit the colour outlier map of an existing bundle (seconds; docs/MODEL.md)")
+    p.add_argument("--stage", choices=("teacher", "students", "memory", "colour", "all"), default="all",
+                   help="memory / colour: only fit the memory map / the colour outlier map of an existing bundle "
+                        "(seconds; docs/MODEL.md)")
     p.add_argument("--epochs", type=int, help="maximum epochs for both stages (overrides the two below)")
     p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs,
                    help="maximum stage-1 epochs (default %(default)s; early stopping usually ends it sooner)")
@@ -45,6 +46,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "the target staying the clean image's teacher features (default 0 = off; docs/MODEL.md)")
     p.add_argument("--synthetic-copies", type=int, default=TrainConfig.synthetic_copies, metavar="K",
                    help="anomalous copies made (and encoded) per training image (default %(default)s)")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--memory-score", dest="memory_score", action="store_true", default=None,
+                     help="add the memory map (distance of each patch to its nearest normal training patch) to the "
+                          f"distillation map{' (the default)' if ModelConfig.memory_score else ''}; docs/MODEL.md")
+    mem.add_argument("--no-memory-score", dest="memory_score", action="store_false",
+                     help=f"distillation map without the memory map{'' if ModelConfig.memory_score else ' (the default)'}")
+    p.add_argument("--memory-gain", type=float, default=ModelConfig.memory_gain, metavar="G",
+                   help="weight of the memory map relative to the distillation map's normal spread (default %(default)g)")
+    p.add_argument("--memory-bank", type=int, default=ModelConfig.memory_bank, metavar="N",
+                   help="normal patches kept in the memory, drawn at random (default %(default)s; the map's cost "
+                        "per frame grows with it)")
     p.add_argument("--colour-score", action="store_true",
                    help="also fit the hand-made colour outlier map after the students and add it to the distillation "
                         "map (off by default: it did not raise AUROC on real colonoscopy, docs/RESULTS.md)")
@@ -107,6 +119,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from engine.train import Trainer
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    if args.stage == "memory" and args.memory_score is False:
+        raise CemdError("--stage memory fits the memory map; it cannot be combined with --no-memory-score")
+    if not args.memory_gain > 0:
+        raise CemdError(f"--memory-gain must be > 0, got {args.memory_gain}")
+    if args.memory_bank < 1:
+        raise CemdError(f"--memory-bank must be at least 1 patch, got {args.memory_bank}")
     model = ModelConfig(
         input_size=args.input_size,
         modalities=modalities,
@@ -123,6 +141,10 @@ def _run_train(args: argparse.Namespace) -> int:
         colour_background=args.colour_background,
         colour_brownish=_modality_tuple(args.colour_brownish, "--colour-brownish"),
         colour_vessel_cut=args.colour_vessel_cut,
+        memory_score=(ModelConfig.memory_score if args.memory_score is None else args.memory_score)
+        or args.stage == "memory",
+        memory_gain=args.memory_gain,
+        memory_bank=args.memory_bank,
     )
     model.validate()
     if args.epochs is not None and args.epochs < 1 or args.batch_size < 2:

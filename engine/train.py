@@ -14,6 +14,7 @@ data (the colour map of images without colour) is skipped with a line saying why
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from engine.anomaly_synth import add_synthetic_anomaly
 from engine.backbone import FrozenEncoder, file_sha256, get_backbone
 from engine.bundle import (
     COLOUR_FILE,
+    MEMORY_FILE,
     TEACHER_FILE,
     atomic_write_bytes,
     atomic_write_json,
@@ -271,8 +273,8 @@ class Trainer:
     def __init__(self, data: Path, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, stage: str = "all",
                  resume: bool = False, console: Console | None = None, log: Callable[[str], None] | None = None,
                  progress: bool = True, interrupt_after_epochs: int | None = None) -> None:
-        if stage not in ("teacher", "students", "all", "colour"):
-            raise BundleError(f"--stage must be teacher, students, colour or all, not {stage!r}")
+        if stage not in ("teacher", "students", "all", "memory", "colour"):
+            raise BundleError(f"--stage must be teacher, students, memory, colour or all, not {stage!r}")
         self.data, self.out, self.stage, self.resume = Path(data), Path(out), stage, resume
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.console = console or Console()
@@ -284,6 +286,7 @@ class Trainer:
         # what each finished stage leaves for bundle.json (carried in the state file, so a resumed run keeps it)
         self.records: dict[str, dict[str, Any]] = {"history": {}, "stopping": {}}
         self.want_colour = model_cfg.colour_score
+        self.want_memory = model_cfg.memory_score
         self.colour_skip: dict[str, str] = {}  # modality → why its colour map cannot apply (found up front)
         self.saved: list[str] = []  # usable results on disk, for the message when a later stage fails
         self.bundle_written = False
@@ -603,7 +606,7 @@ class Trainer:
         return prog
 
     def run(self) -> Path:
-        self.current = "colour map" if self.stage == "colour" else "data"
+        self.current = {"colour": "colour map", "memory": "memory map"}.get(self.stage, "data")
         try:
             return self._run()
         except (Exception, KeyboardInterrupt) as exc:
@@ -618,10 +621,14 @@ class Trainer:
         names = " and ".join([", ".join(self.saved[:-1])] * (len(self.saved) > 1) + self.saved[-1:])
         state = self._state_path().is_file()
         if self.bundle_written:
-            msg = (f"{names} {'are' if len(self.saved) > 1 else 'is'} saved in {self.out} and usable, scoring with "
-                   f"the distillation map alone")
-            retry = ("re-run with --stage colour to retry the colour map" if self.current == "colour map"
-                     else "re-run with --resume to finish" if state else "")
+            try:
+                with_memory = bool(json.loads((self.out / "bundle.json").read_text())["model"].get("memory_score"))
+            except (OSError, ValueError, KeyError):
+                with_memory = False
+            maps = "the distillation and memory maps" if with_memory else "the distillation map alone"
+            msg = f"{names} {'are' if len(self.saved) > 1 else 'is'} saved in {self.out} and usable, scoring with {maps}"
+            retry = (f"re-run with --stage {self.current.split()[0]} to retry the {self.current}"
+                     if self.current in ("colour map", "memory map") else "re-run with --resume to finish" if state else "")
         elif self.saved:
             msg = f"{names} {'are' if len(self.saved) > 1 else 'is'} trained and saved in {self.out}"
             retry = "re-run with --resume to continue without training them again" if state else ""
@@ -636,8 +643,14 @@ class Trainer:
         if self.stage == "colour":
             self._fit_colour()
             return self.out
-        # The colour map is fitted last, on the finished branches (its weight depends on their maps).
-        self.model_cfg = replace(self.model_cfg, colour_score=False)
+        if self.stage == "memory":
+            self._fit_memory()
+            if load_bundle(self.out).model.colour_score:  # its weight is relative to the map it is added to
+                self.current = "colour map"
+                self._fit_colour()
+            return self.out
+        # The memory and colour maps are fitted last, on the finished branches (their weights depend on their maps).
+        self.model_cfg = replace(self.model_cfg, colour_score=False, memory_score=False)
         self._prepare_data()
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
@@ -650,12 +663,16 @@ class Trainer:
             existing = load_bundle(self.out, require_students=False)
             if set(self.model_cfg.modalities) - set(existing.model.modalities):
                 raise BundleError(f"bundle {self.out} teacher was trained for {existing.model.modalities}")
-            # retrained students keep their colour map
+            # retrained students keep their memory and colour maps
             self.want_colour = self.want_colour or existing.model.colour_score
-            self.model_cfg = replace(existing.model, modalities=self.model_cfg.modalities,
-                                     student_loss=self.model_cfg.student_loss, hard_mining=self.model_cfg.hard_mining,
-                                     colour_score=False, colour_gain=self.model_cfg.colour_gain
-                                     if self.model_cfg.colour_score else existing.model.colour_gain)
+            self.want_memory = self.want_memory or existing.model.memory_score
+            new = self.model_cfg
+            self.model_cfg = replace(existing.model, modalities=new.modalities,
+                                     student_loss=new.student_loss, hard_mining=new.hard_mining,
+                                     colour_score=False, colour_gain=new.colour_gain
+                                     if new.colour_score else existing.model.colour_gain,
+                                     memory_score=False, **{k: getattr(new if new.memory_score else existing.model, k)
+                                                            for k in ("memory_scale", "memory_bank", "memory_gain")})
             teacher = existing.teacher.to(self.device)
             meta = existing.meta
             # The teacher keeps its stage-1 settings; the stage-2 ones are this run's.
@@ -709,6 +726,9 @@ class Trainer:
         self._score_stats(meta)
         atomic_write_json(meta_path, meta)
         self._state_path().unlink(missing_ok=True)
+        if self.want_memory:
+            self.current = "memory map"
+            self._fit_memory()
         if self.want_colour:
             self.current = "colour map"
             self._fit_colour(self.colour_skip)
@@ -724,6 +744,10 @@ class Trainer:
         cfg = self.model_cfg
         fit_bundle_colour(self.out, self.data, cfg.colour_gain, self.log, cfg.colour_stride, cfg.colour_background,
                           cfg.colour_brownish, cfg.colour_vessel_cut, skip=skip)
+
+    def _fit_memory(self) -> None:
+        cfg = self.model_cfg
+        fit_bundle_memory(self.out, self.data, self.log, cfg.memory_scale, cfg.memory_bank, cfg.memory_gain)
 
     def _data_meta(self) -> dict[str, Any]:
         info: dict[str, Any] = {"root": str(self.data), "synthetic": self.index.synthetic, "modalities": {}}
@@ -841,7 +865,8 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
         except ValueError as exc:  # no lit pixels at all
             skip_line(m, str(exc).split(":")[0])
             continue
-        branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
+        branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m,
+                               memory=bundle.memory.get(m)).eval()
         colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background,
                                m in brownish, vessel_cut)
         lit = branch.fov if branch.fov is not None else FieldOfViewMask(bundle.model.fov_threshold,
@@ -894,6 +919,86 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
     elif was_on:
         log(f"colour map removed from {out}; recalibrate: the scores changed")
     return fitted
+
+
+@torch.no_grad()
+def fit_bundle_memory(out: Path, data: Path, log: Callable[[str], None], scale: int = ModelConfig.memory_scale,
+                      bank_size: int = ModelConfig.memory_bank, gain: float = ModelConfig.memory_gain) -> dict[str, Any]:
+    """Fill the memory map (engine/memory.py) of every branch of bundle ``out`` from the normal
+    training images of ``data`` (the images training fitted on, not its held-out ones): the 3×3-
+    averaged encoder patches at ``scale``, ``bank_size`` of them drawn at random (seeded), kept in
+    float16. Its weight puts the memory map's normal spread (p99 − median inside the field of view
+    on the held-out images) on the distillation map's; ``gain`` multiplies it. A modality whose map
+    is flat there is skipped with a line saying why (it scores with the distillation map alone);
+    with every modality skipped, ``model.memory_score`` is off."""
+    from engine.anomaly_map import FieldOfViewMask
+    from engine.branch import StudentBranch
+    from engine.memory import MemoryMap, collect_patches, subsample
+
+    t0 = time.perf_counter()
+    bundle = load_bundle(out, with_memory=False)
+    plain = replace(bundle.model, colour_score=False, memory_score=False)
+    index = ds.scan_dataset(data, require_train=True)
+    size = bundle.model.input_size
+    fitted: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    held_out: dict[str, list[Path]] = {}
+    for m in bundle.modalities:
+        if m not in index.modalities:
+            raise DatasetError(f"{data} has no {m.upper()} training images to fill the {m.upper()} memory map from")
+        paths = {p.stem: p for p in index.modalities[m].train}
+        fit, val = _split_names(sorted(paths), bundle.train.val_fraction, bundle.train.seed)
+        held_out[m] = [paths[n] for n in val]
+        patches = collect_patches(lambda x: bundle.encoder(x)[scale], ds.load_images([paths[n] for n in fit], size))
+        bank = subsample(patches, bank_size, bundle.train.seed).half()
+        branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
+        memory = MemoryMap(bank, 1.0)
+        lit = FieldOfViewMask(bundle.model.fov_threshold, bundle.model.fov_window)
+        held = ds.load_images([paths[n] for n in (val or fit[:32])], size)
+        d_px, k_px = [], []
+        for i in range(0, len(held), 16):
+            x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
+            inside = lit(x) > 0
+            d_px.append(branch(x)[0][inside].numpy())
+            k_px.append(branch.smooth(memory(bundle.encoder(x)[scale]))[inside].numpy())
+        d_all, k_all = np.concatenate(d_px), np.concatenate(k_px)
+        spread_d = float(np.percentile(d_all, 99) - np.median(d_all)) if len(d_all) else 0.0
+        spread_k = float(np.percentile(k_all, 99) - np.median(k_all)) if len(k_all) else 0.0
+        if not (spread_k > 0 and spread_d > 0):
+            log(f"[yellow]memory map skipped: the {m.upper()} {'memory' if spread_d > 0 else 'distillation'} map is "
+                f"flat on the held-out images (nothing to weight it by) — every branch scores with the "
+                f"distillation map alone[/]")
+            break
+        fitted[m] = {"bank": bank, "weight": spread_d / spread_k}
+        info[m] = {"patches": int(len(patches)), "bank": int(len(bank)), "images": len(fit),
+                   "weight": spread_d / spread_k, "spread_distillation": spread_d, "spread_memory": spread_k,
+                   "held_out_images": len(held)}
+        log(f"{m.upper()} memory map: {len(bank)} of {len(patches)} normal patches from {len(fit)} images, "
+            f"weight {spread_d / spread_k:.4g} (× gain {gain:g})")
+    path = out / MEMORY_FILE
+    meta = json.loads((out / "bundle.json").read_text())
+    was_on = bool(meta.get("model", {}).get("memory_score"))
+    if set(fitted) == set(bundle.modalities):
+        buf = io.BytesIO()
+        torch.save({"format": "cemd-memory/1", "modalities": fitted}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        meta["files"][MEMORY_FILE] = file_sha256(path)
+        meta["memory"] = {"data": str(data), "modalities": info}
+        meta["model"].update(memory_score=True, memory_scale=scale, memory_bank=bank_size, memory_gain=gain)
+    else:  # a branch without its map would score on another scale than its siblings: all or none
+        path.unlink(missing_ok=True)
+        meta["files"].pop(MEMORY_FILE, None)
+        meta.pop("memory", None)
+        meta["model"]["memory_score"] = False
+    atomic_write_json(out / "bundle.json", meta)
+    if fitted or was_on:  # the scores changed
+        meta["score_stats"] = score_stats(load_bundle(out), held_out)
+        atomic_write_json(out / "bundle.json", meta)
+    if meta["model"]["memory_score"]:
+        log(f"memory maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
+    elif was_on:
+        log(f"memory map removed from {out}; recalibrate: the scores changed")
+    return info if meta["model"]["memory_score"] else {}
 
 
 def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, list[Path]]:

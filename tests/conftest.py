@@ -35,11 +35,12 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_configs(**model_kwargs: object) -> tuple[ModelConfig, TrainConfig]:
-    # The colour map is off in the shared tiny bundles (its fit and the bigger compiled graph would
-    # cost every backend test); tests/test_colour.py and test_anomaly_synth.py train with it on.
+    # The colour and memory maps are off in the shared tiny bundles (their fit and the bigger compiled
+    # graph would cost every backend test); tests/test_colour.py, test_anomaly_synth.py and
+    # test_memory.py train with them on.
     # They also keep the shallow Lite0 reading and the frame-relative score they were written for (the
     # plumbing tests do not depend on it); tests/test_model.py covers the deep default itself.
-    model = ModelConfig(input_size=TINY_SIZE, **{"colour_score": False, "backbone": "efficientnet_lite0",  # type: ignore[arg-type]
+    model = ModelConfig(input_size=TINY_SIZE, **{"colour_score": False, "memory_score": False, "backbone": "efficientnet_lite0",  # type: ignore[arg-type]
                                                  "score_reduction": "topk_minus_median", "topk_fraction": 0.01,
                                                  **model_kwargs})
     train = TrainConfig(seed=3, teacher_epochs=2, student_epochs=2, batch_size=8)

@@ -179,24 +179,33 @@ def test_fov_mask_ignores_thin_text_on_black() -> None:
     assert fov[0, 0, 5, 20] == 0 and fov[0, 0, 65, 65] == 1
 
 
-def test_default_branch_reads_lite0_to_stride_32_scores_the_mean_and_exports() -> None:
-    """New bundles' branch: Lite0 read at strides 8/16/32, the stride-32 map scored, image score the map's
-    mean inside the field of view; torch.export takes it and matches eager."""
+def test_default_branch_reads_lite0_to_stride_32_adds_a_memory_map_scores_the_top_tenth_and_exports() -> None:
+    """New bundles' branch: Lite0 read at strides 8/16/32, the stride-32 distillation map plus the memory
+    map of the stride-32 features, image score the mean of the map's top 10 %; torch.export takes it
+    and matches eager."""
     from engine.backbone import get_backbone
 
     cfg = ModelConfig()
     spec = get_backbone(cfg.backbone)
     assert spec.strides == (8, 16, 32) and cfg.score_scales == (2,) and not cfg.colour_score
+    assert cfg.memory_score and cfg.memory_scale == 2 and (cfg.score_reduction, cfg.topk_fraction) == ("topk", 0.1)
     torch.manual_seed(0)
     teacher = MultimodalTeacher(cfg, spec.channels)
+    memory = {"bank": torch.randn(500, spec.channels[2]), "weight": 0.01}
     branch = StudentBranch(cfg, FrozenEncoder(spec.build(None)), teacher.adapters, StudentNet(spec.channels, 32),
-                           "wli").eval()
+                           "wli", memory=memory).eval()
     x = torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         amap, score = branch(x)
         fov = branch.fov(x)
-    assert amap.shape == (2, 1, 256, 256)
-    torch.testing.assert_close(score, amap.flatten(1).sum(1) / fov.flatten(1).sum(1))
+        feats = branch.encoder(x)
+        distillation = cosine_distance_maps(branch.teacher(feats), branch.student(feats), 256, (2,),
+                                            upsample=branch.smooth)
+        mem = branch.smooth(branch.memory(feats[2]))
+    assert amap.shape == (2, 1, 256, 256) and float(branch.memory.weight) == pytest.approx(0.01 * cfg.memory_gain)
+    torch.testing.assert_close(amap, (distillation + mem) * fov, atol=1e-5, rtol=1e-5)
+    flat = amap.flatten(1)
+    torch.testing.assert_close(score, flat.topk(flat.shape[1] // 10, dim=1).values.mean(1))
     program = torch.export.export(branch, (x[:1],))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x[:1])[1], branch(x[:1])[1], atol=1e-5, rtol=1e-5)
