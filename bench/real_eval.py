@@ -68,10 +68,12 @@ def _load_whole(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validation_windows(data: Path, modality: str, size: int, window: int = 96, seed: int = 0,
-                       val_fraction: float = 0.1) -> dict[str, np.ndarray] | None:
+                       val_fraction: float = 0.1, images: set[str] | None = None,
+                       normal: list[Path] | None = None) -> dict[str, np.ndarray] | None:
     """A validation split for choices, disjoint from the test split: the normal training windows the
-    trainer holds out, and a window centred on each polyp of the whole *training* images
-    (DATA/full/train, ``window`` px at their size, ≥ 10 % polyp pixels), as the test windows were cut."""
+    trainer holds out (or ``normal``), and a window centred on each polyp of the whole *training*
+    images (DATA/full/train, or only those whose stem is in ``images``; ``window`` px at their size,
+    ≥ 10 % polyp pixels), as the test windows were cut."""
     import cv2
 
     from engine.train import validation_images
@@ -79,9 +81,12 @@ def validation_windows(data: Path, modality: str, size: int, window: int = 96, s
     folder = data / "full" / "train"
     if not (folder / "images").is_dir():
         return None
-    normal = validation_images(data, seed, val_fraction)[modality]
+    if normal is None:
+        normal = validation_images(data, seed, val_fraction)[modality]
     cuts = []
     for p in sorted(q for q in (folder / "images").iterdir() if q.suffix.lower() in ds.IMAGE_EXTENSIONS):
+        if images is not None and p.stem not in images:
+            continue
         img = cv2.imread(str(p))[:, :, ::-1]
         mpath = next((c for c in (folder / "masks" / p.name, folder / "masks" / f"{p.stem}_mask.png") if c.is_file()), None)
         if mpath is None:

@@ -90,7 +90,7 @@ class ModelConfig:
     # bundle.json without the key (written before the map existed) reads as False.
     memory_score: bool = True
     memory_scale: int = 2
-    memory_bank: int = 16384
+    memory_bank: int = 4096
     memory_gain: float = 4.0
 
     def validate(self) -> None:
