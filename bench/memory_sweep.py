@@ -2,6 +2,7 @@
 
     python -m bench.memory_sweep --data ../shared/real/kvasir-dev --json runs/memory_sweep.json
                                  [--out runs/memory-sweep] [--val-images 100] [--banks 4096,16384] [--scale 2]
+                                 [--no-teacher-training]
 
 DATA is a dataset in the project's layout with one modality and whole training images with masks
 (DATA/full/train), such as the real Kvasir-SEG development set (Jha et al., MMM 2020; research
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--banks", default="4096,16384")
     ap.add_argument("--scale", type=int, default=ModelConfig.memory_scale, choices=(0, 1, 2),
                     help="encoder scale the memory map reads (0/1/2 = stride 8/16/32)")
+    ap.add_argument("--no-teacher-training", action="store_true",
+                    help="the fit bundle without stage 1 (teacher = frozen encoder), as plain reverse distillation")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     index = ds.scan_dataset(a.data, require_train=True, require_test=True)
@@ -98,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     size = cfg.input_size
     stems = sorted({image_of(p) for p in split.train})
     held = set(stems[-a.val_images:])
-    fit_dir, fit_data = a.out / "fit", fit_dataset(a.data, modality, a.out / "fit-data", held)
+    fit_dir = a.out / ("fit-plain" if a.no_teacher_training else "fit")
+    fit_data = fit_dataset(a.data, modality, a.out / "fit-data", held)
     if not (fit_dir / "bundle.json").is_file():
-        train_bundle(fit_data, fit_dir, replace(cfg, memory_score=False), TrainConfig(), progress=False, log=print)
+        train_bundle(fit_data, fit_dir, replace(cfg, memory_score=False, teacher_training=not a.no_teacher_training),
+                     TrainConfig(), progress=False, log=print)
     val = validation_windows(a.data, modality, size, images=held,
                              normal=[p for p in split.train if image_of(p) in held])
     if val is None:
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         sets["whole"] = {"images": wi, "masks": wm, "labels": None}
     rows: list[dict[str, Any]] = []
     for bank in (int(v) for v in a.banks.split(",") if v.strip()):
-        copy = a.out / (f"fit+memory{bank}" + ("" if a.scale == cfg.memory_scale else f"-scale{a.scale}"))
+        copy = a.out / (f"{fit_dir.name}+memory{bank}" + ("" if a.scale == cfg.memory_scale else f"-scale{a.scale}"))
         if not (copy / "memory.pt").is_file():
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(fit_dir, copy)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         computed = {k: maps(bundle, modality, v["images"]) for k, v in sets.items()}
         for gain in GAINS:
             for red, frac in REDUCTIONS:
-                row: dict[str, Any] = {"scale": a.scale, "bank": bank, "gain": "memory only" if gain is None else gain,
+                row: dict[str, Any] = {"teacher_training": not a.no_teacher_training, "scale": a.scale, "bank": bank, "gain": "memory only" if gain is None else gain,
                                        "reduction": f"{red} {frac:g}" if red == "topk" else red}
                 for k, v in sets.items():
                     d, m, fov = computed[k]

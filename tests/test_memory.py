@@ -128,13 +128,17 @@ def test_bundles_from_before_the_memory_map_score_without_one(tiny_bundle: Path,
     assert old.model.memory_score is False and old.branch("wli").memory is None
 
 
-def test_bad_memory_options_are_refused_in_one_line(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_bad_memory_options_are_refused_in_one_line(tiny_dataset: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from realtime.cli import main  # in-process: the refusal comes before any work (the subprocess path: above)
+
     for args, text in ((("--memory-gain", "0"), "--memory-gain must be > 0"),
                        (("--memory-bank", "0"), "--memory-bank must be at least 1"),
                        (("--stage", "memory", "--no-memory-score"), "cannot be combined with --no-memory-score")):
-        r = _cemd("train", "--data", str(tiny_dataset), "--out", str(tmp_path / "b"), *args)
-        assert r.returncode != 0 and text in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+        rc = main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "b"), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and text in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "b").exists()
 
 
 def test_training_with_memory_and_colour_fits_both_and_a_failing_memory_stage_says_how_to_retry(
