@@ -12,7 +12,9 @@ On the same split and in the same run:
 * ``branch`` — `cemd train` with its defaults on ``train/good``, scored as shipped;
 * ``distillation only`` / ``colour only`` — the same weights with one map switched off
   (the colour row only when the defaults fit a colour map);
-* ``plain RD`` — the same defaults with no teacher training (teacher = frozen encoder);
+* ``plain RD`` — the same defaults with no teacher training (teacher = frozen encoder); with one
+  modality that *is* the default student (stage 1 is skipped there), so the run instead trains the
+  defaults with ``--teacher-one-modality`` and reports that branch and its distillation map;
 * ``kNN (stride 8+16)`` — the nearest-neighbour bound of ``bench.knn_bound`` (frozen Lite0
   features at strides 8 and 16, no training);
 * ``kNN (branch features)`` — the same bound on the encoder scales the branch scores.
@@ -279,7 +281,8 @@ def run(data: Path, out: Path, whole_dir: Path | None, reuse: bool, bank: int,
         with_memory = bundle
     if with_memory.model.memory_score and modality in with_memory.memory:
         rows["distillation map only"] = {**_row(branch_scorer(bundle, modality, "distillation"), fov_mask, windows,
-                                                whole), "kind": "learned"}
+                                                whole), "kind": "learned" if bundle.model.teacher_training
+                                                                 else "learned (plain RD)"}
         rows["memory map only"] = {**_row(branch_scorer(with_memory, modality, "memory"), fov_mask, windows, whole),
                                    "kind": "no training"}
     if bundle.model.colour_score and modality in bundle.colour:
@@ -304,11 +307,20 @@ def run(data: Path, out: Path, whole_dir: Path | None, reuse: bool, bank: int,
     result["reductions"] = reduction_table(branch_scorer(bundle, modality, "all"), fov_mask, sets)
     log(f"reductions: {result['reductions']}")
 
-    plain, secs = _train(data, out / "plain-rd", replace(model_cfg, teacher_training=False, colour_score=False,
-                                                         memory_score=False), train_cfg, reuse, log)
-    rows["plain RD (no teacher training, no memory, no colour)"] = {
-        **_row(branch_scorer(plain, modality, "all"), fov_mask, windows, whole), "train_seconds": secs,
-        "kind": "learned peer"}
+    if bundle.model.teacher_training:
+        plain, secs = _train(data, out / "plain-rd", replace(model_cfg, teacher_training=False, colour_score=False,
+                                                             memory_score=False), train_cfg, reuse, log)
+        rows["plain RD (no teacher training, no memory, no colour)"] = {
+            **_row(branch_scorer(plain, modality, "all"), fov_mask, windows, whole), "train_seconds": secs,
+            "kind": "learned peer"}
+    else:  # one modality: the default student is plain RD already; does training the teacher anyway help?
+        taught, secs = _train(data, out / "trained-teacher", model_cfg, replace(train_cfg, teacher_one_modality=True),
+                              reuse, log)
+        rows["branch with a trained teacher (--teacher-one-modality)"] = {
+            **_row(branch_scorer(taught, modality, "all"), fov_mask, windows, whole), "train_seconds": secs,
+            "kind": kind(taught, modality)}
+        rows["its distillation map only"] = {
+            **_row(branch_scorer(taught, modality, "distillation"), fov_mask, windows, whole), "kind": "learned"}
 
     train_images = ds.load_images(split.train, size)
     lite0 = FrozenEncoder(build_lite0())

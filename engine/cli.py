@@ -26,6 +26,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="maximum stage-1 epochs (default %(default)s; early stopping usually ends it sooner)")
     p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs,
                    help="maximum epochs per student (default %(default)s)")
+    p.add_argument("--teacher-one-modality", action="store_true",
+                   help="train the stage-1 teacher even when the data has one modality (default: skipped there, "
+                        "the teacher is the frozen encoder; docs/MODEL.md#training)")
     p.add_argument("--patience", type=int, default=TrainConfig.patience, metavar="N",
                    help="early stopping: end a stage once its held-out loss has not improved by --min-delta "
                         "for N epochs, keeping its best epoch (default %(default)s; docs/MODEL.md#training)")
@@ -183,6 +186,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         early_stopping=not args.no_early_stopping,
         patience=args.patience,
         min_delta=args.min_delta,
+        teacher_one_modality=args.teacher_one_modality,
         device=args.device,
         threads=args.threads,
     )

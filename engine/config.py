@@ -162,6 +162,11 @@ class TrainConfig:
     early_stopping: bool = True
     patience: int = 5
     min_delta: float = 0.002
+    # With one modality there is no fusion to learn: stage 1 would only train the adapters on masked
+    # reconstruction, which was level with none on real colonoscopy at 2.2x the training time
+    # (docs/MODEL.md#training). So `cemd train` (stage all) skips it there and the teacher is the
+    # frozen encoder, as `teacher_training` off; True trains it anyway (`--teacher-one-modality`).
+    teacher_one_modality: bool = False
     device: str = "cpu"
     threads: int = 0  # 0 = torch default
 

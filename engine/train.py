@@ -310,6 +310,11 @@ class Trainer:
         if len(available) < len(self.model_cfg.modalities):
             self.log(f"[yellow]only {', '.join(available)} found: training that branch alone, teacher fusion off[/]")
             self.model_cfg = replace(self.model_cfg, modalities=available, fusion=False)
+        if (len(available) == 1 and self.stage == "all" and self.model_cfg.teacher_training
+                and not self.cfg.teacher_one_modality):
+            self.log("one modality: stage 1 skipped, the teacher is the frozen encoder (a trained teacher was level "
+                     "with it on real colonoscopy at twice the time; --teacher-one-modality trains it)")
+            self.model_cfg = replace(self.model_cfg, teacher_training=False)
         self.index = index
         self.train_paths: dict[str, dict[str, Path]] = {
             m: {p.stem: p for p in index.modalities[m].train} for m in available

@@ -114,10 +114,14 @@ def test_single_modality_dataset_trains_that_branch_alone(tiny_dataset: Path, tm
     model, train = tiny_configs()
     train.student_epochs = 1
     train.teacher_epochs = 1
-    out = Trainer(data, tmp_path / "b", model, train, progress=False, log=lambda _m: None).run()
+    lines: list[str] = []
+    out = Trainer(data, tmp_path / "b", model, train, progress=False, log=lines.append).run()
     bundle = load_bundle(out)
     assert bundle.modalities == ("wli",)
     assert bundle.model.fusion is False
+    # one modality: no fusion to learn, stage 1 is skipped with a line (the teacher is the frozen encoder)
+    assert bundle.model.teacher_training is False and "teacher" not in bundle.meta["stopping"]
+    assert any("stage 1 skipped" in ln and "--teacher-one-modality" in ln for ln in lines), lines
     with pytest.raises(BundleError, match="no NBI student"):
         bundle.branch("nbi")
 
@@ -177,6 +181,7 @@ def _stop_rule_configs() -> tuple:
     # small patience, large min_delta: the tiny set's held-out loss stops gaining 10% within a few epochs
     model, train = tiny_configs()
     train.teacher_epochs, train.student_epochs, train.patience, train.min_delta = 25, 25, 2, 0.1
+    train.teacher_one_modality = True  # the teacher's stop rule is under test too
     return model, train
 
 
@@ -277,6 +282,8 @@ def test_train_options_set_the_stop_rule() -> None:
     off = train_config(parse(["train", "--data", "d", "--out", "o", "--no-early-stopping", "--patience", "3",
                               "--min-delta", "0.01"]))
     assert off.early_stopping is False and off.patience == 3 and off.min_delta == 0.01
+    assert default.teacher_one_modality is False
+    assert train_config(parse(["train", "--data", "d", "--out", "o", "--teacher-one-modality"])).teacher_one_modality
 
 
 def test_resume_mid_stage_with_early_stopping_gives_the_same_weights(early_stopped: Path, wli_only: Path,
@@ -305,7 +312,8 @@ def test_grayscale_images_skip_the_colour_map_and_the_bundle_scores(tiny_dataset
     shutil.rmtree(data / "nbi")
     out = tmp_path / "b"
     r = _cemd("train", "--data", str(data), "--out", str(out), "--input-size", str(TINY_SIZE), "--seed", "3",
-              "--teacher-epochs", "1", "--student-epochs", "2", "--batch-size", "8", "--no-progress", "--colour-score")
+              "--teacher-epochs", "1", "--student-epochs", "2", "--batch-size", "8", "--no-progress", "--colour-score",
+              "--teacher-one-modality")
     said = " ".join(r.stdout.split())  # rich wraps long lines at 80 columns without a terminal
     assert r.returncode == 0, r.stdout + r.stderr
     assert ("colour map skipped for WLI: the images carry no colour (grayscale) — the branch scores with the "
