@@ -234,15 +234,21 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     return Bundle(path, meta, model, train, encoder, teacher, students, colour, skipped, memory)
 
 
-def _load_memory(path: Path, expected_sha: str | None, channels: int) -> dict[str, Any]:
-    fix = f"refit it: cemd train --data DIR --out {path.parent} --stage memory"
+def _check_map_file(path: Path, expected_sha: str | None, scores: str, stage: str) -> str:
+    """Refuse a fitted map's file that is missing, unlisted or edited; returns the fix for later refusals."""
+    fix = f"refit it: cemd train --data DIR --out {path.parent} --stage {stage}"
     if not path.is_file() or expected_sha is None:
-        raise BundleError(f"bundle {path.parent} scores with a memory map (model.memory_score) but {path.name} is "
+        raise BundleError(f"bundle {path.parent} scores {scores} but {path.name} is "
                           f"{'missing' if not path.is_file() else 'not listed in bundle.json'}; {fix}")
     actual = file_sha256(path)
     if actual != expected_sha:
         raise BundleError(f"{path} does not match the hash in bundle.json (sha256 {actual[:12]}… ≠ "
                           f"{expected_sha[:12]}…); restore the file or {fix}")
+    return fix
+
+
+def _load_memory(path: Path, expected_sha: str | None, channels: int) -> dict[str, Any]:
+    fix = _check_map_file(path, expected_sha, "with a memory map (model.memory_score)", "memory")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         out = {}
@@ -264,14 +270,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> dict[str, Any]:
-    fix = f"refit it: cemd train --data DIR --out {path.parent} --stage colour"
-    if not path.is_file() or expected_sha is None:
-        raise BundleError(f"bundle {path.parent} scores colour (model.colour_score) but {path.name} is "
-                          f"{'missing' if not path.is_file() else 'not listed in bundle.json'}; {fix}")
-    actual = file_sha256(path)
-    if actual != expected_sha:
-        raise BundleError(f"{path} does not match the hash in bundle.json (sha256 {actual[:12]}… ≠ "
-                          f"{expected_sha[:12]}…); restore the file or {fix}")
+    fix = _check_map_file(path, expected_sha, "colour (model.colour_score)", "colour")
     try:
         data = json.loads(path.read_text())
         for m, stats in data["modalities"].items():

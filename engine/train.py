@@ -108,6 +108,16 @@ def _split_names(names: list[str], val_fraction: float, seed: int) -> tuple[list
     return sorted(ordered[n_val:]), sorted(ordered[:n_val])
 
 
+def _bundle_split(index: ds.DatasetIndex, data: Path, m: str, train: TrainConfig, what: str
+                  ) -> tuple[list[Path], list[Path]]:
+    """The fit and held-out training images of modality ``m``, split as the bundle's training split them."""
+    if m not in index.modalities:
+        raise DatasetError(f"{data} has no {m.upper()} training images to {what}")
+    paths = {p.stem: p for p in index.modalities[m].train}
+    fit, val = _split_names(sorted(paths), train.val_fraction, train.seed)
+    return [paths[n] for n in fit], [paths[n] for n in val]
+
+
 def _epoch_order(n: int, seed: int, tag: str, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{tag}:{epoch}".encode()).hexdigest()[:15], 16))
     return torch.randperm(n, generator=g)
@@ -850,15 +860,11 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
             f"map alone[/]")
 
     for m in bundle.modalities:
-        if m not in index.modalities:
-            raise DatasetError(f"{data} has no {m.upper()} training images to fit the {m.upper()} colour map on")
-        paths = {p.stem: p for p in index.modalities[m].train}
-        fit, val = _split_names(sorted(paths), bundle.train.val_fraction, bundle.train.seed)
-        held_out[m] = [paths[n] for n in val]
+        fit_paths, held_out[m] = _bundle_split(index, data, m, bundle.train, f"fit the {m.upper()} colour map on")
         if skip and m in skip:
             skip_line(m, skip[m])
             continue
-        images = ds.load_images([paths[n] for n in fit], size)
+        images = ds.load_images(fit_paths, size)
         reason = colourless_reason(images)
         if reason:
             skip_line(m, reason)
@@ -876,7 +882,7 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
                                m in brownish, vessel_cut)
         lit = branch.fov if branch.fov is not None else FieldOfViewMask(bundle.model.fov_threshold,
                                                                          bundle.model.fov_window)
-        held = ds.load_images([paths[n] for n in (val or fit[:32])], size)
+        held = ds.load_images(held_out[m] or fit_paths[:32], size)
         d_px, c_px = [], []
         for i in range(0, len(held), 16):
             x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
@@ -949,17 +955,13 @@ def fit_bundle_memory(out: Path, data: Path, log: Callable[[str], None], scale: 
     info: dict[str, Any] = {}
     held_out: dict[str, list[Path]] = {}
     for m in bundle.modalities:
-        if m not in index.modalities:
-            raise DatasetError(f"{data} has no {m.upper()} training images to fill the {m.upper()} memory map from")
-        paths = {p.stem: p for p in index.modalities[m].train}
-        fit, val = _split_names(sorted(paths), bundle.train.val_fraction, bundle.train.seed)
-        held_out[m] = [paths[n] for n in val]
-        patches = collect_patches(lambda x: bundle.encoder(x)[scale], ds.load_images([paths[n] for n in fit], size))
+        fit_paths, held_out[m] = _bundle_split(index, data, m, bundle.train, f"fill the {m.upper()} memory map from")
+        patches = collect_patches(lambda x: bundle.encoder(x)[scale], ds.load_images(fit_paths, size))
         bank = subsample(patches, bank_size, bundle.train.seed).half()
         branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
         memory = MemoryMap(bank, 1.0)
         lit = FieldOfViewMask(bundle.model.fov_threshold, bundle.model.fov_window)
-        held = ds.load_images([paths[n] for n in (val or fit[:32])], size)
+        held = ds.load_images(held_out[m] or fit_paths[:32], size)
         d_px, k_px = [], []
         for i in range(0, len(held), 16):
             x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
@@ -975,10 +977,10 @@ def fit_bundle_memory(out: Path, data: Path, log: Callable[[str], None], scale: 
                 f"distillation map alone[/]")
             break
         fitted[m] = {"bank": bank, "weight": spread_d / spread_k}
-        info[m] = {"patches": int(len(patches)), "bank": int(len(bank)), "images": len(fit),
+        info[m] = {"patches": int(len(patches)), "bank": int(len(bank)), "images": len(fit_paths),
                    "weight": spread_d / spread_k, "spread_distillation": spread_d, "spread_memory": spread_k,
                    "held_out_images": len(held)}
-        log(f"{m.upper()} memory map: {len(bank)} of {len(patches)} normal patches from {len(fit)} images, "
+        log(f"{m.upper()} memory map: {len(bank)} of {len(patches)} normal patches from {len(fit_paths)} images, "
             f"weight {spread_d / spread_k:.4g} (× gain {gain:g})")
     path = out / MEMORY_FILE
     meta = json.loads((out / "bundle.json").read_text())
