@@ -12,8 +12,8 @@ The last ``--val-images`` whole training images by name are held out entirely: t
 windows and a window on each of their polyps form the validation split; a bundle is trained
 with the defaults, memory map off, on the normal windows of the other images only (OUT/fit,
 reused when present; its fit windows are linked into OUT/fit-data), so neither the student nor the memory bank has seen a validation image.
-For each bank size the memory map is fitted as `cemd train --stage memory` fits it, and the
-distillation and memory maps are computed once per image; the sweep then scores
+For each bank size the memory map is fitted as `cemd train --stage memory` fits it; the
+distillation map is computed once per image and the memory map once per image and bank; the sweep then scores
 distillation + gain × memory for each gain (and the memory map alone) under each image-score
 reduction: image AUROC on the validation split (choose here), on the test windows and pixel
 AUROC on both and on the whole test images (report here). Provenance included.
@@ -27,17 +27,17 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from bench.provenance import provenance, provenance_markdown
-from bench.real_eval import _load_whole, validation_windows
+from bench.real_eval import _load_whole, branch_scorer, validation_windows
 from engine import dataset as ds
 from engine import metrics
 from engine.anomaly_map import FieldOfViewMask, reduce_score
-from engine.bundle import load_bundle
+from engine.bundle import Bundle, load_bundle
 from engine.config import ModelConfig, TrainConfig
 from engine.errors import DatasetError
 from engine.train import fit_bundle_memory, train_bundle
@@ -63,21 +63,24 @@ def fit_dataset(data: Path, modality: str, out: Path, held_out: set[str]) -> Pat
 
 
 @torch.no_grad()
-def maps(bundle: Any, modality: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distillation map, memory map at weight 1 (both upsampled and smoothed as the branch does), field of view."""
-    from engine.branch import StudentBranch
+def _batched(fn: Callable[[torch.Tensor], Any], images: np.ndarray) -> list[Any]:
+    return [fn(torch.from_numpy(images[i:i + 16]).permute(0, 3, 1, 2).float().div_(255))
+            for i in range(0, len(images), 16)]
 
-    plain = StudentBranch(replace(bundle.model, memory_score=False, colour_score=False), bundle.encoder,
-                          bundle.teacher.adapters, bundle.students[modality], modality).eval()
-    full = bundle.branch(modality)
+
+def distillation_maps(bundle: Bundle, modality: str, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distillation map alone (as bench.real_eval scores it) and the field of view; the same for every bank."""
+    plain = branch_scorer(bundle, modality, "distillation")
     fov_mask = FieldOfViewMask(bundle.model.fov_threshold, bundle.model.fov_window)
-    d, m, f = [], [], []
-    for i in range(0, len(images), 16):
-        x = torch.from_numpy(images[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
-        d.append(plain(x)[0])
-        m.append(full.smooth(full.memory(full.encoder(x)[full.memory_scale])) / full.memory.weight)
-        f.append(fov_mask(x))
-    return torch.cat(d), torch.cat(m), torch.cat(f)
+    d, f = zip(*_batched(lambda x: (plain(x)[0], fov_mask(x)), images))
+    return torch.cat(d), torch.cat(f)
+
+
+def memory_maps(bundle: Bundle, modality: str, images: np.ndarray) -> torch.Tensor:
+    """The memory map at weight 1, upsampled and smoothed as the branch does."""
+    full = bundle.branch(modality)
+    return torch.cat(_batched(lambda x: full.smooth(full.memory(full.encoder(x)[full.memory_scale])), images)
+                     ) / full.memory.weight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         wi, wm = _load_whole(whole_dir, size)
         sets["whole"] = {"images": wi, "masks": wm, "labels": None}
     rows: list[dict[str, Any]] = []
+    distilled = {k: distillation_maps(load_bundle(fit_dir), modality, v["images"]) for k, v in sets.items()}
     for bank in (int(v) for v in a.banks.split(",") if v.strip()):
         copy = a.out / (f"{fit_dir.name}+memory{bank}" + ("" if a.scale == cfg.memory_scale else f"-scale{a.scale}"))
         if not (copy / "memory.pt").is_file():
@@ -127,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             fit_bundle_memory(copy, fit_data, print, a.scale, bank, 1.0)
         bundle = load_bundle(copy)
         weight = float(bundle.memory[modality]["weight"])
-        computed = {k: maps(bundle, modality, v["images"]) for k, v in sets.items()}
+        memory = {k: memory_maps(bundle, modality, v["images"]) for k, v in sets.items()}
         for gain in GAINS:
             for red, frac in REDUCTIONS:
-                row: dict[str, Any] = {"teacher_training": not a.no_teacher_training, "scale": a.scale, "bank": bank, "gain": "memory only" if gain is None else gain,
+                row: dict[str, Any] = {"teacher_training": not a.no_teacher_training, "scale": a.scale, "bank": bank,
+                                       "gain": "memory only" if gain is None else gain,
                                        "reduction": f"{red} {frac:g}" if red == "topk" else red}
                 for k, v in sets.items():
-                    d, m, fov = computed[k]
+                    (d, fov), m = distilled[k], memory[k]
                     amap = (m * weight if gain is None else d + gain * weight * m) * fov
                     if v["labels"] is not None:
                         row[f"{k}_image_auroc"] = metrics.auroc(v["labels"], reduce_score(amap, red, frac, fov).numpy())
