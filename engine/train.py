@@ -108,9 +108,10 @@ def _split_names(names: list[str], val_fraction: float, seed: int) -> tuple[list
     return sorted(ordered[n_val:]), sorted(ordered[:n_val])
 
 
-def _bundle_split(index: ds.DatasetIndex, data: Path, m: str, train: TrainConfig, what: str
+def _bundle_split(index: ds.DatasetIndex, data: Path, m: str, train: TrainConfig, what: str = ""
                   ) -> tuple[list[Path], list[Path]]:
-    """The fit and held-out training images of modality ``m``, split as the bundle's training split them."""
+    """The fit and held-out training images of modality ``m``, split as the bundle's training split them
+    (``train``: its seed and val_fraction); ``what`` the missing modality's images were needed for."""
     if m not in index.modalities:
         raise DatasetError(f"{data} has no {m.upper()} training images to {what}")
     paths = {p.stem: p for p in index.modalities[m].train}
@@ -1011,11 +1012,8 @@ def fit_bundle_memory(out: Path, data: Path, log: Callable[[str], None], scale: 
 def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, list[Path]]:
     """The held-out normal training images of a dataset, split as training split it."""
     index = ds.scan_dataset(data, require_train=True)
-    out = {}
-    for m in index.modalities:
-        paths = {p.stem: p for p in index.modalities[m].train}
-        out[m] = [paths[n] for n in _split_names(sorted(paths), val_fraction, seed)[1]]
-    return out
+    split = TrainConfig(seed=seed, val_fraction=val_fraction)
+    return {m: _bundle_split(index, data, m, split)[1] for m in index.modalities}
 
 
 def train_bundle(data: Path, out: Path, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
