@@ -18,9 +18,9 @@ from typing import Any
 from rich.console import Console
 
 from bench.provenance import provenance, provenance_markdown
-from engine.config import ModelConfig, TrainConfig
-from engine.evaluate import evaluate_bundle
-from engine.train import Trainer
+from engine.eval.evaluate import evaluate_bundle
+from engine.model.config import ModelConfig, TrainConfig
+from engine.train.trainer import Trainer
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cemd": {},

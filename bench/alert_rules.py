@@ -3,7 +3,7 @@
     python -m bench.alert_rules --bundle B --normal N1.mp4 … --videos V1.mp4 … [--json OUT] [--cache DIR]
 
 Every frame of the normal (calibration) and evaluation videos is scored once with the
-monitor's own replay (``realtime.replay.Replayer``, kept in the score cache ``cemd calibrate``
+monitor's own replay (``realtime.offline.replay.Replayer``, kept in the score cache ``cemd calibrate``
 uses, ``--cache``, default runs/score-cache);
 the rules below then run on those scores through the live alert state machine
 (``calibration.debounce.Debouncer``) and are scored with ``calibration.events.event_metrics``,
@@ -54,8 +54,8 @@ class Track:
 
 def score_videos(bundle_path: Path, videos: list[Path], cache: Path, workers: int) -> list[Track]:
     """Every frame scored by the monitor's replay, kept in the same score cache as `cemd calibrate`."""
-    from engine.bundle import load_bundle
-    from realtime.replay import Replayer
+    from engine.deploy.bundle import load_bundle
+    from realtime.offline.replay import Replayer
 
     rep = Replayer(load_bundle(bundle_path), "auto", "auto", "cpu")
     out = []
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth", type=int, nargs="*", default=[3, 5])
     p.add_argument("--json", type=Path, default=Path("runs/alert_rules.json"))
     a = p.parse_args(argv)
-    from engine.bundle import load_bundle
-    from realtime.alerts import DEFAULT_N_OF_M, Thresholds
+    from engine.deploy.bundle import load_bundle
+    from realtime.scoring.alerts import DEFAULT_N_OF_M, Thresholds
 
     normal = score_videos(a.bundle, a.normal, a.cache, a.workers)
     tracks = score_videos(a.bundle, a.videos, a.cache, a.workers)

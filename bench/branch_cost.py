@@ -17,7 +17,7 @@ import torch
 
 from bench.provenance import provenance
 from bench.timing import time_calls
-from engine.bundle import load_bundle
+from engine.deploy.bundle import load_bundle
 
 
 @torch.no_grad()

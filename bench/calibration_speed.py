@@ -2,7 +2,7 @@
 
     python -m bench.calibration_speed [--minutes 10] [--workers 1,2] [--json runs/calibration_speed.json]
 
-A 20-second lesion-free 1080p30 examination is rendered once (``engine.synth_video``) and its
+A 20-second lesion-free 1080p30 examination is rendered once (``engine.synth.video``) and its
 H.264 packets are copied end to end until the video is ``--minutes`` long (no re-encoding, so
 building it takes seconds; every frame still has to be decoded and scored). Then the real
 command runs as a subprocess on a throw-away copy of the bundle, once per ``--workers`` value,
@@ -27,7 +27,7 @@ def long_video(out: Path, minutes: float, seed: int = 6001) -> Path:
     """``minutes`` of 1080p30 normal video: one rendered 20-s clip, its packets repeated."""
     import av
 
-    from engine.synth_video import render_video
+    from engine.synth.video import render_video
 
     repeats = max(1, int(round(minutes * 60 / 20)))
     if out.exists():

@@ -5,7 +5,7 @@
     python -m bench.colour_cost --map memory --bundle B [--banks 4096] ...
 
 The bundle must have the map (``colour_score`` / ``memory_score``). A copy of it with the map
-switched off (``plain_copy``: ``--plain``, default runs/colour-cost-plain; same weights, so only
+switched off (``engine.deploy.bundle.copy_without``: ``--plain``, default runs/colour-cost-plain; same weights, so only
 the map differs) is made, and for each of ``--strides`` other than the bundle's own a timing copy
 with the colour map computed at that stride (``stride_copy``: the same statistics relabelled, so
 its scores mean nothing, only its cost) — or, for the memory map, for each of ``--banks`` smaller
@@ -30,28 +30,9 @@ import torch
 
 from bench.provenance import provenance, provenance_markdown
 from bench.timing import time_calls
-from engine.backends import BackendUnavailable, load_scorer
-from engine.bundle import COLOUR_FILE, MEMORY_FILE, load_bundle
-from engine.backbone import file_sha256
-
-
-def plain_copy(src: Path, dst: Path, drop: str = "colour") -> Path:
-    """``src`` as it was before its colour map (``drop="colour"``: the colour settings and
-    ``colour.json`` gone from bundle.json) or without its memory map (``"memory"``); such a bundle
-    scores without that map; weights untouched, no calibration or compiled engines copied."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    name = COLOUR_FILE if drop == "colour" else MEMORY_FILE
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("compiled", "calibration*", name))
-    meta = json.loads((dst / "bundle.json").read_text())
-    keys = (("colour_score", "colour_sigma", "colour_gain", "colour_stride", "colour_background", "colour_brownish",
-             "colour_vessel_cut") if drop == "colour" else ("memory_score", "memory_scale", "memory_bank", "memory_gain"))
-    for key in keys:
-        meta["model"].pop(key, None)
-    meta["files"].pop(name, None)
-    meta.pop("memory" if drop == "memory" else "colour_skipped", None)
-    (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
-    return dst
+from engine.deploy.backends import BackendUnavailable, load_scorer
+from engine.deploy.bundle import COLOUR_FILE, MEMORY_FILE, copy_without, load_bundle
+from engine.model.backbone import file_sha256
 
 
 def stride_copy(src: Path, dst: Path, stride: int) -> Path:
@@ -119,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {f"bank {own}": with_colour}
         for k in sorted({int(v) for v in a.banks.split(",") if v.strip() and int(v) < own}, reverse=True):
             variants[f"bank {k}"] = load_bundle(bank_copy(a.bundle, a.plain.with_name(f"{a.plain.name}-bank{k}"), k))
-    variants["without"] = load_bundle(plain_copy(a.bundle, a.plain, a.map))
+    variants["without"] = load_bundle(copy_without(a.bundle, a.plain, a.map))
     rows: list[dict[str, Any]] = []
     for backend in (b.strip() for b in a.backends.split(",")):
         for m in with_colour.modalities:

@@ -17,8 +17,8 @@ import sys
 CHILD = r"""
 import json, os, sys, time, torch
 from bench.timing import time_calls
-from engine.bundle import load_bundle
-from engine.backends import eager_module, probe_frames, check_parity
+from engine.deploy.bundle import load_bundle
+from engine.deploy.backends import eager_module, probe_frames, check_parity
 freezing = bool(int(sys.argv[1])); bundle = sys.argv[2]; out = sys.argv[3]
 m = eager_module(load_bundle(bundle), "wli", "cuda", "fp32")
 x = torch.rand(1, 3, 256, 256, device="cuda")

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 
 from bench.provenance import provenance
-from realtime.preprocess import FieldOfView, default_field_of_view, detect_disc, detect_field_of_view
+from realtime.scoring.preprocess import FieldOfView, default_field_of_view, detect_disc, detect_field_of_view
 
 CITATION = "Kvasir-SEG (Jha et al., MMM 2020), research and education use only"
 LIT_LEVEL = 20

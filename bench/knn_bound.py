@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.provenance import provenance
-from engine import dataset as ds
-from engine.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
-from engine.backbone import FrozenEncoder, build_lite0
-from engine.evaluate import subset_aurocs
+from engine.data import dataset as ds
+from engine.eval.evaluate import subset_aurocs
+from engine.model.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
+from engine.model.backbone import FrozenEncoder, build_lite0
 
 
 @torch.no_grad()

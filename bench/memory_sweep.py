@@ -34,13 +34,13 @@ import torch
 
 from bench.provenance import provenance, provenance_markdown
 from bench.real_eval import _load_whole, branch_scorer, validation_windows
-from engine import dataset as ds
-from engine import metrics
-from engine.anomaly_map import FieldOfViewMask, reduce_score
-from engine.bundle import Bundle, load_bundle
-from engine.config import ModelConfig, TrainConfig
+from engine.data import dataset as ds
+from engine.deploy.bundle import Bundle, load_bundle
 from engine.errors import DatasetError
-from engine.train import fit_bundle_memory, train_bundle
+from engine.eval import metrics
+from engine.model.anomaly_map import FieldOfViewMask, reduce_score
+from engine.model.config import ModelConfig, TrainConfig
+from engine.train.trainer import fit_bundle_memory, train_bundle
 
 GAINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, None)  # None = the memory map alone
 REDUCTIONS = (("mean", 0.0), ("topk", 0.1), ("topk", 0.01))

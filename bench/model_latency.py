@@ -19,8 +19,8 @@ import torch
 
 from bench.provenance import provenance, provenance_markdown
 from bench.timing import time_calls
-from engine.backends import BackendUnavailable, check_parity, eager_module, load_scorer, probe_frames
-from engine.bundle import load_bundle
+from engine.deploy.backends import BackendUnavailable, check_parity, eager_module, load_scorer, probe_frames
+from engine.deploy.bundle import load_bundle
 
 
 def time_scorer(scorer: Any, runs: int, warmup: int = 20) -> dict[str, float]:

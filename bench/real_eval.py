@@ -40,15 +40,15 @@ import torch.nn.functional as F
 
 from bench.knn_bound import knn_maps
 from bench.provenance import provenance, provenance_markdown
-from engine import dataset as ds
-from engine import metrics
-from engine.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
-from engine.backbone import FrozenEncoder, build_lite0, get_backbone
-from engine.branch import StudentBranch
-from engine.bundle import Bundle, load_bundle
-from engine.config import ModelConfig, TrainConfig
+from engine.data import dataset as ds
+from engine.deploy.bundle import Bundle, load_bundle
 from engine.errors import DatasetError
-from engine.train import train_bundle
+from engine.eval import metrics
+from engine.model.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
+from engine.model.backbone import FrozenEncoder, build_lite0, get_backbone
+from engine.model.branch import StudentBranch
+from engine.model.config import ModelConfig, TrainConfig
+from engine.train.trainer import train_bundle
 
 Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # N×3×S×S in [0, 1] → (map N×1×S×S, score N)
 
@@ -78,7 +78,7 @@ def validation_windows(data: Path, modality: str, size: int, window: int = 96, s
     ≥ 10 % polyp pixels), as the test windows were cut."""
     import cv2
 
-    from engine.train import validation_images
+    from engine.train.trainer import validation_images
 
     folder = data / "full" / "train"
     if not (folder / "images").is_dir():
@@ -271,7 +271,7 @@ def run(data: Path, out: Path, whole_dir: Path | None, reuse: bool, bank: int,
                                  "train_seconds": secs, "kind": kind(bundle, modality)}
     log(f"branch: {rows['branch (defaults)']}")
     if not bundle.model.memory_score:  # the memory map, fitted on the same weights, as a variant
-        from engine.train import fit_bundle_memory
+        from engine.train.trainer import fit_bundle_memory
 
         with_memory = _fitted_copy(out / "default", out / "default+memory", data, reuse, lambda b: fit_bundle_memory(
             b, data, log, model_cfg.memory_scale, model_cfg.memory_bank, model_cfg.memory_gain))
@@ -288,7 +288,7 @@ def run(data: Path, out: Path, whole_dir: Path | None, reuse: bool, bank: int,
     if bundle.model.colour_score and modality in bundle.colour:
         coloured = bundle
     else:  # does the hand-made colour map earn its place? fit it on the same weights and score both together
-        from engine.train import fit_bundle_colour
+        from engine.train.trainer import fit_bundle_colour
 
         mc = replace(bundle.model, colour_score=True)
         coloured = _fitted_copy(out / "default", out / "default+colour", data, reuse, lambda b: fit_bundle_colour(

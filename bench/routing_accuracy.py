@@ -14,11 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-
 from bench.provenance import provenance
-from engine.synth_video import VideoScene
-from realtime.preprocess import FramePreprocessor
-from realtime.routing import ModalityClassifier, ModalityRouter, routing_accuracy
+from engine.synth.video import VideoScene
+from realtime.scoring.preprocess import FramePreprocessor
+from realtime.scoring.routing import ModalityClassifier, ModalityRouter, routing_accuracy
 
 
 def parse_seeds(text: str) -> list[int]:

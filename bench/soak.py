@@ -3,7 +3,7 @@
     python -m bench.soak [--minutes 30] [--json runs/soak.json]
 
 The real monitor runs as a subprocess (``--realtime --loop``, latest frame wins) for
-``--minutes``; a real subscriber (``realtime.client.MonitorClient``: gaps detected, missed alerts
+``--minutes``; a real subscriber (``realtime.clients.client.MonitorClient``: gaps detected, missed alerts
 replayed from the monitor's log) receives every topic. Every ``--sample-s`` seconds the
 monitor's process tree (the monitor and its capture process) is sampled from ``/proc``: resident
 memory, open file descriptors, threads. Per minute: frame → published latency percentiles,
@@ -37,26 +37,12 @@ import numpy as np
 
 from bench.provenance import provenance
 from bench.stream import bench_video, messages_until_exit
-from engine.synth_video import parse_size
+from engine.synth.video import parse_size
 from realtime.stats import latency_summary
-from tests.streams import free_port_pair, wait_for_line
+from tests.helpers.process_tree import process_tree
+from tests.helpers.streams import free_port_pair, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from /proc/PID/task/TID/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return out
 
 
 def sample_tree(pid: int) -> dict[str, Any]:
@@ -109,7 +95,7 @@ def verdicts(samples: list[dict[str, Any]], minutes: list[dict[str, Any]], warmu
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from realtime.client import MonitorClient
+    from realtime.clients.client import MonitorClient
 
     video = bench_video(args.video, args.seconds, args.size, seed=args.seed)
     seconds = args.minutes * 60

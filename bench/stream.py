@@ -38,16 +38,16 @@ import torch
 
 from bench.provenance import provenance
 from engine.malloc import tune_malloc
-from engine.synth_video import parse_size
+from engine.synth.video import parse_size
 from realtime.stats import latency_summary
-from tests.streams import free_port_pair, wait_for_line
+from tests.helpers.streams import free_port_pair, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def bench_video(path: Path, seconds: float, size: tuple[int, int] = (1920, 1080), seed: int = 31) -> Path:
     """Render (once) the synthetic 30 fps H.264 video the benchmarks read (1080p unless --size)."""
-    from engine.synth_video import render_video
+    from engine.synth.video import render_video
 
     if not path.is_file():
         print(f"rendering {path} ({seconds:g} s, {size[0]}x{size[1]} at 30 fps, synthetic) …", flush=True)
@@ -56,7 +56,7 @@ def bench_video(path: Path, seconds: float, size: tuple[int, int] = (1920, 1080)
 
 
 def decode_alone(video: Path) -> dict[str, Any]:
-    from realtime.sources import open_reader, parse_source
+    from realtime.capture.sources import open_reader, parse_source
 
     reader = open_reader(parse_source(str(video)))
     n, t0 = 0, time.perf_counter()
@@ -73,11 +73,11 @@ def _branch_loop(video: str, bundle: str, backend: str, frames: int, build: bool
                  barrier: Any = None, results: Any = None) -> dict[str, Any]:
     """Preprocess + route + branch, the scorer's whole per-frame work, on frames already decoded.
     In a worker process (``barrier``, ``results``): starts timing with its siblings, reports to ``results``."""
-    from engine.backends import load_scorer
-    from engine.bundle import load_bundle
-    from realtime.preprocess import FramePreprocessor
-    from realtime.routing import ModalityClassifier, ModalityRouter
-    from realtime.sources import open_reader, parse_source
+    from engine.deploy.backends import load_scorer
+    from engine.deploy.bundle import load_bundle
+    from realtime.capture.sources import open_reader, parse_source
+    from realtime.scoring.preprocess import FramePreprocessor
+    from realtime.scoring.routing import ModalityClassifier, ModalityRouter
 
     if threads:
         torch.set_num_threads(threads)
@@ -144,7 +144,7 @@ def messages_until_exit(client: Any, proc: subprocess.Popen, deadline: float | N
 
 def run_monitor(args: list[str], run_dir: Path, collect: bool, timeout: float) -> tuple[dict, list[dict]]:
     """The monitor as a subprocess; optionally a SUB client records every score message."""
-    from realtime.client import MonitorClient
+    from realtime.clients.client import MonitorClient
 
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"

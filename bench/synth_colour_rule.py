@@ -7,8 +7,8 @@ Writes (or reuses) two datasets with the same seed and counts, ``ROOT/s11`` (``c
 --generator 1.1``) and ``ROOT/s20`` (``--generator 2.0``), and measures per modality and lesion
 kind the image AUROC (lesion kind vs test normals) of:
 
-- **mean colour**: the trivial baseline of every evaluation report (``engine.evaluate.mean_colour_baseline``);
-- **colour map alone**: the hand-made colour outlier map (``engine.colour``), fitted with
+- **mean colour**: the trivial baseline of every evaluation report (``engine.eval.evaluate.mean_colour_baseline``);
+- **colour map alone**: the hand-made colour outlier map (``engine.model.colour``), fitted with
   ``fit_colour`` on the training normals with the model's colour settings (σ, stride, local
   background, brownish NBI with its vessel cut), scored inside the lit field of view
   (``FieldOfViewMask``) and reduced with ``reduce_score(..., "topk", 1 %)``;
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from bench.provenance import provenance, provenance_markdown
-from engine import dataset as ds
-from engine import metrics
-from engine.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
-from engine.colour import ColourOutlier, fit_colour
-from engine.evaluate import mean_colour_baseline
+from engine.data import dataset as ds
+from engine.eval import metrics
+from engine.eval.evaluate import mean_colour_baseline
+from engine.model.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
+from engine.model.colour import ColourOutlier, fit_colour
 
 GENERATORS = ("1.1", "2.0")
 METHODS = ("mean_colour", "colour_map", "knn")
@@ -46,7 +46,7 @@ SIZE = 256
 
 @dataclass(frozen=True)
 class ColourSettings:
-    """The colour map as a bundle builds it (engine/config.py ModelConfig defaults when this was written)."""
+    """The colour map as a bundle builds it (engine/model/config.py ModelConfig defaults when this was written)."""
 
     sigma: float = 4.0
     stride: int = 4
@@ -84,7 +84,7 @@ class KnnPeer:
     """bench.knn_bound's nearest-neighbour feature peer, loaded once and reused."""
 
     def __init__(self, bank: int = 30000, seed: int = 0, cs: ColourSettings = ColourSettings()) -> None:
-        from engine.backbone import FrozenEncoder, build_lite0
+        from engine.model.backbone import FrozenEncoder, build_lite0
 
         self.encoder = FrozenEncoder(build_lite0()).eval()
         self.bank_size, self.seed = bank, seed
@@ -129,7 +129,7 @@ def evaluate_arrays(train: np.ndarray, test: np.ndarray, labels: np.ndarray, kin
 
 def ensure_dataset(root: Path, generator: str, seed: int, n_train: int, n_test: int) -> Path:
     """ROOT/s11 or ROOT/s20: reused when its dataset.json matches (generator, seed, counts, complete)."""
-    from engine.synth import LESION_KINDS, write_dataset
+    from engine.synth.stills import LESION_KINDS, write_dataset
 
     out = root / f"s{generator.replace('.', '')}"
     want = {"train": {"good": n_train}, "test": {"good": n_test, **{k: n_test for k in LESION_KINDS}}}
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--no-knn", action="store_true", help="skip the kNN feature peer (colour rules only)")
     ap.add_argument("--json", type=Path, default=None, help="results JSON (default ROOT/synth_colour_rule.json)")
     a = ap.parse_args()
-    from engine.synth import LESION_KINDS
+    from engine.synth.stills import LESION_KINDS
 
     torch.manual_seed(0)
     knn = None if a.no_knn else KnnPeer(a.bank)

@@ -1,7 +1,7 @@
 """`cemd calibrate` and `cemd evaluate-video`.
 
 Both score video with the live monitor's own units; ``register`` receives that scorer's
-factory from ``realtime.cli`` (calibration never imports realtime).
+factory from ``realtime.cli.main`` (calibration never imports realtime).
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ class FrameProgress:
 
     def __enter__(self) -> "FrameProgress":
         if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[fps]} fps"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -94,7 +100,7 @@ def _add_calibrate(sub: argparse._SubParsersAction, factory: ReplayerFactory) ->
 
 def _run_calibrate(args: argparse.Namespace, factory: ReplayerFactory) -> int:
     from calibration.run import calibrate, precheck, summary_rows
-    from engine.bundle import load_bundle
+    from engine.deploy.bundle import load_bundle
 
     console = Console()
     opts = CalibrationOptions(target_false_alerts_per_hour=args.target_false_alerts_per_hour,
@@ -155,7 +161,7 @@ def _add_evaluate_video(sub: argparse._SubParsersAction, factory: ReplayerFactor
 def _run_evaluate_video(args: argparse.Namespace, factory: ReplayerFactory) -> int:
     from calibration.events import check_fits, event_metrics, load_events
     from calibration.run import probe_video
-    from engine.bundle import load_bundle
+    from engine.deploy.bundle import load_bundle
 
     console = Console()
     events = load_events(args.events)

@@ -1,6 +1,6 @@
 """The alert state machine: N-of-M debouncing, hold time, modality switches.
 
-One implementation, used twice: ``realtime.alerts.AlertLogic`` runs it live (and adds the
+One implementation, used twice: ``realtime.scoring.alerts.AlertLogic`` runs it live (and adds the
 event payloads, peaks and locations), and calibration replays recorded scores through it to
 count the alerts a threshold would have raised. So a calibrated false-alert rate is the rate
 of the live logic, not of an approximation of it.

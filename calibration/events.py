@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import CemdError
-from engine.metrics import auroc
+from engine.eval.metrics import auroc
 
 MODALITIES = ("wli", "nbi")
 

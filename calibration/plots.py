@@ -1,4 +1,4 @@
-"""Calibration figures, drawn with OpenCV in the style of ``engine.plots``.
+"""Calibration figures, drawn with OpenCV in the style of ``engine.eval.plots``.
 
 * score histograms of normal video per modality, with the chosen threshold, the rate threshold
   and the bulk floor marked;
@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine.plots import (
+from engine.eval.plots import (
     AXIS,
     GRID,
     PALETTE,

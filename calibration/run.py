@@ -1,6 +1,6 @@
 """``cemd calibrate``: normal video in, per-modality thresholds and debouncing out.
 
-The scoring itself is handed in (``replayer``: the monitor's own units, ``realtime.replay``),
+The scoring itself is handed in (``replayer``: the monitor's own units, ``realtime.offline.replay``),
 so this package stays below ``realtime`` (docs/DESIGN: calibration may import engine only).
 
 Output:
@@ -31,7 +31,7 @@ from calibration.thresholds import (
     suspect_stretches,
 )
 from engine import __version__
-from engine.bundle import atomic_write_json
+from engine.deploy.bundle import atomic_write_json
 from engine.errors import CemdError
 
 CALIBRATION_FORMAT = "cemd-calibration/1"
@@ -54,7 +54,7 @@ class Replayer(Protocol):
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
     """Videos and frame folders; a folder holding videos (and no images) stands for its videos."""
-    from engine.dataset import IMAGE_EXTENSIONS
+    from engine.data.dataset import IMAGE_EXTENSIONS
 
     out: list[Path] = []
     for p in paths:
@@ -96,7 +96,7 @@ def probe_video(path: Path) -> tuple[int, float, int, int]:
 
 def probe_minutes(inputs: list[Path], image_fps: float) -> float | None:
     """Total length of the inputs from their headers (None when a container does not say)."""
-    from engine.dataset import IMAGE_EXTENSIONS
+    from engine.data.dataset import IMAGE_EXTENSIONS
 
     total = 0.0
     for p in inputs:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.config import COLOUR_STRIDES, SCORE_REDUCTIONS, ModelConfig, TrainConfig
+from engine.model.config import COLOUR_STRIDES, SCORE_REDUCTIONS, ModelConfig, TrainConfig
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -104,8 +104,8 @@ def _int_tuple(text: str, option: str) -> tuple[int, ...]:
 
 
 def _modality_tuple(text: str, option: str) -> tuple[str, ...]:
-    from engine.config import MODALITIES
     from engine.errors import CemdError
+    from engine.model.config import MODALITIES
 
     if text.strip().lower() == "none":
         return ()
@@ -119,7 +119,7 @@ def _modality_tuple(text: str, option: str) -> tuple[str, ...]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from engine.errors import CemdError
-    from engine.train import Trainer
+    from engine.train.trainer import Trainer
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     if args.stage == "memory" and args.memory_score is False:
@@ -204,7 +204,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from engine.evaluate import evaluate_bundle
+    from engine.eval.evaluate import evaluate_bundle
 
     evaluate_bundle(args.bundle, args.data, args.json, args.plots, progress=not args.no_progress)
     Console().print(f"metrics written to {args.json}" + (f", plots to {args.plots}" if args.plots else ""))
@@ -223,7 +223,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import time
 
-    from engine.demo import DEMO_BUNDLE, run_demo
+    from engine.eval.demo import DEMO_BUNDLE, run_demo
 
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_demo(run_dir, args.bundle or DEMO_BUNDLE, n_test=args.test)
@@ -245,8 +245,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from engine.backends import load_scorers
-    from engine.bundle import load_bundle
+    from engine.deploy.backends import load_scorers
+    from engine.deploy.bundle import load_bundle
     from engine.errors import CemdError
 
     console = Console()
@@ -272,7 +272,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from engine import synth_cli
+    from engine.synth import cli as synth_cli
 
     synth_cli.register(sub)
     _add_train(sub)

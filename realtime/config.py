@@ -8,13 +8,14 @@ are an error that names the key and lists the valid ones, never silently ignored
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from engine.errors import CemdError
-from realtime.alerts import AlertConfig
+from realtime.scoring.alerts import AlertConfig
 
 DEMO_SOURCE = "synthetic:seed=7,seconds=45,size=640x480,fps=30"
 
@@ -63,7 +64,7 @@ class PublishConfig:
     sndhwm: int = 10_000  # messages queued per subscriber before a slow one starts losing (alerts: replayable)
     sndbuf: int | None = None  # kernel send buffer per connection in bytes (None: the OS default)
     # decision → score message sent at real-time priority (Linux SCHED_FIFO 1) where the OS allows
-    # it; the branch never runs at it (realtime/priority.py)
+    # it; the branch never runs at it (realtime/scoring/priority.py)
     rt_send: bool = True
 
 

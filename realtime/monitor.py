@@ -29,17 +29,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine.bundle import load_bundle
+from engine.deploy.bundle import load_bundle
 from engine.errors import CemdError
-from realtime.alerts import AlertLogic, Thresholds
-from realtime.capture import CaptureProcess
+from realtime.capture.process import CaptureProcess
+from realtime.capture.sources import SourceSpec, parse_source, synthetic_events
+from realtime.clients.overlay import encode_heatmap
 from realtime.config import MonitorConfig, auto_inference_workers
-from realtime.overlay import encode_heatmap
-from realtime.preprocess import FramePreprocessor
-from realtime.priority import RealtimeStep
-from realtime.publisher import AlertPublisher, CurveServerConfig
-from realtime.routing import ModalityClassifier, ModalityRouter
-from realtime.sources import SourceSpec, parse_source, synthetic_events
+from realtime.publish.publisher import AlertPublisher, CurveServerConfig
+from realtime.scoring.alerts import AlertLogic, Thresholds
+from realtime.scoring.preprocess import FramePreprocessor
+from realtime.scoring.priority import RealtimeStep
+from realtime.scoring.routing import ModalityClassifier, ModalityRouter
 from realtime.stats import RateMeter, StageLatencies
 
 Log = Callable[[str], None]
@@ -130,7 +130,7 @@ class Monitor:
         self.thresholds: Thresholds | None = None
         self.router: ModalityRouter | None = None
         self.alerts: AlertLogic | None = None
-        self.pool: Any = None  # realtime.infer_pool.InferencePool with --inference-workers ≥ 2
+        self.pool: Any = None  # realtime.scoring.infer_pool.InferencePool with --inference-workers ≥ 2
         self.display: subprocess.Popen | None = None  # the overlay display process (--overlay)
         self.display_summary: dict[str, Any] | None = None
         self._display_lost: str | None = None  # why the overlay display is gone mid-run (the run stays degraded)
@@ -150,7 +150,7 @@ class Monitor:
         return d
 
     def _load_model(self) -> None:
-        from engine.backends import load_scorers
+        from engine.deploy.backends import load_scorers
 
         sc = self.cfg.scoring
         self.bundle = load_bundle(sc.bundle)
@@ -199,7 +199,7 @@ class Monitor:
         if self.device != "cpu":
             self._warn(f"--inference-workers {n} is for CPUs; on {self.device} the branch runs in the scoring thread")
             return
-        from realtime.infer_pool import InferencePool
+        from realtime.scoring.infer_pool import InferencePool
 
         self.log(f"starting {n} inference workers (one thread each) …")
         torch.set_num_threads(1)  # this process now only prepares frames; its OpenMP threads would spin
@@ -246,7 +246,7 @@ class Monitor:
             return
         out = Path(self.cfg.run.overlay_out) if self.cfg.run.overlay_out else self.run_dir / "overlay.mp4"
         endpoint = self.cfg.publish.publish.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
-        cmd = [sys.executable, "-m", "realtime.display", endpoint, "--ring", "-", "--output", mode,
+        cmd = [sys.executable, "-m", "realtime.clients.display", endpoint, "--ring", "-", "--output", mode,
                "--summary", str(self.run_dir / "display.json")]
         if mode == "file":
             cmd += ["--out", str(out)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ModelConfig, TrainConfig
+from engine.model.config import ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SIZE = 128
@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.synth import write_dataset
+    from engine.synth.stills import write_dataset
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     write_dataset(out, seed=11, n_train=24, n_test=4, size=TINY_SIZE, progress=False)
@@ -49,7 +49,7 @@ def tiny_configs(**model_kwargs: object) -> tuple[ModelConfig, TrainConfig]:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.train import Trainer
+    from engine.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     model, train = tiny_configs()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import tiny_configs
-from engine.anomaly_synth import add_synthetic_anomaly
-from engine.bundle import load_bundle
-from engine.synth import render_pair
-from engine.train import FeatureCache, Trainer
+
+from engine.deploy.bundle import load_bundle
+from engine.synth.stills import render_pair
+from engine.train.anomalies import add_synthetic_anomaly
+from engine.train.trainer import FeatureCache, Trainer
 
 
 def _stills(n: int, size: int = 256) -> np.ndarray:

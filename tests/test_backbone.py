@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backbone import EfficientNetLite0Encoder, FrozenEncoder, build_lite0
+from engine.model.backbone import EfficientNetLite0Encoder, FrozenEncoder, build_lite0
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def encoder() -> EfficientNetLite0Encoder:
 def _reference_features(x: torch.Tensor, taps: tuple[int, ...], version: int = 0) -> list[torch.Tensor]:
     """The reference package's EfficientNet-Lite``version`` (same weights) after the blocks ``taps``."""
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="dev extra: efficientnet-lite-pytorch")
-    from engine.backbone import lite_weights_path
+    from engine.model.backbone import lite_weights_path
 
     ref = ref_pkg.EfficientNet.from_pretrained(f"efficientnet-lite{version}",
                                                weights_path=str(lite_weights_path(version))).eval()
@@ -49,7 +49,7 @@ def test_deep_taps_match_reference_package(version: int, taps: tuple[int, ...], 
     Compared at the reference's own image size for Lite1/Lite2: its padding is fixed for that size
     (at 256 its stride-2 5×5 convolution pads 2+2 where TensorFlow's SAME, which ours computes from
     the input, pads 1+2)."""
-    from engine.backbone import get_backbone
+    from engine.model.backbone import get_backbone
 
     spec = get_backbone(f"efficientnet_lite{version}_deep")
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))

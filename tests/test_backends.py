@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_SIZE
-from engine import backends
-from engine.backends import (BackendUnavailable, artifact_key, check_parity, compile_branch, eager_module,
-                             load_scorer, load_scorers, probe_frames, stale_reason)
-from engine.bundle import load_bundle
+
+from engine.deploy import backends
+from engine.deploy.backends import (
+    BackendUnavailable,
+    artifact_key,
+    check_parity,
+    compile_branch,
+    eager_module,
+    load_scorer,
+    load_scorers,
+    probe_frames,
+    stale_reason,
+)
+from engine.deploy.bundle import load_bundle
 
 
 def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundle: Path, tmp_path: Path,

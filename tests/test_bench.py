@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import TINY_SIZE
 
 from bench.ablation import RESCORE, VARIANTS, markdown, rescored_bundle
 from bench.provenance import provenance
-from conftest import TINY_SIZE
-from engine.bundle import load_bundle
+from engine.deploy.bundle import load_bundle
 
 
 def test_rescored_bundle_keeps_weights_and_changes_only_scoring(tiny_bundle: Path, tmp_path: Path) -> None:

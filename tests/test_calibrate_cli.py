@@ -14,8 +14,8 @@ import pytest
 
 from calibration.run import calibrate
 from calibration.thresholds import CalibrationOptions
-from engine.synth_video import VideoScene, render_video
-from realtime.alerts import Thresholds
+from engine.synth.video import VideoScene, render_video
+from realtime.scoring.alerts import Thresholds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,8 +205,8 @@ def test_lesion_in_normal_data_is_reported_with_where_and_versions_are_kept(tmp_
 
 @pytest.mark.slow
 def test_parallel_replay_scores_every_frame_like_one_process(tiny_bundle: Path, videos: dict[str, Path]) -> None:
-    from engine.bundle import load_bundle
-    from realtime.replay import Replayer
+    from engine.deploy.bundle import load_bundle
+    from realtime.offline.replay import Replayer
 
     rep = Replayer(load_bundle(tiny_bundle), "auto", "eager")
     seen: list[int] = []
@@ -222,8 +222,8 @@ def test_parallel_replay_scores_every_frame_like_one_process(tiny_bundle: Path, 
 @pytest.mark.slow
 def test_score_cache_returns_the_same_scores_and_never_a_stale_or_broken_entry(tiny_bundle: Path,
                                                                                 tmp_path: Path) -> None:
-    from engine.bundle import load_bundle
-    from realtime.replay import Replayer
+    from engine.deploy.bundle import load_bundle
+    from realtime.offline.replay import Replayer
 
     video = tmp_path / "short.mp4"
     render_video(video, 5, 2, 10, (160, 120), progress=False, lesions=False)

@@ -11,10 +11,16 @@ import pytest
 from calibration.debounce import count_events
 from calibration.events import check_fits, event_metrics, lesion_events, load_events, truth_modality
 from calibration.run import _check_amount, gather
-from calibration.thresholds import (CalibrationOptions, ModalityCalibration, NormalScores, calibrate_modality, choose,
-                                    suspect_stretches)
+from calibration.thresholds import (
+    CalibrationOptions,
+    ModalityCalibration,
+    NormalScores,
+    calibrate_modality,
+    choose,
+    suspect_stretches,
+)
 from engine.errors import CemdError
-from realtime.alerts import AlertConfig, AlertLogic, Thresholds
+from realtime.scoring.alerts import AlertConfig, AlertLogic, Thresholds
 
 
 def _random_stream(seed: int, n: int = 3000):

@@ -19,7 +19,7 @@ from calibration.plots import (
     plot_score_histograms,
     plot_timeline,
 )
-from engine.plots import AXIS
+from engine.eval.plots import AXIS
 
 BLUE, PURPLE = MODALITY_COLORS["wli"], MODALITY_COLORS["nbi"]
 

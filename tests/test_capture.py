@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from engine.errors import CemdError
-from realtime.capture import CaptureProcess, Frame
-from realtime.ring import FrameRing
-from realtime.sources import SourceSpec, open_reader, parse_source, synthetic_events
-from streams import (COLOUR, bottom_colour, corrupt_video, free_udp_port, make_video, read_number,
-                     start_sender)
+from realtime.capture.process import CaptureProcess, Frame
+from realtime.capture.ring import FrameRing
+from realtime.capture.sources import SourceSpec, open_reader, parse_source, synthetic_events
+from tests.helpers.streams import COLOUR, bottom_colour, corrupt_video, free_udp_port, make_video, read_number, start_sender
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +384,7 @@ def test_synthetic_source_frames_and_events() -> None:
 def test_lossless_capture_keeps_frames_for_an_overlay_tap(videos: Path) -> None:
     import threading
 
-    from realtime.display import RingFeed
+    from realtime.clients.display import RingFeed
 
     with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=False) as cap:
         tap = RingFeed(cap.ring_name, idle_end_s=2.0)  # attached before the consumer frees any slot
@@ -405,7 +404,7 @@ def test_lossless_capture_keeps_frames_for_an_overlay_tap(videos: Path) -> None:
 
 
 def test_a_stuck_tap_is_detached_and_never_stalls_the_analysis(videos: Path) -> None:
-    from realtime.ring import FrameRing
+    from realtime.capture.ring import FrameRing
 
     t0 = time.monotonic()
     with CaptureProcess(parse_source(str(videos / "n60.mp4")), realtime=False) as cap:

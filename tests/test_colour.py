@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
-from engine.anomaly_map import FieldOfViewMask
-from engine.backbone import FrozenEncoder, build_lite0
-from engine.branch import StudentBranch
-from engine.bundle import load_bundle
-from engine.colour import ColourOutlier, fit_colour
-from engine.config import ModelConfig
+
+from engine.deploy.bundle import copy_without, load_bundle
 from engine.errors import BundleError
-from engine.student import StudentNet
-from engine.synth import render_pair
-from engine.teacher import MultimodalTeacher
-from realtime.alerts import Thresholds
+from engine.model.anomaly_map import FieldOfViewMask
+from engine.model.backbone import FrozenEncoder, build_lite0
+from engine.model.branch import StudentBranch
+from engine.model.colour import ColourOutlier, fit_colour
+from engine.model.config import ModelConfig
+from engine.model.student import StudentNet
+from engine.model.teacher import MultimodalTeacher
+from engine.synth.stills import render_pair
+from realtime.scoring.alerts import Thresholds
 
 CH = (24, 40, 112)
 S = 128
@@ -276,13 +276,8 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
     assert not torch.equal(before, after)  # the score now includes colour
     th = Thresholds.for_bundle(bundle)  # the old calibration no longer fits these scores, and says so
     assert th.warning is not None and "colour_score" in th.warning
-    # bench.colour_cost compares against a copy with the map off: same weights, the old scores
-    from bench.colour_cost import plain_copy, stride_copy
-
-    timing = load_bundle(stride_copy(b, tmp_path / "stride1", 1))  # and a copy at another stride, for its cost
-    assert timing.model.colour_stride == 1 and timing.branch("wli").colour.stride == 1
-
-    plain = load_bundle(plain_copy(b, tmp_path / "plain"))
+    # a copy with the map off (bench.colour_cost compares against it): same weights, the old scores
+    plain = load_bundle(copy_without(b, tmp_path / "plain"))
     assert plain.model.colour_score is False and not (tmp_path / "plain" / "calibration.json").exists()
     with torch.no_grad():
         torch.testing.assert_close(plain.branch("wli")(x)[1], before)

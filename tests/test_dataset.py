@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.dataset import (
+from engine.data.dataset import (
     DatasetIndex,
     TestItem,
     load_image,

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
-from engine.bundle import load_bundle
-from engine.demo import DEMO_BUNDLE
+
+from engine.deploy.bundle import load_bundle
+from engine.eval.demo import DEMO_BUNDLE
 
 
 def test_demo_bundle_is_complete_and_valid() -> None:
@@ -40,7 +41,7 @@ def test_cemd_demo_runs_end_to_end_and_the_model_separates_lesions(tmp_path: Pat
 def test_run_stream_default_is_the_synthetic_demo_with_a_dashboard(tmp_path: Path) -> None:
     """The Quick start's embedded default (cut to a few seconds): synthetic source, both branches,
     auto routing, never compiling at start, a live dashboard, a summary and a run folder."""
-    from tests.streams import free_port_pair
+    from tests.helpers.streams import free_port_pair
 
     port = free_port_pair()  # the replay socket takes the next port
     run = tmp_path / "run"

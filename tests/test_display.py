@@ -18,11 +18,19 @@ import numpy as np
 import pytest
 import zmq
 
-from realtime.overlay import ALERT_RED, INACTIVE_AMBER, OverlayOptions, ResultState, View, decode_heatmap, \
-    draw_overlay, encode_heatmap
-from realtime.publisher import AlertPublisher
-from realtime.schema import encode
-from tests.streams import free_port_pair, make_video
+from realtime.clients.overlay import (
+    ALERT_RED,
+    INACTIVE_AMBER,
+    OverlayOptions,
+    ResultState,
+    View,
+    decode_heatmap,
+    draw_overlay,
+    encode_heatmap,
+)
+from realtime.publish.publisher import AlertPublisher
+from realtime.publish.schema import encode
+from tests.helpers.streams import free_port_pair, make_video
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -31,7 +39,7 @@ SEED, SECONDS, FPS, SIZE = 4, 20, 10, (320, 240)  # the lesion video of test_mon
 
 @pytest.fixture(scope="module")
 def lesion_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from engine.synth_video import render_video
+    from engine.synth.video import render_video
 
     out = tmp_path_factory.mktemp("video") / "exam.mp4"
     return out, render_video(out, SEED, SECONDS, FPS, SIZE, progress=False)
@@ -49,7 +57,7 @@ def banner(image: np.ndarray, colour: tuple[int, int, int]) -> bool:
 
 
 def display_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "realtime.display", *args]
+    return [sys.executable, "-m", "realtime.clients.display", *args]
 
 
 def score_message(frame_id: int, score: float, threshold: float = 0.3, event_id: int | None = None) -> dict:
@@ -137,7 +145,7 @@ def test_draw_overlay_banner_only_with_an_open_event() -> None:
 
 
 def test_window_keys_toggle_heatmap_opacity_and_quit() -> None:
-    from realtime.display import DisplayConfig, OverlayDisplay
+    from realtime.clients.display import DisplayConfig, OverlayDisplay
 
     d = OverlayDisplay(DisplayConfig(source="synthetic", output="none"))
     assert d.options.heatmap and d.options.opacity == 0.45
@@ -148,7 +156,7 @@ def test_window_keys_toggle_heatmap_opacity_and_quit() -> None:
 
 
 def test_file_output_keeps_timestamps_and_survives_a_looped_source(tmp_path: Path) -> None:
-    from realtime.display import FileOutput
+    from realtime.clients.display import FileOutput
 
     out = FileOutput(tmp_path / "o.mp4", 10, (1, 10))
     for pts in (0, 1, 2, 3, 0, 1, 2):  # --loop: the source starts over
@@ -160,7 +168,7 @@ def test_file_output_keeps_timestamps_and_survives_a_looped_source(tmp_path: Pat
 
 
 def test_scaled_view_and_a_smaller_annotated_video(tmp_path: Path) -> None:
-    from realtime.overlay import scale_view
+    from realtime.clients.overlay import scale_view
 
     v = View(active=True, location={"box": [100, 80, 60, 50], "contour": [[100, 80], [160, 130]], "peak": [130, 105]},
              heat_box=(40, -20, 240))
@@ -317,7 +325,7 @@ def test_garbage_other_schema_and_no_monitor_never_crash(tmp_path: Path) -> None
 
 
 def test_unreachable_monitor_and_wrong_keys_show_ai_not_active(tmp_path: Path) -> None:
-    from realtime.keys import generate_keypair
+    from realtime.publish.keys import generate_keypair
 
     port = free_port_pair()
     keys = tmp_path / "keys"
@@ -340,7 +348,7 @@ def test_unreachable_monitor_and_wrong_keys_show_ai_not_active(tmp_path: Path) -
 
 
 def _curve(keys: Path):
-    from realtime.publisher import CurveServerConfig
+    from realtime.publish.publisher import CurveServerConfig
 
     allow = keys / "allow"
     allow.mkdir()

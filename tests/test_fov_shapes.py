@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.anomaly_map import FieldOfViewMask
-from realtime.preprocess import FramePreprocessor, detect_disc, detect_field_of_view, map_to_source
+from engine.model.anomaly_map import FieldOfViewMask
+from realtime.scoring.preprocess import FramePreprocessor, detect_disc, detect_field_of_view, map_to_source
 
 INPUT = 256
 GREEN = (0, 170, 40)  # RGB
@@ -180,7 +180,7 @@ def test_in_model_mask_on_the_preprocessed_frame_leaves_text_and_box_out(kind: s
     assert share(seen, layers["text"]) < 0.01
     assert share(seen, layers["lit"]) >= 0.95  # the opening trims the rim a little more
     # Without the preprocessing's blackout the in-model mask alone keeps the lit box: the
-    # blackout is what leaves it out (engine/anomaly_map.py needs no change for these shapes).
+    # blackout is what leaves it out (engine/model/anomaly_map.py needs no change for these shapes).
     raw = FramePreprocessor(INPUT, mask_outside=False)
     tensor_raw, _, box_raw = raw(img)
     with torch.no_grad():

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import load_scorer
-from engine.bundle import load_bundle
+from engine.deploy.backends import load_scorer
+from engine.deploy.bundle import load_bundle
 from engine.errors import CemdError
-from realtime.infer_pool import InferencePool
-from tests.streams import free_port_pair, make_video, wait_for_line
+from realtime.scoring.infer_pool import InferencePool
+from tests.helpers.streams import free_port_pair, make_video, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,7 +129,7 @@ def _monitor(*args: str, **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_monitor_with_workers_scores_every_frame_in_order_as_in_process(tiny_bundle: Path, tmp_path: Path) -> None:
     """--fast with two workers: every frame, in order, the same scores as the one-thread monitor."""
-    from realtime.client import MonitorClient
+    from realtime.clients.client import MonitorClient
 
     video = make_video(tmp_path / "clip.mp4", n_frames=45, size=(192, 160))
     scores: dict[int, list[dict]] = {}
@@ -172,7 +172,7 @@ def test_monitor_with_workers_scores_every_frame_in_order_as_in_process(tiny_bun
 
 @pytest.mark.slow
 def test_monitor_stops_with_a_status_when_a_worker_dies(tiny_bundle: Path, tmp_path: Path) -> None:
-    from realtime.client import MonitorClient
+    from realtime.clients.client import MonitorClient
 
     video = make_video(tmp_path / "clip.mp4", n_frames=300, size=(192, 160), fps=30)
     endpoint = f"tcp://127.0.0.1:{free_port_pair()}"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_SIZE
-from engine.bundle import load_bundle
+
+from engine.deploy.bundle import load_bundle
 from engine.errors import BundleError
-from engine.memory import MemoryMap, collect_patches, neighbourhood, subsample
+from engine.model.memory import MemoryMap, collect_patches, neighbourhood, subsample
 
 
 def _cemd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -112,7 +112,7 @@ def test_stage_memory_fills_a_bundle_and_its_file_is_checked(tiny_bundle: Path, 
 
 
 def _sha(path: Path) -> str:
-    from engine.backbone import file_sha256
+    from engine.model.backbone import file_sha256
 
     return file_sha256(path)
 
@@ -130,7 +130,7 @@ def test_bundles_from_before_the_memory_map_score_without_one(tiny_bundle: Path,
 
 def test_bad_memory_options_are_refused_in_one_line(tiny_dataset: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from realtime.cli import main  # in-process: the refusal comes before any work (the subprocess path: above)
+    from realtime.cli.main import main  # in-process: the refusal comes before any work (the subprocess path: above)
 
     for args, text in ((("--memory-gain", "0"), "--memory-gain must be > 0"),
                        (("--memory-bank", "0"), "--memory-bank must be at least 1"),
@@ -143,8 +143,9 @@ def test_bad_memory_options_are_refused_in_one_line(tiny_dataset: Path, tmp_path
 
 def test_training_with_memory_and_colour_fits_both_and_a_failing_memory_stage_says_how_to_retry(
         tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.train as train_mod
     from conftest import tiny_configs
+
+    import engine.train.trainer as train_mod
 
     data = tmp_path / "wli"
     shutil.copytree(tiny_dataset / "wli", data / "wli")

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import metrics as M
-from engine import plots as P
+from engine.eval import metrics as M
+from engine.eval import plots as P
 
 
 def brute_auroc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.anomaly_map import (
+from engine.errors import BundleError
+from engine.model.anomaly_map import (
     FieldOfViewMask,
     GaussianBlur,
     SmoothUpsample,
@@ -13,13 +14,12 @@ from engine.anomaly_map import (
     masked_median,
     reduce_score,
 )
-from engine.backbone import FrozenEncoder, build_lite0
-from engine.branch import StudentBranch
-from engine.config import ModelConfig
-from engine.errors import BundleError
-from engine.losses import global_cosine, global_cosine_hard, hard_mining_alpha, pixel_cosine
-from engine.student import StudentNet
-from engine.teacher import MultimodalTeacher
+from engine.model.backbone import FrozenEncoder, build_lite0
+from engine.model.branch import StudentBranch
+from engine.model.config import ModelConfig
+from engine.model.losses import global_cosine, global_cosine_hard, hard_mining_alpha, pixel_cosine
+from engine.model.student import StudentNet
+from engine.model.teacher import MultimodalTeacher
 
 CH = (24, 40, 112)
 
@@ -183,7 +183,7 @@ def test_default_branch_reads_lite0_to_stride_32_adds_a_memory_map_scores_the_to
     """New bundles' branch: Lite0 read at strides 8/16/32, the stride-32 distillation map plus the memory
     map of the stride-32 features, image score the mean of the map's top 10 %; torch.export takes it
     and matches eager."""
-    from engine.backbone import get_backbone
+    from engine.model.backbone import get_backbone
 
     cfg = ModelConfig()
     spec = get_backbone(cfg.backbone)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from realtime.client import MonitorClient
-from tests.streams import free_port_pair, wait_for_line
+from realtime.clients.client import MonitorClient
+from tests.helpers.streams import free_port_pair, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def run_monitor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def lesion_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from engine.synth_video import render_video
+    from engine.synth.video import render_video
 
     out = tmp_path_factory.mktemp("video") / "exam.mp4"
     events = render_video(out, SEED, SECONDS, FPS, SIZE, progress=False)
@@ -159,7 +159,7 @@ def test_port_in_use_and_bad_config(tmp_path: Path) -> None:
 def test_curve_monitor_serves_allowed_clients_only(tmp_path: Path) -> None:
     """`cemd keys` → monitor with --curve-secret/--curve-allow: the allowed client gets the stream,
     an unknown key gets nothing, and the refusal is in security.log."""
-    from realtime.client import CurveClientConfig
+    from realtime.clients.client import CurveClientConfig
 
     keys, allow = tmp_path / "keys", tmp_path / "allow"
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -18,15 +18,15 @@ import pytest
 import zmq
 
 from engine.errors import CemdError
-from realtime import keys as keys_cli
-from realtime.alert_log import AlertLog
-from realtime.client import CurveClientConfig, MonitorClient
-from realtime.keys import generate_keypair
-from realtime.overlay import decode_heatmap, encode_heatmap
-from realtime.publisher import AlertPublisher, CurveServerConfig
-from realtime.schema import SCHEMA, TOPIC_FIELDS, SchemaError, decode, encode
-from tests.jsonschema_check import JSON_SCHEMA, Invalid, check
-from tests.streams import free_port_pair
+from realtime.clients.client import CurveClientConfig, MonitorClient
+from realtime.clients.overlay import decode_heatmap, encode_heatmap
+from realtime.publish import keys as keys_cli
+from realtime.publish.alert_log import AlertLog
+from realtime.publish.keys import generate_keypair
+from realtime.publish.publisher import AlertPublisher, CurveServerConfig
+from realtime.publish.schema import SCHEMA, TOPIC_FIELDS, SchemaError, decode, encode
+from tests.helpers.jsonschema_check import JSON_SCHEMA, Invalid, check
+from tests.helpers.streams import free_port_pair
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 
 from engine.errors import CemdError
-from engine.synth_video import VideoScene
-from realtime.alerts import AlertConfig, AlertLogic, Thresholds, locate
+from engine.synth.video import VideoScene
 from realtime.config import MonitorConfig, example_config, load_config
-from realtime.preprocess import FramePreprocessor, detect_field_of_view, map_to_source
-from realtime.routing import (DEFAULT_CLASSIFIER, ModalityClassifier, ModalityRouter, fit_classifier,
-                              routing_accuracy)
+from realtime.scoring.alerts import AlertConfig, AlertLogic, Thresholds, locate
+from realtime.scoring.preprocess import FramePreprocessor, detect_field_of_view, map_to_source
+from realtime.scoring.routing import (
+    DEFAULT_CLASSIFIER,
+    ModalityClassifier,
+    ModalityRouter,
+    fit_classifier,
+    routing_accuracy,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,7 +186,7 @@ def test_location_is_in_source_pixels() -> None:
 
 
 def test_default_thresholds_warn(tiny_bundle: Path) -> None:
-    from engine.bundle import load_bundle
+    from engine.deploy.bundle import load_bundle
 
     b = load_bundle(tiny_bundle)
     t = Thresholds.for_bundle(b)
@@ -272,7 +277,7 @@ def test_device_reader_with_a_stand_in_camera(monkeypatch: pytest.MonkeyPatch) -
     camera) is what is tested."""
     import cv2
 
-    from realtime.sources import DeviceReader, SourceLost
+    from realtime.capture.sources import DeviceReader, SourceLost
 
     class FakeCamera:
         def __init__(self, index: int, backend: int) -> None:
@@ -313,7 +318,7 @@ def test_device_reader_with_a_stand_in_camera(monkeypatch: pytest.MonkeyPatch) -
 def test_cemd_fit_modality_writes_a_working_classifier(tiny_dataset: Path, tmp_path: Path) -> None:
     import cv2
 
-    from realtime.cli import main
+    from realtime.cli.main import main
 
     assert main(["fit-modality", "--bundle", str(tmp_path), "--data", str(tiny_dataset)]) == 0
     clf, warning = ModalityClassifier.for_bundle(tmp_path)
@@ -326,7 +331,7 @@ def test_cemd_fit_modality_writes_a_working_classifier(tiny_dataset: Path, tmp_p
 
 
 def test_message_encoding_is_strict_json_of_plain_values() -> None:
-    from realtime.schema import dumps, plain
+    from realtime.publish.schema import dumps, plain
 
     value = {"score": np.float32(0.25), "nan": float("nan"), "inf": np.float64("inf"), "box": np.array([1, 2]),
              "pts": np.int64(7), "contour": [(1, 2), (3, 4)], 5: "int key", "nested": {"m": np.float32("nan")}}
@@ -367,7 +372,7 @@ def test_malloc_tuning_reaches_child_processes_unless_turned_off(env: dict, appl
 
 
 def test_realtime_step_raises_priority_for_its_body_only() -> None:
-    from realtime.priority import RealtimeStep
+    from realtime.scoring.priority import RealtimeStep
 
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     step = RealtimeStep(True)

@@ -16,10 +16,10 @@ from typing import Any, Callable
 import pytest
 import zmq
 
-from realtime.keys import generate_keypair
-from realtime.publisher import AlertPublisher, CurveServerConfig
-from realtime.schema import SCHEMA, TOPICS, encode
-from tests.streams import free_port_pair, wait_for_line
+from realtime.publish.keys import generate_keypair
+from realtime.publish.publisher import AlertPublisher, CurveServerConfig
+from realtime.publish.schema import SCHEMA, TOPICS, encode
+from tests.helpers.streams import free_port_pair, wait_for_line
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")  # wide: rich must not wrap the lines we look for
@@ -29,7 +29,7 @@ SEED, SECONDS, FPS, SIZE = 3, 6, 10, (320, 240)
 
 _AS_FROM_A_SHELL = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
                     "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'cemd'; "
-                    "runpy.run_module('realtime.cli', run_name='__main__')")
+                    "runpy.run_module('realtime.cli.main', run_name='__main__')")
 
 
 class Cli:
@@ -136,7 +136,7 @@ def alerts_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- a real monitor run
 @pytest.mark.slow
 def test_cli_prints_every_alert_of_a_real_monitor_run_in_order(tmp_path: Path) -> None:
-    from engine.synth_video import render_video
+    from engine.synth.video import render_video
 
     video = tmp_path / "exam.mp4"
     render_video(video, SEED, SECONDS, FPS, SIZE, progress=False)
@@ -389,7 +389,7 @@ def test_docs_example_client_prints_the_alerts_it_is_sent(endpoint: str, tmp_pat
 def test_clients_doc_names_every_option() -> None:
     import argparse
 
-    from realtime import subscribe
+    from realtime.clients import subscribe
 
     commands = argparse.ArgumentParser(prog="cemd").add_subparsers()
     subscribe.register(commands)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from engine.errors import CemdError
-from engine.synth import LESION_KINDS, MODALITIES, item_seed, render_example_grid, render_pair, write_dataset
-from engine.synth_cli import register
-from engine.synth_video import PRESENCE_FRACTION, VideoScene, parse_size, render_video
+from engine.synth.cli import register
+from engine.synth.stills import LESION_KINDS, MODALITIES, item_seed, render_example_grid, render_pair, write_dataset
+from engine.synth.video import PRESENCE_FRACTION, VideoScene, parse_size, render_video
 
 KINDS = list(LESION_KINDS)
 
@@ -218,9 +218,9 @@ def _highpass_energy(img: np.ndarray, region: np.ndarray) -> float:
 
 
 def _lit(img: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """Pixels not in shadow, by the colour map's own rule (engine/colour.py DARK_FRACTION): chromaticity
+    """Pixels not in shadow, by the colour map's own rule (engine/model/colour.py DARK_FRACTION): chromaticity
     of near-black pixels is noise, and a colour rule does not look at it."""
-    from engine.colour import DARK_FRACTION
+    from engine.model.colour import DARK_FRACTION
 
     lum = img.astype(np.float32).mean(-1)
     return fov & (lum > DARK_FRACTION * np.median(lum[fov]))
@@ -379,7 +379,7 @@ def test_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_top_level_cli_when_wired(tmp_path: Path) -> None:
-    realtime_cli = pytest.importorskip("realtime.cli")
+    realtime_cli = pytest.importorskip("realtime.cli.main")
     try:
         parser = realtime_cli.build_parser()
     except Exception as exc:  # pragma: no cover - the other engine subcommands may not import yet
@@ -493,8 +493,8 @@ def test_video_cli_and_errors(tmp_path: Path) -> None:
 
 
 def test_frame_dataset_is_paired_normal_video_frames_cropped_like_the_monitor(tmp_path) -> None:
-    from engine.dataset import paired_train_names, scan_dataset
-    from engine.synth_video import fov_crop, write_frame_dataset
+    from engine.data.dataset import paired_train_names, scan_dataset
+    from engine.synth.video import fov_crop, write_frame_dataset
 
     meta = write_frame_dataset(tmp_path / "frames", [3, 4], 3, seconds=4, video_size=(320, 240), size=96,
                                progress=False)
@@ -511,7 +511,7 @@ def test_frame_dataset_is_paired_normal_video_frames_cropped_like_the_monitor(tm
 
 
 def test_synth_frames_command(tmp_path, capsys) -> None:
-    from realtime.cli import main
+    from realtime.cli.main import main
 
     assert main(["synth-frames", "--out", str(tmp_path / "f"), "--seeds", "5-6", "--per-seed", "2", "--size", "64",
                  "--no-progress"]) == 0

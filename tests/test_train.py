@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_SIZE, tiny_configs
-from engine.bundle import load_bundle
+
+from engine.deploy.bundle import load_bundle
 from engine.errors import BundleError, DatasetError
-from engine.evaluate import evaluate_bundle
-from engine.train import Trainer
+from engine.eval.evaluate import evaluate_bundle
+from engine.train.trainer import Trainer
 
 
 def _cemd(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -195,9 +195,9 @@ def early_stopped(wli_only: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def _held_out_student_loss(bundle_dir: Path, data: Path) -> float:
     """The WLI student's held-out loss recomputed from the saved bundle, the way training computes it."""
-    from engine import dataset as ds
-    from engine.losses import global_cosine
-    from engine.train import FeatureCache, encode_images, student_val_loss, validation_images
+    from engine.data import dataset as ds
+    from engine.model.losses import global_cosine
+    from engine.train.trainer import FeatureCache, encode_images, student_val_loss, validation_images
 
     bundle = load_bundle(bundle_dir)
     paths = validation_images(data, bundle.train.seed, bundle.train.val_fraction)["wli"]
@@ -238,7 +238,7 @@ def test_no_early_stopping_runs_every_epoch(wli_only: Path, tmp_path: Path) -> N
 
 
 def test_stop_rule_keeps_the_best_epoch_and_cuts_the_rate_on_plateaus() -> None:
-    from engine.train import LR_CUT, EpochControl
+    from engine.train.trainer import LR_CUT, EpochControl
 
     _, cfg = tiny_configs()
     cfg.patience, cfg.min_delta = 4, 0.01
@@ -274,7 +274,7 @@ def test_stop_rule_keeps_the_best_epoch_and_cuts_the_rate_on_plateaus() -> None:
 
 def test_train_options_set_the_stop_rule() -> None:
     from engine.cli import train_config
-    from realtime.cli import build_parser
+    from realtime.cli.main import build_parser
 
     parse = build_parser().parse_args
     default = train_config(parse(["train", "--data", "d", "--out", "o"]))
@@ -352,7 +352,7 @@ def test_colour_map_skips_only_the_grayscale_modality(tiny_bundle: Path, tiny_da
 
 def test_a_failing_stage_says_what_is_saved_and_how_to_retry(wli_only: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.train as train_mod
+    import engine.train.trainer as train_mod
 
     def broken(*_a: object, **_k: object) -> None:
         raise RuntimeError("disk on fire")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from calibration.events import lesion_mask, load_events
-from engine.bundle import load_bundle
-from engine.synth_video import VideoScene, render_video
-from engine.train import Trainer
-from realtime.cli import main as cemd
+from engine.deploy.bundle import load_bundle
+from engine.synth.video import VideoScene, render_video
+from engine.train.trainer import Trainer
+from realtime.cli.main import main as cemd
 from tests.conftest import TINY_SIZE, tiny_configs
 
 

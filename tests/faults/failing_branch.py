@@ -16,8 +16,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import engine.backends as backends  # noqa: E402
-import run_stream  # noqa: E402
+import engine.deploy.backends as backends  # noqa: E402
+from realtime.cli import run as run_stream  # noqa: E402
 
 
 class FailingScorer:

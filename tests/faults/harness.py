@@ -55,10 +55,10 @@ def plain_demo() -> Path:
         import shutil
         import tempfile
 
-        from bench.colour_cost import plain_copy
+        from engine.deploy.bundle import copy_without
 
         demo = REPO / "models" / "demo"
-        _PLAIN_DEMO = plain_copy(demo, Path(tempfile.mkdtemp(prefix="cemd-plain-demo-")) / "demo")
+        _PLAIN_DEMO = copy_without(demo, Path(tempfile.mkdtemp(prefix="cemd-plain-demo-")) / "demo")
         shutil.copy2(demo / "calibration-history" / "calibration.v2.json", _PLAIN_DEMO / "calibration.json")
     return _PLAIN_DEMO
 
@@ -70,7 +70,7 @@ class MonitorRun:
     def __init__(self, run_dir: Path, *args: str, topics: tuple[str, ...] = ("alert", "status", "heartbeat"),
                  wait_for: str = "opening source", entry: tuple[str, ...] = ("run_stream.py",)) -> None:
         """``entry``: the script and its leading arguments (a fault-injecting wrapper of run_stream.py)."""
-        from tests.streams import free_port_pair
+        from tests.helpers.streams import free_port_pair
 
         self.run_dir = run_dir
         self.port = free_port_pair()
@@ -88,8 +88,8 @@ class MonitorRun:
         self._stop = threading.Event()
 
     def __enter__(self) -> MonitorRun:
-        from realtime.client import MonitorClient
-        from tests.streams import wait_for_line
+        from realtime.clients.client import MonitorClient
+        from tests.helpers.streams import wait_for_line
 
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -157,7 +157,7 @@ def check_no_alert_lost(run: MonitorRun, logged: list[dict[str, Any]] | None = N
     """Every alert in the durable log reached the subscriber (live or replayed), once, with no hole
     in the log's seq; and every message the subscriber got is valid against the published JSON
     Schema (docs/schema). Returns how many alerts there were."""
-    from tests.jsonschema_check import JSON_SCHEMA, check
+    from tests.helpers.jsonschema_check import JSON_SCHEMA, check
 
     for m in run.messages:
         check(m, JSON_SCHEMA, where=f"{m.get('topic')} seq {m.get('seq')}")
@@ -174,7 +174,7 @@ def check_no_alert_lost(run: MonitorRun, logged: list[dict[str, Any]] | None = N
 def exam_video(path: Path, seconds: float = 8, fps: int = 10, size: tuple[int, int] = (320, 240),
                seed: int = 4) -> Path:
     """A synthetic examination (lesions, WLI↔NBI) as H.264 MP4; rendered once per path."""
-    from engine.synth_video import render_video
+    from engine.synth.video import render_video
 
     if not path.exists():
         render_video(path, seed, seconds, fps, size, progress=False)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from bench.soak import process_tree
-from realtime.client import MonitorClient
+from realtime.clients.client import MonitorClient
 from tests.faults.harness import ALERTING, REPO, MonitorRun, check_no_alert_lost, exam_video
+from tests.helpers.process_tree import process_tree
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
         finally:
             ctx.term()
 
-        display = [p for p in process_tree(run.proc.pid) if "realtime.display" in _cmdline(p)]
+        display = [p for p in process_tree(run.proc.pid) if "realtime.clients.display" in _cmdline(p)]
         assert len(display) == 1, [(p, _cmdline(p)) for p in process_tree(run.proc.pid)]
         os.kill(display[0], signal.SIGKILL)  # the overlay dies mid-run
 

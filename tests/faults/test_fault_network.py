@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import ALERTING, MonitorRun, check_no_alert_lost, exam_video, start_file_sender
-from tests.streams import free_udp_port
+from tests.helpers.streams import free_udp_port
 
 pytestmark = pytest.mark.slow
 

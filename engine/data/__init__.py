@@ -1,0 +1,1 @@
+"""Datasets on disk: the project's layout, loading, slideshows of image folders."""

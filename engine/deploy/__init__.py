@@ -1,0 +1,1 @@
+"""Bundles on disk and the compiled backends that run a branch."""

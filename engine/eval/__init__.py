@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, reports, plots, the demo bundle."""

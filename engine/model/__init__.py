@@ -1,0 +1,1 @@
+"""The model: frozen encoder, fusion teacher, student branches, anomaly maps."""

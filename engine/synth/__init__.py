@@ -1,0 +1,1 @@
+"""The simulator: synthetic endoscopy stills and examination videos (test and demo harness)."""

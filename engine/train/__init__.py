@@ -1,0 +1,1 @@
+"""Training: the teacher, the students, the memory and colour maps, synthetic anomalies."""

@@ -1,0 +1,1 @@
+"""Capture: sources, the shared-memory frame ring, the capture process."""

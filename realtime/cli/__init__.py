@@ -1,0 +1,1 @@
+"""The command line: `cemd` and `run_stream.py`."""

@@ -1,0 +1,7 @@
+"""`python -m realtime.cli` = `cemd`."""
+
+import sys
+
+from realtime.cli.main import main
+
+sys.exit(main())

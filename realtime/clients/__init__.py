@@ -1,0 +1,1 @@
+"""Clients of the publisher: subscriber, console client, overlay display."""

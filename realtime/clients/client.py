@@ -1,0 +1,255 @@
+"""MonitorClient: a subscriber that loses no alert it could recover, and says so when it can't.
+
+PUB/SUB drops silently when a subscriber falls behind. Every message carries
+``(publisher_id, boot_id, seq)`` per topic, so the client sees each gap, fetches the
+missed alerts from the publisher's durable log over REQ/ROUTER, and hands them over in
+seq order before the message that revealed the gap. Heartbeats reveal a lost *last*
+alert; a new boot_id means the publisher restarted, which is not a gap.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from engine.errors import CemdError
+from realtime.publish.keys import load_keypair, load_public_key
+from realtime.publish.schema import TOPICS, SchemaError, check_schema_version, decode, replay_endpoint_for, validate
+
+MAX_MESSAGE_BYTES = 1 << 20  # a SUB message larger than this is not ours: libzmq drops the peer
+
+
+@dataclass(frozen=True)
+class CurveClientConfig:
+    """This client's ``NAME.key_secret`` (holds both its keys) and the monitor's public ``.key`` file."""
+
+    secret_key_file: Path
+    server_key_file: Path
+
+
+class MonitorClient:
+    """Receives decoded monitor messages in order, with missed alerts replayed and counted."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topics: tuple[str, ...] = TOPICS,
+        curve: CurveClientConfig | None = None,
+        rcvhwm: int = 10_000,
+        replay_timeout_s: float = 1.0,
+        history: bool = False,
+        rcvbuf: int | None = None,
+    ) -> None:
+        """``history=True``: on first contact also fetch the alerts the current boot sent before we joined.
+        ``rcvbuf``: kernel receive buffer in bytes (None = the OS's autotuned default)."""
+        self.endpoint = endpoint
+        self.replay_endpoint = replay_endpoint or replay_endpoint_for(endpoint)
+        self.topics = tuple(topics)
+        unknown = [t for t in self.topics if t not in TOPICS]
+        if unknown:
+            raise CemdError(f"unknown topic(s) {', '.join(unknown)}; the monitor publishes {', '.join(TOPICS)}")
+        self.replay_timeout_s = replay_timeout_s
+        self.history = history
+        self._keys = None
+        if curve is not None:
+            public, secret = load_keypair(curve.secret_key_file, "client secret")
+            self._keys = (public, secret, load_public_key(curve.server_key_file, "monitor (server) public"))
+        # Counters for dashboards and alarms.
+        self.gaps = 0  # alert gaps detected (by seq or by heartbeat)
+        self.replayed = 0  # alerts recovered from the publisher's log
+        self.unrecovered = 0  # alerts known missed that replay could not supply
+        self.replay_failures = 0  # replay requests that timed out or were refused
+        self.boot_changes = 0  # publisher restarts seen
+        self.schema_errors = 0  # garbage or another schema major: skipped
+        self.last_schema_error: str | None = None  # why the last one was skipped
+        self.duplicates = 0  # repeated seqs (late-joiner status re-sends): skipped
+        self.lost: collections.Counter[str] = collections.Counter()  # non-alert messages missed, per topic
+
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.rcvhwm = rcvhwm
+        if rcvbuf is not None:
+            self._sub.rcvbuf = rcvbuf
+        self._sub.maxmsgsize = MAX_MESSAGE_BYTES
+        self._sub.linger = 0
+        self._sub.reconnect_ivl_max = 5000
+        self._secure(self._sub)
+        for topic in self.topics:
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._sub.connect(endpoint)
+        self._req: zmq.Socket | None = None
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._expected: dict[tuple[str, str, str], int] = {}
+        self._boot: dict[str, str] = {}
+        self._old_boots: set[tuple[str, str]] = set()
+        self._last_message = time.monotonic()
+
+    def recv(self, timeout_s: float | None = 1.0) -> dict[str, Any] | None:
+        """The next message (replayed alerts first, flagged ``_replayed``), or None after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        polled = False
+        while not self._pending:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if polled and remaining == 0.0:
+                return None
+            polled = True
+            if not self._sub.poll(None if remaining is None else remaining * 1000):
+                return None
+            frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            try:
+                message = decode(frames)
+            except SchemaError as exc:
+                self.schema_errors += 1
+                self.last_schema_error = str(exc)
+                continue
+            self._last_message = time.monotonic()
+            self._accept(message)
+        return self._pending.popleft()
+
+    def silent_for_s(self) -> float:
+        """Seconds since the last valid message of any topic; over 3 heartbeat intervals is an alarm."""
+        return time.monotonic() - self._last_message
+
+    def close(self) -> None:
+        self._sub.close(linger=0)
+        if self._req is not None:
+            self._req.close(linger=0)
+            self._req = None
+        self._ctx.term()
+
+    def __enter__(self) -> MonitorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ sequencing
+    def _accept(self, message: dict[str, Any]) -> None:
+        publisher, boot, topic, seq = message["publisher_id"], message["boot_id"], message["topic"], message["seq"]
+        known = self._boot.get(publisher)
+        if known is None:
+            self._boot[publisher] = boot
+            if self.history and "alert" in self.topics:
+                self._expected[(publisher, boot, "alert")] = 0
+        elif boot != known:
+            if (publisher, boot) in self._old_boots:
+                self.duplicates += 1  # a straggler from before the restart
+                return
+            self.boot_changes += 1
+            self._recover_previous_boot(publisher, known)
+            self._old_boots.add((publisher, known))
+            self._boot[publisher] = boot
+            for name in self.topics:  # a restart: this boot's seqs all start at 0
+                self._expected[(publisher, boot, name)] = 0
+
+        key = (publisher, boot, topic)
+        expected = self._expected.setdefault(key, seq)
+        if seq < expected:
+            self.duplicates += 1
+            return
+        if seq > expected:
+            if topic == "alert":
+                self._fill_gap(publisher, boot, since=expected - 1, upto=seq - 1)
+            else:
+                self.lost[topic] += seq - expected
+        self._expected[key] = seq + 1
+        if topic == "heartbeat" and "alert" in self.topics:
+            self._check_last_alert(message)
+        self._pending.append(message)
+
+    def _check_last_alert(self, heartbeat: dict[str, Any]) -> None:
+        """Alerts go out before the heartbeat on the same socket, so an unseen seq ≤ last_seq was lost."""
+        last = heartbeat.get("last_seq", {}).get("alert")
+        if not isinstance(last, int):
+            return
+        key = (heartbeat["publisher_id"], heartbeat["boot_id"], "alert")
+        expected = self._expected.setdefault(key, last + 1)  # first contact: earlier alerts predate us
+        if last >= expected:
+            self._fill_gap(heartbeat["publisher_id"], heartbeat["boot_id"], since=expected - 1, upto=last)
+            self._expected[key] = last + 1
+
+    def _recover_previous_boot(self, publisher: str, old_boot: str) -> None:
+        """Alerts the old boot sent after the last one we saw are in the log; fetch them before moving on."""
+        expected = self._expected.get((publisher, old_boot, "alert"))
+        if expected is None:
+            return
+        missed = self._fetch(publisher, old_boot, since=expected - 1, upto=None)
+        if missed:
+            self.gaps += 1
+            self._deliver_replayed(missed, since=expected - 1, upto=None)
+
+    def _fill_gap(self, publisher: str, boot: str, since: int, upto: int) -> None:
+        self.gaps += 1
+        alerts = self._fetch(publisher, boot, since, upto)
+        delivered = self._deliver_replayed(alerts, since, upto)
+        self.unrecovered += (upto - since) - delivered
+
+    def _deliver_replayed(self, alerts: list[dict[str, Any]], since: int, upto: int | None) -> int:
+        delivered = 0
+        last = since
+        for alert in sorted(alerts, key=lambda m: m["seq"]):
+            if alert["seq"] <= last or (upto is not None and alert["seq"] > upto):
+                continue
+            alert["_replayed"] = True
+            self._pending.append(alert)
+            last = alert["seq"]
+            delivered += 1
+        self.replayed += delivered
+        return delivered
+
+    # ------------------------------------------------------------------ replay (REQ/ROUTER)
+    def _fetch(self, publisher: str, boot: str, since: int, upto: int | None) -> list[dict[str, Any]]:
+        """Logged alerts of ``boot`` with since < seq (≤ upto), asking again while the reply says ``more``."""
+        alerts: list[dict[str, Any]] = []
+        while upto is None or since < upto:
+            reply = self._request({"since_seq": since, "boot_id": boot})
+            if reply is None or reply.get("publisher_id") != publisher or not isinstance(reply.get("alerts"), list):
+                self.replay_failures += 1
+                break
+            chunk = []
+            for alert in reply["alerts"]:
+                try:
+                    validate(alert, "alert")
+                except SchemaError:
+                    self.schema_errors += 1
+                    continue
+                if alert["boot_id"] == boot and alert["seq"] > since:
+                    chunk.append(alert)
+            alerts.extend(chunk)
+            if not reply.get("more") or not chunk:
+                break
+            since = max(alert["seq"] for alert in chunk)
+        return alerts
+
+    def _request(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """One REQ round trip; a REQ that timed out is stuck mid-exchange, so it is replaced."""
+        try:
+            if self._req is None:
+                self._req = self._ctx.socket(zmq.REQ)
+                self._req.linger = 0
+                self._secure(self._req)
+                self._req.connect(self.replay_endpoint)  # a bad endpoint: a failed replay, not a crash
+            self._req.send(json.dumps(request).encode())
+            if self._req.poll(self.replay_timeout_s * 1000):
+                reply = json.loads(self._req.recv().decode("utf-8"))
+                if isinstance(reply, dict) and "error" not in reply:
+                    check_schema_version(reply.get("schema"))
+                    return reply
+                return None
+        except (zmq.ZMQError, ValueError):  # SchemaError is a ValueError
+            pass
+        if self._req is not None:
+            self._req.close(linger=0)
+            self._req = None
+        return None
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self._keys is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self._keys

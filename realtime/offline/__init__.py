@@ -1,0 +1,1 @@
+"""Offline replay of files through the monitor's scoring path."""

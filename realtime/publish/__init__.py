@@ -1,0 +1,1 @@
+"""Publishing: the ZeroMQ publisher, alert log, message schema, CURVE keys."""

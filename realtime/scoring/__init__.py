@@ -1,0 +1,1 @@
+"""Scoring: preprocessing, modality routing, inference workers, alert logic."""

@@ -1,0 +1,240 @@
+"""Alert logic: per-modality thresholds, N-of-M debouncing, hold time, events with a location.
+
+A frame is *above* when its score exceeds the threshold of the branch that scored it
+(divided by the sensitivity knob: 1.2 = 20 % more sensitive). An event opens when at least
+N of the last M scored frames of the same modality were above; it stays open while above
+frames keep coming and ends ``hold_ms`` of source time after the last one (time, not frame
+count, so dropped frames do not stretch it). A modality switch ends the open event: the
+other branch has its own scale. Each event emits ``start``, ``update`` (on a new peak, at
+most ``update_hz`` a second, and at least every ``heartbeat_ms``) and ``end``. The state
+machine itself is ``calibration.debounce.Debouncer``, which calibration replays recorded
+scores through, so calibrated false-alert rates are this logic's rates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from calibration.debounce import Debouncer
+from realtime.scoring.preprocess import map_to_source
+
+DEFAULT_N_OF_M = (3, 5)
+
+
+@dataclass
+class AlertConfig:
+    sensitivity: float = 1.0
+    n_of_m: tuple[int, int] | None = None  # None: the bundle's calibration, else DEFAULT_N_OF_M
+    hold_ms: float = 500.0
+    update_hz: float = 5.0
+    heartbeat_ms: float = 1000.0
+    location_level: float = 0.6  # the lesion outline: map ≥ this fraction of the peak, around the peak
+
+    def validate(self) -> None:
+        from engine.errors import CemdError
+
+        if self.n_of_m is not None:
+            n, m = self.n_of_m
+            if not (1 <= n <= m <= 120):
+                raise CemdError(f"n_of_m must satisfy 1 ≤ N ≤ M ≤ 120, got {n} of {m}")
+        if not (0.1 <= self.sensitivity <= 10):
+            raise CemdError(f"sensitivity must be between 0.1 and 10 (1.0 = calibrated), got {self.sensitivity}")
+        if self.hold_ms < 0:
+            raise CemdError(f"hold_ms must be ≥ 0, got {self.hold_ms}")
+
+
+@dataclass
+class Thresholds:
+    """Per-modality image-score thresholds, the calibrated debouncing, and where they came from."""
+
+    values: dict[str, float]
+    source: str
+    warning: str | None = None
+    n_of_m: tuple[int, int] | None = None  # from the calibration
+
+    @classmethod
+    def for_bundle(cls, bundle: Any) -> "Thresholds":
+        """From the bundle's calibration; a branch without one gets the highest normal validation
+        score of training, loudly flagged."""
+        cal = bundle.calibration or {}
+        mods = cal.get("modalities", {}) if isinstance(cal.get("modalities"), dict) else {}
+        values = {m: float(mods[m]["threshold"]) for m in bundle.modalities
+                  if isinstance(mods.get(m), dict) and "threshold" in mods[m]}
+        n_of_m = tuple(cal["n_of_m"]) if isinstance(cal.get("n_of_m"), list) and len(cal["n_of_m"]) == 2 else None
+        warnings = []
+        made_for = cal.get("model_files")
+        if values and made_for and made_for != bundle.meta.get("files"):
+            warnings.append(f"{bundle.path / 'calibration.json'} was made for other model weights (the bundle's files "
+                            f"changed since); its thresholds may be wrong: recalibrate with cemd calibrate")
+        made_cfg, cfg = cal.get("model_config"), bundle.meta.get("model") or {}
+        if values and isinstance(made_cfg, dict) and made_cfg != cfg:
+            changed = sorted(k for k in set(made_cfg) | set(cfg) if made_cfg.get(k) != cfg.get(k))
+            warnings.append(f"{bundle.path / 'calibration.json'} was made for another score definition (bundle.json "
+                            f"model settings changed since: {', '.join(changed)}); its thresholds do not fit these "
+                            f"scores: recalibrate with cemd calibrate")
+        missing = [m for m in bundle.modalities if m not in values]
+        if not missing:
+            return cls(values, f"calibration {bundle.path / 'calibration.json'} (version {cal.get('version', '?')})",
+                       " ".join(warnings) or None, n_of_m)
+        stats = bundle.meta.get("score_stats", {})
+        no_stats = [m for m in missing if m not in stats]
+        if no_stats:
+            from engine.errors import BundleError
+
+            raise BundleError(f"bundle {bundle.path} has neither a calibration nor score statistics for "
+                              f"{', '.join(no_stats).upper()}; run: cemd calibrate --bundle {bundle.path} --normal VIDEO")
+        for m in missing:
+            values[m] = float(stats[m]["max"])
+        shown = ", ".join(f"{m.upper()} {values[m]:.4f}" for m in missing)
+        warnings.insert(0, (
+            f"bundle {bundle.path} is not calibrated for {', '.join(m.upper() for m in missing)}: using default "
+            f"thresholds ({shown}), the highest score of the training run's normal validation images. Expect false "
+            f"alarms or misses on real video; calibrate on normal video of your own (cemd calibrate)."))
+        source = ("default: highest normal validation score per branch" if len(missing) == len(bundle.modalities)
+                  else f"calibration for {', '.join(m.upper() for m in values if m not in missing)}, default for "
+                       f"{', '.join(m.upper() for m in missing)}")
+        return cls(values, source, " ".join(warnings), n_of_m)
+
+
+def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points: int = 48) -> dict[str, Any] | None:
+    """Outline, box and peak of the hot region around the map's peak, in source-frame pixels."""
+    amap = np.asarray(amap, np.float32).reshape(amap.shape[-2:])
+    n = amap.shape[-1]
+    peak_idx = int(np.argmax(amap))
+    py, px = divmod(peak_idx, n)
+    peak = float(amap[py, px])
+    if not math.isfinite(peak) or peak <= 0:
+        return None
+    hot = (amap >= level * peak).astype(np.uint8)
+    _, labels = cv2.connectedComponents(hot, connectivity=8)
+    region = (labels == labels[py, px]).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    outline = max(contours, key=cv2.contourArea)
+    eps = 0.5
+    while len(outline) > max_points:
+        outline = cv2.approxPolyDP(outline, eps, True)
+        eps *= 1.6
+    pts = map_to_source(outline.reshape(-1, 2).astype(np.float64) + 0.5, box, n)
+    x, y = pts.min(axis=0)
+    x1, y1 = pts.max(axis=0)
+    peak_src = map_to_source(np.array([[px + 0.5, py + 0.5]]), box, n)[0]
+    return {
+        "box": [int(math.floor(x)), int(math.floor(y)), int(math.ceil(x1 - x)), int(math.ceil(y1 - y))],
+        "contour": [[int(round(a)), int(round(b))] for a, b in pts],
+        "peak": [int(round(peak_src[0])), int(round(peak_src[1]))],
+    }
+
+
+@dataclass
+class _Event:
+    id: int
+    modality: str
+    start_frame: int
+    start_ns: int
+    peak_score: float = -math.inf
+    peak_frame: int = -1
+    location: dict[str, Any] | None = None
+    last_above_ns: int = 0
+    last_emit_ns: int = 0
+    last_frame: int = -1
+    pending_peak: bool = False
+
+
+@dataclass
+class Decision:
+    above: bool
+    threshold: float
+    event_state: str  # idle | open
+    event_id: int | None
+    location: dict[str, Any] | None
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class AlertLogic:
+    """Turns a stream of (frame, modality, score, map) into alert events."""
+
+    def __init__(self, thresholds: Thresholds, config: AlertConfig | None = None) -> None:
+        self.thresholds = thresholds
+        self.config = config or AlertConfig()
+        self.config.validate()
+        self.n_of_m = self.config.n_of_m or thresholds.n_of_m or DEFAULT_N_OF_M  # config > calibration > default
+        n, m = self.n_of_m
+        self._debounce = Debouncer(n, m, self.config.hold_ms)
+        self._event: _Event | None = None
+        self._next_id = 0
+        self.events_started = 0
+
+    def threshold(self, modality: str) -> float:
+        return self.thresholds.values[modality] / self.config.sensitivity
+
+    @property
+    def open_event(self) -> _Event | None:
+        return self._event
+
+    def _payload(self, kind: str, ev: _Event, frame_id: int, pts: int | None, score: float, t_ns: int,
+                 end_frame: int | None = None, reason: str | None = None) -> dict[str, Any]:
+        out = {
+            "event": kind, "event_id": ev.id, "modality": ev.modality, "frame_id": frame_id, "pts": pts,
+            "start_frame_id": ev.start_frame, "end_frame_id": end_frame, "score": round(float(score), 6),
+            "peak_score": round(float(ev.peak_score), 6), "peak_frame_id": ev.peak_frame,
+            "threshold": round(self.threshold(ev.modality), 6),
+            "duration_ms": round((t_ns - ev.start_ns) / 1e6, 1), "location": ev.location,
+        }
+        if reason:
+            out["reason"] = reason
+        return out
+
+    def close(self, frame_id: int, pts: int | None, t_ns: int, reason: str) -> list[dict[str, Any]]:
+        """End the open event (source ended, shutdown)."""
+        self._debounce.close()
+        return self._end(frame_id, pts, t_ns, reason)
+
+    def _end(self, frame_id: int, pts: int | None, t_ns: int, reason: str) -> list[dict[str, Any]]:
+        ev, self._event = self._event, None
+        if ev is None:
+            return []
+        return [self._payload("end", ev, frame_id, pts, ev.peak_score, max(t_ns, ev.start_ns), ev.last_frame, reason)]
+
+    def update(self, frame_id: int, pts: int | None, t_ns: int, modality: str, score: float,
+               amap: Callable[[], np.ndarray] | np.ndarray, box: tuple[int, int, int]) -> Decision:
+        """One scored frame. ``amap`` may be a callable so the map is fetched only when needed."""
+        cfg = self.config
+        alerts: list[dict[str, Any]] = []
+        thr = self.threshold(modality)
+        above = bool(score > thr)
+        step = self._debounce.step(t_ns, modality, above)
+        for reason in step.ended:  # a modality switch, or the hold time ran out
+            alerts += self._end(frame_id, pts, t_ns, reason)
+        ev = self._event
+        location = None
+        if step.counts:
+            location = locate(amap() if callable(amap) else amap, box, cfg.location_level)
+            if step.opened:
+                ev = self._event = _Event(self._next_id, modality, frame_id, t_ns)
+                self._next_id += 1
+                self.events_started += 1
+                ev.peak_score, ev.peak_frame, ev.location = score, frame_id, location
+                ev.last_above_ns = ev.last_emit_ns = t_ns
+                ev.last_frame = frame_id
+                alerts.append(self._payload("start", ev, frame_id, pts, score, t_ns))
+            else:
+                assert ev is not None
+                ev.last_above_ns, ev.last_frame = t_ns, frame_id
+                if score > ev.peak_score:
+                    ev.peak_score, ev.peak_frame, ev.location = score, frame_id, location
+                    ev.pending_peak = True
+        just_started = bool(alerts) and alerts[-1]["event"] == "start"
+        if ev is not None and not just_started:
+            since = (t_ns - ev.last_emit_ns) / 1e6
+            if (ev.pending_peak and since >= 1000 / cfg.update_hz) or since >= cfg.heartbeat_ms:
+                alerts.append(self._payload("update", ev, frame_id, pts, score, t_ns))
+                ev.last_emit_ns, ev.pending_peak = t_ns, False
+        return Decision(above, thr, "open" if ev is not None else "idle", ev.id if ev else None,
+                        location, alerts)
