@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {n: summarise(rows, n) for n in DETECTORS}
     for n, s in summary.items():
         print(f"{n}: coverage mean {s['coverage_mean']:.4f} median {s['coverage_median']:.4f}"
-              f" min {s['coverage_min']:.4f}; ≥97 % in {s['images_coverage_ge_0.97']}/{len(rows)}; text px kept {s['text_px_kept']};"
+              f" min {s['coverage_min']:.4f}; ≥97 % in {s['images_coverage_ge_0.97']}/{len(rows)};"
+              f" text px kept {s['text_px_kept']};"
               f" all text out in {s['images_all_text_out']}/{s['images_with_text']} images with text;"
               f" shapes {s['shapes']}, overlays cut {s['overlays_cut']}, detect {s['detect_ms_median']} ms")
     if args.overlay_dir:

@@ -79,7 +79,8 @@ def run(train_data: Path, test_data: Path, per_kind: int, bank_size: int, n_trai
         rep: dict[str, Any] = {}
         for k in sorted(set(kinds) - {"good"}):
             rep[k] = subset_aurocs(labels, scores, amap_np, masks, fov_np, (kinds == "good") | (kinds == k))
-            print(f"{m.upper()} {k}: image AUROC {rep[k]['image_auroc']:.3f}, pixel {rep[k].get('pixel_auroc', float('nan')):.3f}")
+            pixel = rep[k].get("pixel_auroc", float("nan"))
+            print(f"{m.upper()} {k}: image AUROC {rep[k]['image_auroc']:.3f}, pixel {pixel:.3f}")
         result[m] = rep
     return result
 

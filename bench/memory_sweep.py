@@ -11,7 +11,8 @@ and education use only — never commit it or anything trained on it).
 The last ``--val-images`` whole training images by name are held out entirely: their normal
 windows and a window on each of their polyps form the validation split; a bundle is trained
 with the defaults, memory map off, on the normal windows of the other images only (OUT/fit,
-reused when present; its fit windows are linked into OUT/fit-data), so neither the student nor the memory bank has seen a validation image.
+reused when present; its fit windows are linked into OUT/fit-data), so neither the student nor
+the memory bank has seen a validation image.
 For each bank size the memory map is fitted as `cemd train --stage memory` fits it; the
 distillation map is computed once per image and the memory map once per image and bank; the sweep then scores
 distillation + gain × memory for each gain (and the memory map alone) under each image-score

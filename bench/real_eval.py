@@ -55,7 +55,7 @@ Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # N×3×S�
 
 def _load_whole(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Whole test images and their masks (``images/X.png`` ↔ ``masks/X.png`` or ``masks/X_mask.png``)."""
-    images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in ds.IMAGE_EXTENSIONS)
+    images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in ds.IMAGE_SUFFIXES)
     if not images:
         raise DatasetError(f"{folder}/images holds no images")
     masks = []
@@ -86,7 +86,7 @@ def validation_windows(data: Path, modality: str, size: int, window: int = 96, s
     if normal is None:
         normal = validation_images(data, seed, val_fraction)[modality]
     cuts = []
-    for p in sorted(q for q in (folder / "images").iterdir() if q.suffix.lower() in ds.IMAGE_EXTENSIONS):
+    for p in sorted(q for q in (folder / "images").iterdir() if q.suffix.lower() in ds.IMAGE_SUFFIXES):
         if images is not None and p.stem not in images:
             continue
         img = cv2.imread(str(p))[:, :, ::-1]

@@ -249,14 +249,16 @@ def latency_run(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         if part:
             minutes.append({"minute": m + 1, "scored": len(part), "e2e_ms": latency_summary(s["e2e_ms"] for s in part),
                             "publish_ms": latency_summary(s["publish_ms"] for s in part)})
-    res = {"minutes": args.minutes, "fresh_wait": args.fresh_wait, "inference_workers": workers, "frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
+    res = {"minutes": args.minutes, "fresh_wait": args.fresh_wait, "inference_workers": workers,
+           "frames_read": summary["frames_read"], "frames_scored": summary["frames_scored"],
            "frames_dropped": summary["frames_dropped"], "fps_scored": summary["fps_scored"],
            "backend": summary["backend"], "received_scores": len(scores),
            "e2e_ms": latency_summary(s["e2e_ms"] for s in scores),
            "publish_ms": latency_summary(s["publish_ms"] for s in scores),  # decision → stamped
            "publish_sent_ms": summary["latency_ms"]["publish"],  # decision → send returned
            "stages_ms": summary["latency_ms"], "per_minute": minutes}
-    print(f"paced {args.size[0]}x{args.size[1]} at 30 fps for {args.minutes:g} min, --inference-workers {workers}: scored {summary['frames_scored']} of {summary['frames_read']} read, "
+    print(f"paced {args.size[0]}x{args.size[1]} at 30 fps for {args.minutes:g} min, --inference-workers {workers}: "
+          f"scored {summary['frames_scored']} of {summary['frames_read']} read, "
           f"dropped {summary['frames_dropped']}; frame→published p50 {res['e2e_ms']['p50']:.1f} p99 "
           f"{res['e2e_ms']['p99']:.1f} max {res['e2e_ms']['max']:.1f} ms; decision → sent (summary) p99 "
           f"{summary['latency_ms']['publish']['p99']:.3f} ms, decision → stamped (messages) p99 "

@@ -31,18 +31,9 @@ class FrameProgress:
 
     def __enter__(self) -> "FrameProgress":
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from engine.progress import progress_bar
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[fps]} fps"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=self.console)
+            self._bar = progress_bar(self.console, field="fps", suffix="fps", elapsed=True)
             self._bar.__enter__()
         return self
 

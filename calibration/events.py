@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from engine.constants import MODALITIES
 from engine.errors import CemdError
 from engine.eval.metrics import auroc
-
-MODALITIES = ("wli", "nbi")
 
 
 def _int(value: Any, what: str) -> int:

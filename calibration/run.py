@@ -31,11 +31,11 @@ from calibration.thresholds import (
     suspect_stretches,
 )
 from engine import __version__
+from engine.constants import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from engine.deploy.bundle import atomic_write_json
 from engine.errors import CemdError
 
 CALIBRATION_FORMAT = "cemd-calibration/1"
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".ts", ".m4v", ".webm", ".mpg", ".mpeg")
 Log = Callable[[str], None]
 
 
@@ -54,7 +54,6 @@ class Replayer(Protocol):
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
     """Videos and frame folders; a folder holding videos (and no images) stands for its videos."""
-    from engine.data.dataset import IMAGE_EXTENSIONS
 
     out: list[Path] = []
     for p in paths:
@@ -62,7 +61,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
         if not p.exists():
             raise CemdError(f"normal data {p} does not exist; give video files or folders of frames")
         if p.is_dir():
-            images = [f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+            images = [f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
             videos = sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
             if images:
                 out.append(p)
@@ -96,12 +95,11 @@ def probe_video(path: Path) -> tuple[int, float, int, int]:
 
 def probe_minutes(inputs: list[Path], image_fps: float) -> float | None:
     """Total length of the inputs from their headers (None when a container does not say)."""
-    from engine.data.dataset import IMAGE_EXTENSIONS
 
     total = 0.0
     for p in inputs:
         if p.is_dir():
-            total += sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) / image_fps / 60
+            total += sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) / image_fps / 60
             continue
         frames, fps, _, _ = probe_video(p)
         if not frames or not fps:
@@ -200,6 +198,38 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
     modalities = list(replayer.backends) if replayer.modality == "auto" else [replayer.modality]
     inputs = precheck(normal, modalities, opts, image_fps)
     t0 = time.perf_counter()
+    tracks, from_cache = _score_inputs(replayer, inputs, image_fps, workers, score_cache, progress, log)
+    score_seconds = time.perf_counter() - t0
+    data = gather(tracks, modalities)
+    _check_amount(data, modalities, opts, kept_in=score_cache)
+    fps = float(np.median([t.fps for t in tracks]))
+    chosen, table = choose(data, opts, fps)
+
+    warnings = _suspect_warnings(chosen, tracks)
+    for w in warnings:
+        log(f"warning: {w}")
+
+    previous = bundle.calibration or {}
+    version = int(previous.get("version", 0)) + 1
+    report_dir = Path(report_dir)
+    if synthetic is None:
+        synthetic = all(_sibling_synthetic(p) for p in inputs)
+    record = _record(bundle, replayer, opts, chosen, tracks, modalities, version, synthetic, report_dir)
+    _keep_other_branches(record, previous, chosen, warnings)
+    report = {**record, "options": asdict(opts), "candidates": table, "warnings": warnings,
+              "score_seconds": round(score_seconds, 1),
+              "scores_from_cache": from_cache,
+              "curves": {m: c.curve for m, c in chosen.items()}}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _plots(report_dir, data, chosen, opts, synthetic)
+    atomic_write_json(report_dir / "report.json", report)
+    _install(bundle.path, record, previous)
+    return report
+
+
+def _score_inputs(replayer: Replayer, inputs: list[Path], image_fps: float, workers: int, score_cache: Path | None,
+                  progress: Callable[[str, int, int | None], None] | None, log: Log) -> tuple[list[Any], list[Any]]:
+    """Replay each normal input through the monitor's units: its score tracks, and the sources read from the cache."""
     tracks = []
     from_cache = []
     for path in inputs:
@@ -212,12 +242,11 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
         if problem:
             raise CemdError(problem)
         tracks.append(track)
-    score_seconds = time.perf_counter() - t0
-    data = gather(tracks, modalities)
-    _check_amount(data, modalities, opts, kept_in=score_cache)
-    fps = float(np.median([t.fps for t in tracks]))
-    chosen, table = choose(data, opts, fps)
+    return tracks, from_cache
 
+
+def _suspect_warnings(chosen: dict[str, Any], tracks: list[Any]) -> list[str]:
+    """Warnings for stretches of the normal video scoring far above the rest (a lesion left in?)."""
     warnings: list[str] = []
     for m, cal in chosen.items():
         for tr in tracks:
@@ -230,15 +259,13 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
                     f"{tr.source} {_clock(tr.t_ms[sel[a]])}–{_clock(tr.t_ms[sel[b]])} (frames {fa}–{fb}, {m.upper()}): "
                     f"scores far above the rest of the normal video (peak {peak:.3f}, normal median {cal.median:.3f}); "
                     f"is there a lesion? If so, cut it out of the normal data: it raises the threshold")
-    for w in warnings:
-        log(f"warning: {w}")
+    return warnings
 
-    previous = bundle.calibration or {}
-    version = int(previous.get("version", 0)) + 1
-    report_dir = Path(report_dir)
-    if synthetic is None:
-        synthetic = all(_sibling_synthetic(p) for p in inputs)
-    record = {
+
+def _record(bundle: Any, replayer: Replayer, opts: CalibrationOptions, chosen: dict[str, Any], tracks: list[Any],
+            modalities: list[str], version: int, synthetic: bool, report_dir: Path) -> dict[str, Any]:
+    """The bundle's new ``calibration.json`` for the branches just calibrated."""
+    return {
         "format": CALIBRATION_FORMAT, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cemd_version": __version__, "model_files": bundle.meta.get("files", {}),
         "model_config": bundle.meta.get("model", {}),  # the score's definition (reduction, scales, smoothing…)
@@ -251,23 +278,19 @@ def calibrate(bundle: Any, replayer: Replayer, normal: list[Path], opts: Calibra
         "backends": replayer.backends, "report": str(report_dir),
         "method": "docs/CALIBRATION.md#how-the-threshold-is-chosen",
     }
+
+
+def _keep_other_branches(record: dict[str, Any], previous: dict[str, Any], chosen: dict[str, Any],
+                         warnings: list[str]) -> None:
+    """A single-branch calibration keeps the other branch's threshold (warned about if debounced differently)."""
     kept = {m: v for m, v in (previous.get("modalities") or {}).items() if m not in chosen}
-    if kept:  # a single-branch calibration keeps the other branch's threshold
+    if kept:
         record["modalities"].update(kept)
         record["kept_from_version"] = {m: previous.get("version") for m in kept}
         if {tuple(v.get("n_of_m", record["n_of_m"])) for v in record["modalities"].values()} != {tuple(record["n_of_m"])}:
             warnings.append(f"{', '.join(m.upper() for m in kept)} keeps its threshold from calibration version "
                             f"{previous.get('version')}, chosen with different debouncing; recalibrate both with "
                             f"--modality auto for one consistent setting")
-    report = {**record, "options": asdict(opts), "candidates": table, "warnings": warnings,
-              "score_seconds": round(score_seconds, 1),
-              "scores_from_cache": from_cache,
-              "curves": {m: c.curve for m, c in chosen.items()}}
-    report_dir.mkdir(parents=True, exist_ok=True)
-    _plots(report_dir, data, chosen, opts, synthetic)
-    atomic_write_json(report_dir / "report.json", report)
-    _install(bundle.path, record, previous)
-    return report
 
 
 def _plots(folder: Path, data: dict[str, NormalScores], chosen: dict[str, Any], opts: CalibrationOptions,

@@ -16,6 +16,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train a bundle (stage 1 teacher on paired images, stage 2 students on unpaired images)",
         description="Train the CEMD teacher and the WLI/NBI student branches into a bundle directory.",
     )
+    _add_train_stages(p)
+    _add_train_inputs(p)
+    _add_train_memory(p)
+    _add_train_colour(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true")
+    _add_train_ablation(p)
+    p.set_defaults(func=_run_train)
+
+
+def _add_train_stages(p: argparse.ArgumentParser) -> None:
+    """`cemd train` options: data, bundle, stage, epochs and early stopping."""
     p.add_argument("--data", type=Path, required=True, help="dataset root (layout: docs/DATA.md)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--stage", choices=("teacher", "students", "memory", "colour", "all"), default="all",
@@ -37,6 +49,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         f"{TrainConfig.min_delta * 100:g}%%)")
     p.add_argument("--no-early-stopping", action="store_true",
                    help="run every epoch under the fixed-length one-cycle schedule and keep the last")
+
+
+def _add_train_inputs(p: argparse.ArgumentParser) -> None:
+    """`cemd train` options: batch, seed, device, modalities, input size and synthetic anomalies."""
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -49,6 +65,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "the target staying the clean image's teacher features (default 0 = off; docs/MODEL.md)")
     p.add_argument("--synthetic-copies", type=int, default=TrainConfig.synthetic_copies, metavar="K",
                    help="anomalous copies made (and encoded) per training image (default %(default)s)")
+
+
+def _add_train_memory(p: argparse.ArgumentParser) -> None:
+    """`cemd train` options of the memory map."""
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--memory-score", dest="memory_score", action="store_true", default=None,
                      help="add the memory map (distance of each patch to its nearest normal training patch) to the "
@@ -60,6 +80,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-bank", type=int, default=ModelConfig.memory_bank, metavar="N",
                    help="normal patches kept in the memory, drawn at random (default %(default)s; the map's cost "
                         "per frame grows with it)")
+
+
+def _add_train_colour(p: argparse.ArgumentParser) -> None:
+    """`cemd train` options of the colour outlier map."""
     p.add_argument("--colour-score", action="store_true",
                    help="also fit the hand-made colour outlier map after the students and add it to the distillation "
                         "map (off by default: it did not raise AUROC on real colonoscopy, docs/RESULTS.md)")
@@ -79,8 +103,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colour-vessel-cut", type=float, default=ModelConfig.colour_vessel_cut, metavar="K",
                    help="in brownish modalities, leave pixels more than K normal standard deviations less brown "
                         "than a first background (vessels) out of the local background (0 = off; default %(default)g)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_train_ablation(p: argparse.ArgumentParser) -> None:
+    """`cemd train` ablation switches, in their own --help group."""
     abl = p.add_argument_group("ablation switches (defaults = CEMD as reconstructed in docs/MODEL.md)")
     abl.add_argument("--no-teacher-training", action="store_true", help="plain reverse distillation: teacher = frozen encoder")
     abl.add_argument("--no-fusion", action="store_true", help="no cross attention between modalities in stage 1")
@@ -91,7 +117,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     abl.add_argument("--score-scales", default=",".join(map(str, ModelConfig.score_scales)),
                      help="encoder scales summed into the anomaly map: 0 = stride 4, 1 = stride 8, 2 = stride 16 "
                           "(RD4AD: 0,1,2)")
-    p.set_defaults(func=_run_train)
 
 
 def _int_tuple(text: str, option: str) -> tuple[int, ...]:

@@ -7,76 +7,115 @@ are an error that names the key and lists the valid ones, never silently ignored
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from engine.errors import CemdError
+from engine.options import check_choices, example_toml, option
+from realtime.clients.overlay import OverlayOptions
+from realtime.publish.schema import DEFAULT_ENDPOINT
 from realtime.scoring.alerts import AlertConfig
 
 DEMO_SOURCE = "synthetic:seed=7,seconds=45,size=640x480,fps=30"
 
 
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number, not {value!r}") from None
+
+
 @dataclass
 class SourceConfig:
-    source: str = DEMO_SOURCE
-    realtime: bool = True  # files: paced at their frame rate (False = --fast, every frame)
-    loop: bool = False
-    open_timeout_s: float = 5.0
-    read_timeout_s: float = 2.0
-    stall_after_s: float = 2.0
-    ring_slots: int = 4
-    # live: when the newest frame is older than this fraction of a frame period, wait for the
-    # next one instead (0 = off; docs/STREAMING.md "Frame freshness")
-    fresh_wait: float = 0.5
+    source: str = option(DEMO_SOURCE, "video file, stream URL (rtsp/udp/rtp/srt/http/tcp), device:N or /dev/videoN, "
+                         "or synthetic[:seed=S,seconds=T,size=WxH,fps=F] (default: the synthetic demo)", flag="--source")
+    realtime: bool = option(True, "files: paced at their frame rate (false: every frame, as fast as possible)",
+                            switches={"--realtime": (True, "play files at their frame rate; latest frame wins (default)"),
+                                      "--fast": (False, "analyse files as fast as possible, every frame, none dropped")})
+    loop: bool = option(False, "restart files at the end", switches={"--loop": (True, "restart files at the end")})
+    open_timeout_s: float = option(5.0, "seconds to wait for a source to open")
+    read_timeout_s: float = option(2.0, "seconds a read may block before the source counts as stalled")
+    stall_after_s: float = option(2.0, "no frame for this long: the source is stalled (live sources reconnect)")
+    ring_slots: int = option(4, "frames the capture ring holds (≥ 2)")
+    fresh_wait: float = option(0.5, "live: when the newest frame is older than this fraction of a frame period, wait "
+                               "for the next one (0 = always take the newest at once)", flag="--fresh-wait", metavar="F")
 
 
 @dataclass
 class ScoringConfig:
-    bundle: str = "models/demo"
-    modality: str = "auto"  # wli | nbi | auto
-    backend: str = "auto"  # auto | tensorrt | aoti | eager
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str | None = None
-    build_missing: bool = True  # compile a missing artifact (≈ 45 s per branch on a 2-core CPU)
-    switch_frames: int = 2
-    switch_confidence: float = 0.9
-    redetect_fov_every: int = 15
-    # ≥ 2: the branch runs in that many single-thread worker processes (CPU only), frames complete
-    # in order; 1: in the scoring thread; "auto": one per core (at most 8) for --fast file analysis
-    # on a CPU with ≥ 2 cores, else 1 (docs/STREAMING.md "Inference workers")
-    inference_workers: int | str = "auto"
+    bundle: str = option("models/demo", "model bundle folder", flag="--bundle")
+    modality: str = option("auto", "branch to use; auto = detect WLI/NBI per frame", choices=("wli", "nbi", "auto"),
+                           flag="--modality")
+    backend: str = option("auto", "how the branch runs", choices=("auto", "tensorrt", "aoti", "eager"), flag="--backend")
+    device: str = option("auto", "where the branch runs", choices=("auto", "cpu", "cuda"), flag="--device")
+    precision: str | None = option(None, "fp16 or fp32 (default: the backend's own: fp16 on CUDA, fp32 on CPU)",
+                                   choices=(None, "fp16", "fp32"))
+    build_missing: bool = option(True, "compile a branch that has no compiled artifact yet (≈ 45 s per branch on a "
+                                 "2-core CPU)",
+                                 switches={"--no-compile": (False, "never compile a branch at start; use a compiled "
+                                                                   "artifact only if `cemd export` made one")})
+    switch_frames: int = option(2, "frames in a row of the other light before the router switches branch")
+    switch_confidence: float = option(0.9, "classifier confidence a frame needs to count toward a switch")
+    redetect_fov_every: int = option(15, "frames between two field-of-view detections")
+    inference_workers: int | str = option(
+        "auto", "the branch in N single-thread worker processes (CPU; 1 = in the scoring thread); auto: one per core "
+        "(at most 8) for --fast files on a CPU with ≥ 2 cores, else 1 (docs/STREAMING.md)",
+        flag="--inference-workers", metavar="N|auto", parse=_workers)
 
 
 @dataclass
 class PublishConfig:
-    publish: str = "tcp://127.0.0.1:5556"
-    replay: str | None = None  # default: the publish port + 1
-    publisher_id: str | None = None
-    curve_secret: str | None = None
-    curve_allow: str | None = None
-    heartbeat_s: float = 1.0
-    maps: bool = True  # a `map` message (8-bit heat map) after every score, for overlays
-    map_size: int = 64
-    sndhwm: int = 10_000  # messages queued per subscriber before a slow one starts losing (alerts: replayable)
-    sndbuf: int | None = None  # kernel send buffer per connection in bytes (None: the OS default)
-    # decision → score message sent at real-time priority (Linux SCHED_FIFO 1) where the OS allows
-    # it; the branch never runs at it (realtime/scoring/priority.py)
-    rt_send: bool = True
+    publish: str = option(DEFAULT_ENDPOINT, "ZeroMQ PUB endpoint (replay on the next port)", flag="--publish",
+                          metavar="ENDPOINT")
+    replay: str | None = option(None, "replay (REQ/ROUTER) endpoint (default: the publish port + 1)", flag="--replay",
+                                metavar="ENDPOINT")
+    publisher_id: str | None = option(None, "name in every message (default: host and process)")
+    curve_secret: str | None = option(None, "the monitor's CURVE secret key file (cemd keys)", flag="--curve-secret",
+                                      metavar="FILE")
+    curve_allow: str | None = option(None, "folder of client public keys allowed to connect", flag="--curve-allow",
+                                     metavar="DIR")
+    heartbeat_s: float = option(1.0, "seconds between heartbeats")
+    maps: bool = option(True, "a `map` message (8-bit heat map, for overlays) after every score")
+    map_size: int = option(64, "side of the heat map in the `map` message (8–256)")
+    sndhwm: int = option(10_000, "messages queued per subscriber before a slow one starts losing (alerts: replayable)")
+    sndbuf: int | None = option(None, "kernel send buffer per connection in bytes (default: the OS's)")
+    rt_send: bool = option(True, "decision → score message sent at real-time priority (Linux SCHED_FIFO 1) where the "
+                           "OS allows it; the branch never runs at it")
 
 
 @dataclass
 class RunConfig:
-    run_dir: str | None = None  # default: runs/stream-YYYYmmdd-HHMMSS
-    dashboard: str = "auto"  # auto (when the terminal is interactive) | on | off
-    max_seconds: float | None = None
-    status_every_s: float = 1.0
-    overlay: str = "none"  # none | window | file: start the overlay display on the capture ring
-    overlay_out: str | None = None  # --overlay file: default RUN_DIR/overlay.mp4
-    overlay_max_width: int | None = None  # the display scales wider frames down to this (less CPU)
+    run_dir: str | None = option(None, "where alerts.jsonl and summary.json go (default runs/stream-TIMESTAMP)",
+                                 flag="--run-dir")
+    dashboard: str = option("auto", "live dashboard; auto = when the terminal is interactive",
+                            choices=("auto", "on", "off"), flag="--dashboard")
+    max_seconds: float | None = option(None, "stop after this many seconds of scoring", flag="--max-seconds",
+                                       parse=float)
+    status_every_s: float = option(1.0, "seconds between status messages")
+    overlay: str = option("none", "start the overlay display on the capture's frames: an OpenCV window, or an "
+                          "annotated video (overlay_out)", choices=("none", "window", "file"), flag="--overlay")
+    overlay_out: str | None = option(None, "the annotated video of --overlay file (default RUN_DIR/overlay.mp4)",
+                                     flag="--overlay-out", metavar="FILE")
+    overlay_max_width: int | None = option(None, "the overlay shows/writes frames wider than this scaled down to it "
+                                           "(less CPU at 1080p)", flag="--overlay-max-width", metavar="PX", parse=int)
+
+
+@dataclass
+class DisplaySection:
+    """The overlay display's look when the monitor starts it (``--overlay``); ``cemd display``
+    reads the same section from ``--config FILE``."""
+
+    heatmap: bool = option(OverlayOptions.heatmap, "start with the heat map on (key h toggles)")
+    opacity: float = option(OverlayOptions.opacity, "heat-map opacity, 0.05–1 (keys +/-)")
+    max_result_age_s: float = option(OverlayOptions.max_result_age_s, "AI NOT ACTIVE when the newest score is older than this")
+    cue: str | None = option(None, "at each alert start: bell (terminal bell) or a sound file to play")
 
 
 @dataclass
@@ -86,21 +125,14 @@ class MonitorConfig:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    display: DisplaySection = field(default_factory=DisplaySection)
 
     def validate(self) -> None:
-        if self.scoring.modality not in ("wli", "nbi", "auto"):
-            raise CemdError(f"modality must be wli, nbi or auto, not {self.scoring.modality!r}")
-        if self.scoring.backend not in ("auto", "tensorrt", "aoti", "eager"):
-            raise CemdError(f"backend must be auto, tensorrt, aoti or eager, not {self.scoring.backend!r}")
-        if self.scoring.device not in ("auto", "cpu", "cuda"):
-            raise CemdError(f"device must be auto, cpu or cuda, not {self.scoring.device!r}")
-        if self.run.overlay not in ("none", "window", "file"):
-            raise CemdError(f"overlay must be none, window or file, not {self.run.overlay!r}")
+        for section in SECTIONS:
+            check_choices(getattr(self, section))
         if self.run.overlay != "none" and (self.publish.curve_secret or self.publish.curve_allow):
             raise CemdError("--overlay cannot hold CURVE client keys; with CURVE on, start the display yourself: "
                             "cemd display ENDPOINT --ring NAME --curve-secret … --curve-server-key …")
-        if self.run.dashboard not in ("auto", "on", "off"):
-            raise CemdError(f"dashboard must be auto, on or off, not {self.run.dashboard!r}")
         w = self.scoring.inference_workers
         if w != "auto" and (not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 64):
             raise CemdError(f"inference_workers must be auto or a whole number from 1 to 64, got {w!r}")
@@ -119,6 +151,13 @@ class MonitorConfig:
             raise CemdError(f"fresh_wait must be ≥ 0 and < 1 (a fraction of a frame period; 0 = off), "
                             f"got {self.source.fresh_wait}")
         self.alerts.validate()
+        d = self.display
+        if not 0.05 <= d.opacity <= 1:
+            raise CemdError(f"[display] opacity must be between 0.05 and 1, got {d.opacity}")
+        if d.max_result_age_s <= 0:
+            raise CemdError(f"[display] max_result_age_s must be > 0 s, got {d.max_result_age_s}")
+        if d.cue and d.cue != "bell" and not Path(d.cue).is_file():
+            raise CemdError(f"[display] cue: no sound file {d.cue!r} (or use bell)")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,21 +223,10 @@ def load_config(path: Path | None) -> MonitorConfig:
 
 def example_config() -> str:
     """A commented TOML file with every option at its default (docs/STREAMING.md shows it)."""
-    lines = ["# cemd monitor configuration: every option, at its default", ""]
+    return example_toml("cemd monitor configuration: every option, at its default", default_sections())
+
+
+def default_sections() -> dict[str, Any]:
+    """The sections of a default config, by name."""
     cfg = MonitorConfig()
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(getattr(cfg, section)):
-            value = getattr(getattr(cfg, section), f.name)
-            if value is None:
-                lines.append(f"# {f.name} = ...")
-            elif isinstance(value, bool):
-                lines.append(f"{f.name} = {str(value).lower()}")
-            elif isinstance(value, tuple):
-                lines.append(f"{f.name} = [{', '.join(str(v) for v in value)}]")
-            elif isinstance(value, str):
-                lines.append(f'{f.name} = "{value}"')
-            else:
-                lines.append(f"{f.name} = {value}")
-        lines.append("")
-    return "\n".join(lines)
+    return {name: getattr(cfg, name) for name in SECTIONS}

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,46 +24,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from engine.deploy.bundle import load_bundle
 from engine.errors import CemdError
 from realtime.capture.process import CaptureProcess
-from realtime.capture.sources import SourceSpec, parse_source, synthetic_events
+from realtime.capture.sources import SourceSpec, parse_source
+from realtime.clients.display_process import DisplayProcess
 from realtime.clients.overlay import encode_heatmap
 from realtime.config import MonitorConfig, auto_inference_workers
 from realtime.publish.publisher import AlertPublisher, CurveServerConfig
 from realtime.scoring.alerts import AlertLogic, Thresholds
-from realtime.scoring.preprocess import FramePreprocessor
+from realtime.scoring.frame_scorer import FrameScorer, check_modality, source_time_ns
 from realtime.scoring.priority import RealtimeStep
-from realtime.scoring.routing import ModalityClassifier, ModalityRouter
+from realtime.states import SOURCE_FAULTS, MonitorState, SourceState
 from realtime.stats import RateMeter, StageLatencies
+from realtime.summary import run_summary, status_payload
 
 Log = Callable[[str], None]
 _MAX_SCORER_FAILURES = 10
-
-
-def versions() -> dict[str, str]:
-    import av
-    import cv2
-    import zmq
-
-    import engine
-
-    return {"cemd": getattr(engine, "__version__", "0.1.0"), "python": platform.python_version(),
-            "torch": torch.__version__, "av": av.__version__, "ffmpeg": str(av.library_versions.get("libavcodec")),
-            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "opencv": cv2.__version__,
-            "numpy": np.__version__}
 
 
 @dataclass
 class LiveState:
     """What the dashboard shows; written by the scoring loop only, read by the dashboard thread."""
 
-    state: str = "starting"
+    state: MonitorState = MonitorState.STARTING
     message: str | None = None
-    source_state: str = "opening"
+    source_state: str = SourceState.OPENING
     source: dict[str, Any] = field(default_factory=dict)
     modality: str | None = None
     scores: deque = field(default_factory=lambda: deque(maxlen=120))
@@ -110,10 +96,10 @@ class Monitor:
         self.warnings: list[str] = []
         self._stop = threading.Event()
         self._rate = RateMeter()
-        self._alerts: list[dict[str, Any]] = []
-        self._routes: list[tuple[int, str]] = []
-        self._scorer_failures = 0  # in a row
-        self._send_step = RealtimeStep(config.publish.rt_send)  # decision → score sent at SCHED_FIFO 1
+        self.alerts_sent: list[dict[str, Any]] = []
+        self.routes: list[tuple[int, str]] = []
+        self.scorer_failures = 0  # in a row
+        self.send_step = RealtimeStep(config.publish.rt_send)  # decision → score sent at SCHED_FIFO 1
         self._scorer_gave_up = False
         self.final_summary: dict[str, Any] | None = None  # once a run that got past set-up has finished
         self._last_scored: tuple[int, int | None, int] | None = None  # frame_id, pts, source time of the last scored frame
@@ -126,14 +112,12 @@ class Monitor:
         self.capture: CaptureProcess | None = None
         # Set while loading the model; None/empty until then, which status and summary report as such.
         self.device: str | None = None
-        self.scorers: dict[str, Any] = {}
+        self.scorer: FrameScorer | None = None
         self.thresholds: Thresholds | None = None
-        self.router: ModalityRouter | None = None
         self.alerts: AlertLogic | None = None
         self.pool: Any = None  # realtime.scoring.infer_pool.InferencePool with --inference-workers ≥ 2
-        self.display: subprocess.Popen | None = None  # the overlay display process (--overlay)
+        self.display: DisplayProcess | None = None  # the overlay display process (--overlay)
         self.display_summary: dict[str, Any] | None = None
-        self._display_lost: str | None = None  # why the overlay display is gone mid-run (the run stays degraded)
 
     # ------------------------------------------------------------------ set-up
 
@@ -150,35 +134,25 @@ class Monitor:
         return d
 
     def _load_model(self) -> None:
-        from engine.deploy.backends import load_scorers
-
         sc = self.cfg.scoring
         self.bundle = load_bundle(sc.bundle)
         self.device = self._device()
-        modalities = list(self.bundle.modalities) if sc.modality == "auto" else [sc.modality]
-        if sc.modality != "auto" and sc.modality not in self.bundle.modalities:
-            self.bundle.branch(sc.modality)  # raises the clear "bundle has no NBI branch" error
-        if sc.modality == "auto" and len(modalities) < 2:
-            raise CemdError(f"--modality auto needs both branches but bundle {sc.bundle} has only "
-                            f"{', '.join(m.upper() for m in modalities)}; use --modality {modalities[0]}")
+        check_modality(self.bundle, sc.modality)  # a bundle that cannot run says so before anything compiles
         self.thresholds = Thresholds.for_bundle(self.bundle)
         if self.thresholds.warning:
             self._warn(self.thresholds.warning)
-        self.scorers.update(load_scorers(self.bundle, modalities, sc.backend, self.device, sc.precision,
-                                         log=lambda s: self.log(f"  {s}"), build=sc.build_missing))
-        if sc.modality == "auto":
-            classifier, warning = ModalityClassifier.for_bundle(self.bundle.path)
-            if warning:
-                self._warn(warning)
-            self.router = ModalityRouter(classifier, sc.switch_frames, sc.switch_confidence)
-        self.preprocess = FramePreprocessor(self.bundle.model.input_size, sc.redetect_fov_every)
-        size = self.bundle.model.input_size
-        warm = torch.zeros(1, 3, size, size)
-        for scorer in self.scorers.values():  # both branches warm before the first frame
-            for _ in range(2):
-                scorer(warm)
+        self.scorer = FrameScorer.from_bundle(self.bundle, sc.modality, sc.backend, self.device, sc.precision,
+                                              sc.switch_frames, sc.switch_confidence, sc.redetect_fov_every,
+                                              log=lambda s: self.log(f"  {s}"), build=sc.build_missing)
+        for warning in self.scorer.warnings:
+            self._warn(warning)
         self.alerts = AlertLogic(self.thresholds, self.cfg.alerts)
         self._start_workers()
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """Backend of each loaded branch; empty while the model loads."""
+        return self.scorer.backends if self.scorer is not None else {}
 
     @property
     def _lossless(self) -> bool:
@@ -203,7 +177,7 @@ class Monitor:
 
         self.log(f"starting {n} inference workers (one thread each) …")
         torch.set_num_threads(1)  # this process now only prepares frames; its OpenMP threads would spin
-        self.pool = InferencePool(str(self.bundle.path), {m: (s.backend, s.precision) for m, s in self.scorers.items()},
+        self.pool = InferencePool(str(self.bundle.path), {m: (b.backend, b.precision) for m, b in self.scorer.branches.items()},
                                   self.device, n, self.bundle.model.input_size)
         self.pool.start()
         self.log(f"inference workers ready (pids {', '.join(str(p) for p in self.pool.pids)})")
@@ -237,110 +211,47 @@ class Monitor:
         self.log(f"opening source {self.spec} …")
         self.capture.start()
         if self.display is not None:
-            self._hand_ring_to_display(self.display)
-        self.live.state = "running"
+            self.display.hand_ring(self.capture.ring_name)
+        self.live.state = MonitorState.RUNNING
 
     def _start_display(self) -> None:
-        mode = self.cfg.run.overlay
-        if mode == "none":
-            return
-        out = Path(self.cfg.run.overlay_out) if self.cfg.run.overlay_out else self.run_dir / "overlay.mp4"
-        endpoint = self.cfg.publish.publish.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
-        cmd = [sys.executable, "-m", "realtime.clients.display", endpoint, "--ring", "-", "--output", mode,
-               "--summary", str(self.run_dir / "display.json")]
-        if mode == "file":
-            cmd += ["--out", str(out)]
-        if self.cfg.run.overlay_max_width:
-            cmd += ["--max-width", str(self.cfg.run.overlay_max_width)]
-        self.log(f"starting the overlay display ({mode}{': ' + str(out) if mode == 'file' else ''}) …")
-        self.display = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        cwd=Path(__file__).resolve().parent.parent)
-
-    def _hand_ring_to_display(self, proc: subprocess.Popen) -> None:
-        """Give the display the ring's name and wait (≤ 15 s) until it holds the ring, so that it
-        sees the first frame before the scorer lets the capture reuse that slot."""
-        import select
-
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            proc.stdin.write(f"{self.capture.ring_name}\n")
-            proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], 15)
-            if ready and proc.stdout.readline().strip() == "ready":
-                return
-            self._warn("the overlay display did not attach to the capture ring within 15 s; scoring goes on")
-        except OSError:
-            self._warn(f"the overlay display exited early (code {proc.poll()}); scoring goes on")
+        if self.cfg.run.overlay != "none":
+            self.display = DisplayProcess(self.cfg.run, self.cfg.display, self.cfg.publish.publish, self.run_dir, self.log,
+                                          self._warn)
 
     def _stop_display(self) -> None:
-        """Close its stdin (the run is over): it shows what is left in the ring, writes its summary, exits."""
-        proc, self.display = self.display, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            self._warn("the overlay display did not finish within 30 s and was killed")
-        path = self.run_dir / "display.json"
-        if path.exists():
-            self.display_summary = json.loads(path.read_text())
-        elif proc.returncode:
-            self._warn(f"the overlay display exited with code {proc.returncode}")
+        if self.display is not None:
+            self.display_summary = self.display.stop()
 
     # ------------------------------------------------------------------ status
 
     def _source_status(self) -> dict[str, Any]:
         s = self.capture.stats() if self.capture else {}
-        return {"kind": self.spec.kind, "target": str(self.spec), "state": s.get("state", "opening"),
+        return {"kind": self.spec.kind, "target": str(self.spec), "state": s.get("state", SourceState.OPENING),
                 "frames_read": s.get("frames_read", 0), "frames_dropped": s.get("frames_dropped", 0),
                 "decode_errors": s.get("decode_errors", 0), "fps": round(float(s.get("fps") or 0.0), 2),
                 "width": s.get("width"), "height": s.get("height"),
                 "last_frame_age_ms": s.get("last_frame_age_ms")}
 
-    def _check_display(self) -> None:
-        """An overlay display that died mid-run is a fault for the rest of the run: the doctor's
-        screen lost its overlay, even though alerts still reach every subscriber."""
-        if self.display is None or self._display_lost or self.display.poll() is None:
-            return
-        self._display_lost = (f"the overlay display exited (code {self.display.returncode}): no overlay on screen; "
-                              f"alerts are still published to subscribers")
-
     def _lasting_fault(self) -> str | None:
         """A fault that outlives a recovered source: the overlay gone, the alert log unwritable."""
         log_fault = self.publisher.log_fault if self.publisher else None
-        return "; ".join(f for f in (self._display_lost, log_fault) if f) or None
+        display_lost = self.display.check() if self.display is not None else None
+        return "; ".join(f for f in (display_lost, log_fault) if f) or None
 
     def publish_status(self) -> None:
         src = self._source_status()
         self.live.source, self.live.source_state = src, src["state"]
-        if self.live.state in ("running", "degraded"):  # one consistent view: a bad source degrades the pipeline
-            self._check_display()
+        # one consistent view: a bad source degrades the pipeline
+        if self.live.state in (MonitorState.RUNNING, MonitorState.DEGRADED):
             lasting = self._lasting_fault()
-            if src["state"] in ("stalled", "reconnecting", "error"):
+            if src["state"] in SOURCE_FAULTS:
                 self._fault(self.live.message or f"source {src['state']}")
-            elif lasting and not self._scorer_failures:
+            elif lasting and not self.scorer_failures:
                 self._fault(lasting)  # shown on the dashboard and in the log, not only published
-            elif src["state"] == "running" and self.live.state == "degraded" and not self._scorer_failures:
-                self.live.state, self.live.message = "running", None
-        ev = self.alerts.open_event if self.alerts else None
-        open_events = [a for a in self._alerts[-1:] if ev is not None and a["event_id"] == ev.id]
-        payload = {
-            "state": self.live.state, "message": self.live.message, "source": src,
-            "scorer": {"state": "failing" if self._scorer_failures else "ready" if self.alerts else "loading",
-                       "modality": self.live.modality,
-                       "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
-                       "backends": {m: self.scorers[m].backend if m in self.scorers else None for m in ("wli", "nbi")},
-                       "fps": round(self.live.fps_scored, 2), "frames_failed": self.live.frames_failed,
-                       "inference_workers": self.inference_workers},
-            "open_events": open_events,
-        }
+            elif src["state"] == SourceState.RUNNING and self.live.state == MonitorState.DEGRADED and not self.scorer_failures:
+                self.live.state, self.live.message = MonitorState.RUNNING, None
+        payload = status_payload(self, src)
         if self.publisher:
             self.publisher.publish("status", payload)
 
@@ -348,28 +259,23 @@ class Monitor:
         if self.live.message != message:
             self.live.message = message
             self.log(f"[red]fault:[/] {message}")
-        self.live.state = "degraded"
+        self.live.state = MonitorState.DEGRADED
 
     # ------------------------------------------------------------------ the loop
 
     def _source_time_ns(self, frame: Any) -> int:
         """Source time for hold timers: PTS for files (so --fast analysis keeps real durations)."""
-        if not self.spec.is_live and frame.pts is not None and frame.time_base:
-            num, den = frame.time_base
-            return int(frame.pts * num * 1_000_000_000 // den)
-        return int(frame.t_capture_mono_ns)
+        pts = frame.pts if not self.spec.is_live else None
+        return source_time_ns(pts, frame.time_base, frame.t_capture_mono_ns)
 
     def _prepare(self, frame: Any) -> _Job | None:
         """Field of view, crop, routing: the in-order part before the branch; None when the capture
         lapped the slot while it was read (counted as dropped)."""
         t_got = time.monotonic_ns()
-        tensor, crop, box = self.preprocess(frame.image)  # reads the crop straight out of the ring
+        tensor, crop, box = self.scorer.crop(frame.image)  # reads the crop straight out of the ring
         if not self.capture.release(frame):
             return None
-        if self.router is not None:
-            modality = self.router.update(crop).modality
-        else:
-            modality = self.cfg.scoring.modality
+        modality, _switched = self.scorer.route(crop)
         return _Job(frame.frame_id, frame.pts, frame.time_base, frame.t_capture_wall_ns, frame.t_capture_mono_ns,
                     self._source_time_ns(frame), tensor, box, modality, t_got, time.monotonic_ns())
 
@@ -379,8 +285,7 @@ class Monitor:
         if job is None:
             return
         try:
-            amap, score_t = self.scorers[job.modality](job.tensor)
-            job.amap, job.score = amap, float(score_t.float()[0])
+            job.amap, job.score = self.scorer.run_branch(job.modality, job.tensor)
         except Exception as exc:  # noqa: BLE001 — a scorer fault becomes a status, not a silent stop
             job.error = exc
         job.t_inf = time.monotonic_ns()
@@ -390,24 +295,24 @@ class Monitor:
         """Alert logic and publishing for a frame whose branch call is done, in frame order."""
         modality, exc = job.modality, job.error
         if exc is not None:
-            self._scorer_failures += 1
+            self.scorer_failures += 1
             self.live.frames_failed += 1
             self._fault(f"{modality.upper()} branch failed on frame {job.frame_id}: {exc}")
-            if self._scorer_failures == 1:
+            if self.scorer_failures == 1:
                 self.publish_status()  # at once: a client must not wait for the next status tick
-            if self._scorer_failures >= _MAX_SCORER_FAILURES:
+            if self.scorer_failures >= _MAX_SCORER_FAILURES:
                 self._scorer_gave_up = True
-                why = f"the {modality.upper()} branch failed {self._scorer_failures} frames in a row; last error: {exc}"
+                why = f"the {modality.upper()} branch failed {self.scorer_failures} frames in a row; last error: {exc}"
                 self._fault(f"stopping: {why}")  # the last status says why the monitor stopped
                 raise CemdError(why) from (exc if isinstance(exc, BaseException) else None)
             return
-        if self._scorer_failures:
-            self._scorer_failures, self.live.message, self.live.state = 0, None, "running"
+        if self.scorer_failures:
+            self.scorer_failures, self.live.message, self.live.state = 0, None, MonitorState.RUNNING
             self.log(f"{modality.upper()} branch scoring again from frame {job.frame_id}")
             self.publish_status()  # shows a lasting fault (display gone, log unwritable) again, if any
         amap, score = job.amap, job.score
         self._last_scored = (job.frame_id, job.pts, job.source_ns)  # where an event still open at the end ends
-        with self._send_step():
+        with self.send_step():
             decision, t_dec, payload, publish_ms = self._decide_and_send(job)
         for alert in decision.alerts:
             self._emit_alert(alert)
@@ -420,7 +325,7 @@ class Monitor:
         if publish_ms is not None:  # sent: the frame's last two stages
             self.latency.add("publish", publish_ms)
             self.latency.add("end_to_end", (t_dec - job.t_capture_mono_ns) / 1e6 + publish_ms)
-        self._routes.append((job.frame_id, modality))
+        self.routes.append((job.frame_id, modality))
         live = self.live
         live.frames_scored += 1
         live.last_frame_id, live.modality, live.threshold = job.frame_id, modality, decision.threshold
@@ -446,8 +351,8 @@ class Monitor:
                            "preprocess": round((job.t_pre - job.t_got) / 1e6, 3),
                            "inference": round((t_inf - job.t_pre) / 1e6, 3),
                            "decision": round((t_dec - t_inf) / 1e6, 3)},
-            "modality": modality, "modality_mode": "auto" if self.router else "fixed",
-            "backend": self.scorers[modality].backend, "score": round(score, 6),
+            "modality": modality, "modality_mode": "auto" if self.cfg.scoring.modality == "auto" else "fixed",
+            "backend": self.backends[modality], "score": round(score, 6),
             "threshold": round(decision.threshold, 6), "event_state": decision.event_state,
             "event_id": decision.event_id, "location": decision.location, "t_decision_mono_ns": t_dec,
         }
@@ -455,7 +360,7 @@ class Monitor:
 
     def _emit_alert(self, alert: dict[str, Any]) -> None:
         self.publisher.publish("alert", alert)
-        self._alerts.append(alert)
+        self.alerts_sent.append(alert)
         if alert["event"] == "start":
             self.live.events += 1
         if alert["event"] != "update":
@@ -464,7 +369,7 @@ class Monitor:
     def _handle_source_events(self) -> None:
         events = self.capture.poll_events()
         for ev in events:
-            if ev.state in ("stalled", "reconnecting", "error"):
+            if ev.state in SOURCE_FAULTS:
                 self._fault(f"source {ev.state}" + (f": {ev.message}" if ev.message else ""))
         if events:
             self.publish_status()
@@ -596,68 +501,21 @@ class Monitor:
         if self.capture:
             self.capture.stop()
         self._stop_display()  # before the publisher closes: its last frames still get their results
-        self.live.state = "stopped"
+        self.live.state = MonitorState.STOPPED
         self.publish_status()
         if self.publisher:
             self.publisher.close()  # sends everything queued first
-        summary = self.summary(seconds, src)
+        summary = run_summary(self, seconds, src)
         if self.run_dir.exists():
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.live.frames_scored or self.live.frames_failed:
             self.final_summary = summary
         return summary
 
-    def summary(self, seconds: float, src: dict[str, Any]) -> dict[str, Any]:
-        lat = self.latency.summary()
-        starts = [a for a in self._alerts if a["event"] == "start"]
-        scoring_s = ((self._t_last_scored - self._t_first_scored) / 1e9) if self._t_first_scored else 0.0
-        out: dict[str, Any] = {
-            "schema": "cemd.summary/1", "run_dir": str(self.run_dir), "seconds": round(seconds, 2),
-            "source": src, "frames_read": src.get("frames_read", 0), "frames_scored": self.live.frames_scored,
-            "frames_dropped": src.get("frames_dropped", 0), "frames_failed": self.live.frames_failed,
-            "decode_errors": src.get("decode_errors", 0),
-            "scoring_seconds": round(scoring_s, 3),
-            "fps_scored": round(self.live.frames_scored / scoring_s, 2) if scoring_s > 0 else None,
-            "latency_ms": lat, "alerts": len(self._alerts), "events": len(starts),
-            "event_list": [{k: a[k] for k in ("event_id", "modality", "start_frame_id", "peak_score", "peak_frame_id")}
-                           for a in starts],
-            "backend": {m: s.backend for m, s in self.scorers.items()},
-            "device": self.device,
-            "inference_workers": self.inference_workers,
-            "thresholds": {"values": self.thresholds.values, "source": self.thresholds.source,
-                           "n_of_m": list(self.alerts.n_of_m) if self.alerts else None}
-            if self.thresholds else None,
-            "modality_mode": self.cfg.scoring.modality,
-            "modality_switches": self.router.switches if self.router else 0,
-            "publisher": {"endpoint": self.cfg.publish.publish, "rt_send": self._send_step.state,
-                          "boot_id": self.publisher.boot_id if self.publisher else None,
-                          "log_errors": self.publisher.log_errors if self.publisher else 0},
-            "display": self.display_summary,
-            "warnings": self.warnings, "state": self.live.state, "message": self.live.message,
-            "versions": versions(), "config": self.cfg.to_json(),
-        }
-        if self.spec.kind == "synthetic" and self._routes:
-            out["synthetic_ground_truth"] = self._against_truth(synthetic_events(self.spec))
-        return out
-
-    def _against_truth(self, truth: dict[str, Any]) -> dict[str, Any]:
-        """Routing accuracy and lesion intervals hit, against the synthetic source's own events (SYNTHETIC)."""
-        modality = np.empty(truth["frames"], dtype="<U3")
-        for seg in truth["modality"]:
-            modality[seg["start_frame"]: seg["end_frame"] + 1] = seg["modality"]
-        routed = [(f, m) for f, m in self._routes if f < len(modality)] or [(0, "")]
-        acc = sum(m == modality[f] for f, m in routed) / len(routed)
-        opened = [(a["start_frame_id"], a["frame_id"]) for a in self._alerts if a["event"] == "end"]
-
-        def overlaps(a: int, b: int, lesion: dict[str, Any]) -> bool:
-            return a <= lesion["end_frame"] and b >= lesion["start_frame"]
-
-        # only the lesions of the part of the video the run actually played
-        intervals = [e for e in truth["lesions"] if overlaps(routed[0][0], routed[-1][0], e)]
-        hit = [e for e in intervals if any(overlaps(a, b, e) for a, b in opened)]
-        return {"synthetic": True, "frames_routed": len(routed), "routing_accuracy": round(acc, 4),
-                "lesion_intervals": len(intervals), "lesion_intervals_with_alert": len(hit),
-                "events_outside_lesions": sum(not any(overlaps(a, b, e) for e in intervals) for a, b in opened)}
+    @property
+    def scoring_seconds(self) -> float:
+        """From the first frame taken to the last one scored."""
+        return (self._t_last_scored - self._t_first_scored) / 1e9 if self._t_first_scored else 0.0
 
 
 def install_signal_handlers(monitor: Monitor) -> None:

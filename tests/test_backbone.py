@@ -37,7 +37,8 @@ def test_features_match_reference_package(encoder: EfficientNetLite0Encoder, siz
     theirs = _reference_features(x, (2, 4, 10))
     with torch.no_grad():
         ours = encoder(x)
-    assert [tuple(f.shape[1:]) for f in ours] == [(24, size // 4, size // 4), (40, size // 8, size // 8), (112, size // 16, size // 16)]
+    expected = [(24, size // 4, size // 4), (40, size // 8, size // 8), (112, size // 16, size // 16)]
+    assert [tuple(f.shape[1:]) for f in ours] == expected
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 

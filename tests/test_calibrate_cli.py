@@ -249,3 +249,24 @@ def test_score_cache_returns_the_same_scores_and_never_a_stale_or_broken_entry(t
     rescored = rep.replay(video, cache=cache)
     assert not rescored.cached and np.array_equal(rescored.score, first.score)
     assert rep.replay(video, cache=cache).cached
+
+
+def test_a_folder_of_webp_frames_replays_like_the_same_frames_as_png(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Every suffix training accepts can be replayed and calibrated too (one list: engine.constants)."""
+    from engine.constants import IMAGE_SUFFIXES
+    from engine.deploy.bundle import load_bundle
+    from realtime.offline.replay import Replayer
+
+    assert ".webp" in IMAGE_SUFFIXES
+    scene = VideoScene(5, 1, 10, (160, 120), lesions=False)
+    png, webp = tmp_path / "png", tmp_path / "webp"
+    png.mkdir()
+    webp.mkdir()
+    for i in range(6):
+        bgr = cv2.cvtColor(scene.frame(i, "wli"), cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(png / f"{i:04d}.png"), bgr)
+        cv2.imwrite(str(webp / f"{i:04d}.webp"), bgr, [cv2.IMWRITE_WEBP_QUALITY, 101])  # >100: lossless
+    rep = Replayer(load_bundle(tiny_bundle), "wli", "eager")
+    a, b = rep.replay(png), rep.replay(webp)
+    assert a.frames == b.frames == 6 and b.kind == "images"
+    np.testing.assert_allclose(b.score, a.score, rtol=1e-5, atol=1e-6)

@@ -283,7 +283,8 @@ def test_stage_colour_fits_a_bundle_in_place_and_the_file_is_checked(tiny_bundle
         torch.testing.assert_close(plain.branch("wli")(x)[1], before)
     # statistics fitted at another resolution than bundle.json asks for are refused, not misused
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_stride": 4}}))
-    with pytest.raises(BundleError, match="stride 2, background 16, brownish yes, vessel cut 1.5 but bundle.json asks for sigma 4, stride 4"):
+    with pytest.raises(BundleError, match="stride 2, background 16, brownish yes, vessel cut 1.5 but bundle.json asks for "
+                                          "sigma 4, stride 4"):
         load_bundle(b)
     (b / "bundle.json").write_text(json.dumps({**meta, "model": {**meta["model"], "colour_background": 0}}))
     with pytest.raises(BundleError, match="background 16, brownish yes, vessel cut 1.5 but bundle.json asks for .* background 0"):
@@ -314,7 +315,8 @@ def test_bundles_from_before_the_colour_map_load_and_score_as_before(tiny_bundle
         meta["model"].pop(key)
     (b / "bundle.json").write_text(json.dumps(meta))
     old, now = load_bundle(b), load_bundle(tiny_bundle)
-    assert old.model.colour_score is False and ModelConfig().colour_score is False  # off by default: it did not earn its place on real data
+    # off by default: it did not earn its place on real data
+    assert old.model.colour_score is False and ModelConfig().colour_score is False
     assert old.model.colour_stride == 1  # a map fitted before the stride existed was fitted at full size
     assert old.model.colour_background == 0  # and against the frame's median colour
     assert old.model.colour_brownish == ()  # in any direction of colour, in both modalities

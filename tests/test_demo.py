@@ -53,6 +53,8 @@ def test_run_stream_default_is_the_synthetic_demo_with_a_dashboard(tmp_path: Pat
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["source"]["source"].startswith("synthetic:")
     assert summary["config"]["scoring"]["build_missing"] is False
-    assert set(summary["backend"]) == {"wli", "nbi"} and summary["frames_scored"] > 20
+    # how many frames 6 s hold depends on the machine and its load (speed is measured in bench/)
+    assert set(summary["backend"]) == {"wli", "nbi"} and summary["frames_scored"] > 0
+    assert summary["frames_scored"] + summary["frames_dropped"] <= summary["frames_read"]
     assert summary["synthetic_ground_truth"]["routing_accuracy"] > 0.95
     assert (run / "alerts.jsonl").exists()

@@ -490,3 +490,30 @@ def banner_anywhere(shot: np.ndarray) -> bool:
     """Rows of the screen that are the red ANOMALY banner (the window may sit anywhere)."""
     red = (np.abs(shot.astype(int) - np.array(ALERT_RED)).max(axis=-1) < 30)
     return bool((red.sum(axis=1) > 200).sum() >= 5)
+
+
+def test_the_display_section_of_a_config_file_sets_the_look_and_flags_win(tmp_path: Path) -> None:
+    import argparse
+
+    from engine.errors import CemdError
+    from realtime.clients.display import add_arguments, config_from_args
+    from realtime.clients.display_process import DisplayProcess
+    from realtime.config import MonitorConfig, load_config
+
+    cfg_file = tmp_path / "monitor.toml"
+    cfg_file.write_text("[display]\nheatmap = false\nopacity = 0.8\nmax_result_age_s = 2.5\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    look = config_from_args(p.parse_args(["--source", "synthetic", "--config", str(cfg_file)])).options
+    assert (look.heatmap, look.opacity, look.max_result_age_s) == (False, 0.8, 2.5)
+    look = config_from_args(p.parse_args(["--source", "synthetic", "--config", str(cfg_file), "--opacity", "0.3"])).options
+    assert look.opacity == 0.3 and look.max_result_age_s == 2.5  # the command line wins
+    assert config_from_args(p.parse_args(["--source", "synthetic"])).options == OverlayOptions()
+    cfg_file.write_text("[display]\nopacity = 3.0\n")
+    with pytest.raises(CemdError, match="opacity must be between"):
+        load_config(cfg_file).validate()
+    # the monitor hands its [display] section to the display it starts
+    cfg = MonitorConfig()
+    cfg.run.overlay, cfg.display.heatmap, cfg.display.opacity = "none", False, 0.7
+    cmd = DisplayProcess.command(cfg.run, cfg.display, "tcp://*:5556", tmp_path)  # nothing is started
+    assert cmd[cmd.index("--opacity") + 1] == "0.7" and "--no-heatmap" in cmd and "tcp://127.0.0.1:5556" in cmd

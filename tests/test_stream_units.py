@@ -228,6 +228,14 @@ def test_default_thresholds_warn(tiny_bundle: Path) -> None:
 # --------------------------------------------------------------------------- config
 
 
+def test_the_config_block_in_the_docs_is_what_print_config_prints() -> None:
+    """docs/STREAMING.md shows the config file; pasting it must change nothing (n_of_m stays unset)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "STREAMING.md").read_text()
+    block = doc.split("option at its default:\n\n```toml\n", 1)[1].split("```", 1)[0]
+    assert block.strip() == example_config().strip()
+    assert "# n_of_m = ..." in block
+
+
 def test_config_file_round_trip_and_errors(tmp_path: Path) -> None:
     full = tmp_path / "full.toml"
     full.write_text(example_config())

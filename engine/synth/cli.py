@@ -19,7 +19,15 @@ _VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``synth`` and ``synth-video`` subcommands to the top-level parser."""
+    """Add the ``synth``, ``synth-video``, ``slideshow`` and ``synth-frames`` subcommands to the top-level parser."""
+    _add_synth(sub)
+    _add_synth_video(sub)
+    _add_slideshow(sub)
+    _add_synth_frames(sub)
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    """Add the ``synth`` subcommand (a paired still-image dataset)."""
     p = sub.add_parser(
         "synth",
         help="write a synthetic paired WLI/NBI dataset with lesion masks (layout: docs/DATA.md)",
@@ -39,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
 
+
+def _add_synth_video(sub: argparse._SubParsersAction) -> None:
+    """Add the ``synth-video`` subcommand (a synthetic examination video and its events JSON)."""
     v = sub.add_parser(
         "synth-video",
         help="write a synthetic endoscopy video (H.264 MP4) and its lesion/modality events JSON",
@@ -58,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=run_synth_video)
 
+
+def _add_slideshow(sub: argparse._SubParsersAction) -> None:
+    """Add the ``slideshow`` subcommand (a folder of images as a test video)."""
     s = sub.add_parser(
         "slideshow",
         help="turn a folder of images into a test video (H.264 MP4) and its slides JSON",
@@ -74,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_slideshow)
 
+
+def _add_synth_frames(sub: argparse._SubParsersAction) -> None:
+    """Add the ``synth-frames`` subcommand (normal training frames from lesion-free videos)."""
     f = sub.add_parser(
         "synth-frames",
         help="write paired normal WLI/NBI training frames taken from lesion-free synthetic examination videos",

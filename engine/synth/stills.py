@@ -41,6 +41,7 @@ from typing import Any, Iterator, Sequence
 import cv2
 import numpy as np
 
+from engine.constants import MODALITIES
 from engine.errors import CemdError
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
 GENERATOR_VERSION = "1.1"  # the default generator (the shipped demo bundle and its calibration were made on it)
 GENERATORS: tuple[str, ...] = ("1.1", "2.0")
 DATASET_FORMAT = "cemd-dataset/1"
-MODALITIES: tuple[str, str] = ("wli", "nbi")
 
 LESION_KINDS: dict[str, dict[str, Any]] = {
     "elevated_erythema": {
@@ -561,6 +561,76 @@ def _network_vessels(rng: np.random.Generator, lesion: LesionShape, L: float, ta
     return _blur(canvas, 0.35)
 
 
+def _v2_elevated_erythema(fields: Fields, lesion: LesionShape, rng: np.random.Generator, L: float, t: Tissue,
+                          inside: np.ndarray) -> None:
+    """Generator 2.0, elevated erythema: a nodular dome with a tubular surface and mottled redness."""
+    a = lesion.alpha
+    h, w = a.shape
+    r = lesion.r_mean
+    pit_sp = t.pit_spacing * L
+    solid = lesion.mask.astype(np.float32)
+    fields.height += _blur(solid, 0.35 * r) * np.float32(rng.uniform(0.2, 0.32) * r)
+    # nodular, granular surface on the dome (shading texture in both lights)
+    fields.height += a * _fbm(rng, h, w, max(2.0, 1.6 * pit_sp), 2) * np.float32(rng.uniform(0.022, 0.035) * L)
+    ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.6, 2.4)) * pit_sp, lesion)
+    fields.height += a * ridges * np.float32(rng.uniform(0.004, 0.008) * L)  # tubular surface relief
+    _replace_pattern(fields.pit, ridges, a, inside, float(rng.uniform(0.85, 1.15)))
+    _replace_pattern(fields.groove, ridges, a, inside, float(rng.uniform(0.85, 1.15)))
+    # mottled redness: fine red speckle of (almost) zero mean, plus a share of the scene's own redness
+    speck = np.maximum(_noise(rng, h, w, max(1.6, 0.9 * pit_sp)), 0)
+    speck -= np.float32(_inside_mean(speck, inside))
+    fields.hb += a * (speck * np.float32(rng.uniform(0.4, 0.7))
+                      + np.float32(rng.uniform(0.0, 0.8) * t.redness_patch))
+    np.maximum(fields.hb, 0, out=fields.hb)
+    fields.gloss += a * np.float32(rng.uniform(0.3, 0.8))  # wet dome: glints follow the bump
+
+
+def _v2_irregular_microvessels(fields: Fields, lesion: LesionShape, rng: np.random.Generator, L: float, t: Tissue,
+                               inside: np.ndarray) -> None:
+    """Generator 2.0, irregular microvessels: a dense vessel network and coarse ridges instead of pits."""
+    a = lesion.alpha
+    h, w = a.shape
+    pit_sp = t.pit_spacing * L
+    gain = float(rng.uniform(2.5, 4.0))
+    vessels = _network_vessels(rng, lesion, L, _inside_mean(fields.cap, inside) * gain, inside,
+                               float(rng.uniform(0.6, 0.9)))
+    _replace_pattern(fields.cap, vessels, a, inside, gain)
+    # irregular microsurface: the pits give way to coarse, bent ridges (pits absorb ~3× more in NBI)
+    ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.6, 2.4)) * pit_sp, lesion)
+    _replace_pattern(fields.pit, ridges, a, inside, float(rng.uniform(2.0, 3.0)))
+    fields.height += a * _fbm(rng, h, w, max(2.0, 1.2 * pit_sp), 2) * np.float32(rng.uniform(0.004, 0.008) * L)
+    fields.shb += a * np.float32(rng.uniform(0.0, 0.05))
+    fields.hb += a * np.float32(rng.uniform(0.0, 0.5) * t.redness_patch)
+
+
+def _v2_depressed_neoplasia(fields: Fields, lesion: LesionShape, rng: np.random.Generator, L: float, t: Tissue,
+                            inside: np.ndarray) -> None:
+    """Generator 2.0, depressed neoplasia: an uneven dip with irregular grooves, pits and vessels."""
+    a = lesion.alpha
+    h, w = a.shape
+    r = lesion.r_mean
+    pit_sp = t.pit_spacing * L
+    solid = lesion.mask.astype(np.float32)
+    dip = _blur(solid, 0.06 * r + 0.5)
+    fields.height -= dip * np.float32(rng.uniform(0.1, 0.16) * r)
+    # irregular, uneven surface: fine roughness (as 1.1) and coarse nodules
+    fields.height += a * _fbm(rng, h, w, 0.05 * L, 2) * np.float32(0.02 * L)
+    fields.height += a * _fbm(rng, h, w, 0.15 * L, 2) * np.float32(rng.uniform(0.02, 0.035) * L)
+    ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.2, 2.0)) * pit_sp, lesion)
+    _replace_pattern(fields.groove, ridges, a, inside, float(rng.uniform(0.7, 1.1)))
+    fields.height += a * ridges * np.float32(rng.uniform(0.004, 0.008) * L)
+    _replace_pattern(fields.pit, _irregular_pits(rng, h, w, pit_sp), a, inside, float(rng.uniform(0.6, 1.0)))
+    gain = float(rng.uniform(1.0, 1.6))
+    vessels = _network_vessels(rng, lesion, L, _inside_mean(fields.cap, inside) * gain, inside,
+                               float(rng.uniform(0.5, 0.9)))
+    _replace_pattern(fields.cap, vessels, a, inside, gain)
+    if rng.random() < 0.5:
+        fields.pale += a * np.float32(rng.uniform(0.0, 0.5) * t.pallor)
+    else:
+        fields.hb += a * np.float32(rng.uniform(0.0, 0.8) * t.redness_patch)
+    fields.shb += a * np.float32(rng.uniform(0.0, 0.05))
+
+
 def apply_lesion_v2(fields: Fields, lesion: LesionShape, rng: np.random.Generator, L: float, t: Tissue) -> None:
     """Generator 2.0: edit the scene fields so the lesion shows by texture, relief and structure.
 
@@ -572,59 +642,15 @@ def apply_lesion_v2(fields: Fields, lesion: LesionShape, rng: np.random.Generato
     log-chromaticity stays within the normal regional spread (tests/test_synth.py measures it), so a
     colour rule has little to go on; a texture-aware detector does.
     """
-    a = lesion.alpha
-    h, w = a.shape
-    r = lesion.r_mean
-    inside = a > 0.5
+    inside = lesion.alpha > 0.5
     if not inside.any():
         inside = lesion.mask.astype(bool)
-    pit_sp = t.pit_spacing * L
-    solid = lesion.mask.astype(np.float32)
     if lesion.kind == "elevated_erythema":
-        fields.height += _blur(solid, 0.35 * r) * np.float32(rng.uniform(0.2, 0.32) * r)
-        # nodular, granular surface on the dome (shading texture in both lights)
-        fields.height += a * _fbm(rng, h, w, max(2.0, 1.6 * pit_sp), 2) * np.float32(rng.uniform(0.022, 0.035) * L)
-        ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.6, 2.4)) * pit_sp, lesion)
-        fields.height += a * ridges * np.float32(rng.uniform(0.004, 0.008) * L)  # tubular surface relief
-        _replace_pattern(fields.pit, ridges, a, inside, float(rng.uniform(0.85, 1.15)))
-        _replace_pattern(fields.groove, ridges, a, inside, float(rng.uniform(0.85, 1.15)))
-        # mottled redness: fine red speckle of (almost) zero mean, plus a share of the scene's own redness
-        speck = np.maximum(_noise(rng, h, w, max(1.6, 0.9 * pit_sp)), 0)
-        speck -= np.float32(_inside_mean(speck, inside))
-        fields.hb += a * (speck * np.float32(rng.uniform(0.4, 0.7))
-                          + np.float32(rng.uniform(0.0, 0.8) * t.redness_patch))
-        np.maximum(fields.hb, 0, out=fields.hb)
-        fields.gloss += a * np.float32(rng.uniform(0.3, 0.8))  # wet dome: glints follow the bump
+        _v2_elevated_erythema(fields, lesion, rng, L, t, inside)
     elif lesion.kind == "irregular_microvessels":
-        gain = float(rng.uniform(2.5, 4.0))
-        vessels = _network_vessels(rng, lesion, L, _inside_mean(fields.cap, inside) * gain, inside,
-                                   float(rng.uniform(0.6, 0.9)))
-        _replace_pattern(fields.cap, vessels, a, inside, gain)
-        # irregular microsurface: the pits give way to coarse, bent ridges (pits absorb ~3× more in NBI)
-        ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.6, 2.4)) * pit_sp, lesion)
-        _replace_pattern(fields.pit, ridges, a, inside, float(rng.uniform(2.0, 3.0)))
-        fields.height += a * _fbm(rng, h, w, max(2.0, 1.2 * pit_sp), 2) * np.float32(rng.uniform(0.004, 0.008) * L)
-        fields.shb += a * np.float32(rng.uniform(0.0, 0.05))
-        fields.hb += a * np.float32(rng.uniform(0.0, 0.5) * t.redness_patch)
+        _v2_irregular_microvessels(fields, lesion, rng, L, t, inside)
     elif lesion.kind == "depressed_neoplasia":
-        dip = _blur(solid, 0.06 * r + 0.5)
-        fields.height -= dip * np.float32(rng.uniform(0.1, 0.16) * r)
-        # irregular, uneven surface: fine roughness (as 1.1) and coarse nodules
-        fields.height += a * _fbm(rng, h, w, 0.05 * L, 2) * np.float32(0.02 * L)
-        fields.height += a * _fbm(rng, h, w, 0.15 * L, 2) * np.float32(rng.uniform(0.02, 0.035) * L)
-        ridges = _ridge_pattern(rng, h, w, float(rng.uniform(1.2, 2.0)) * pit_sp, lesion)
-        _replace_pattern(fields.groove, ridges, a, inside, float(rng.uniform(0.7, 1.1)))
-        fields.height += a * ridges * np.float32(rng.uniform(0.004, 0.008) * L)
-        _replace_pattern(fields.pit, _irregular_pits(rng, h, w, pit_sp), a, inside, float(rng.uniform(0.6, 1.0)))
-        gain = float(rng.uniform(1.0, 1.6))
-        vessels = _network_vessels(rng, lesion, L, _inside_mean(fields.cap, inside) * gain, inside,
-                                   float(rng.uniform(0.5, 0.9)))
-        _replace_pattern(fields.cap, vessels, a, inside, gain)
-        if rng.random() < 0.5:
-            fields.pale += a * np.float32(rng.uniform(0.0, 0.5) * t.pallor)
-        else:
-            fields.hb += a * np.float32(rng.uniform(0.0, 0.8) * t.redness_patch)
-        fields.shb += a * np.float32(rng.uniform(0.0, 0.05))
+        _v2_depressed_neoplasia(fields, lesion, rng, L, t, inside)
     else:  # pragma: no cover - guarded by callers
         raise CemdError(f"unknown lesion kind {lesion.kind!r}; choose one of {', '.join(LESION_KINDS)}")
 
@@ -1113,6 +1139,86 @@ def _place_lesion(
     return make_lesion(rng, kind, best[1], area, h, w)
 
 
+def _check_render_args(size: int, kind: str | None, generator: str) -> None:
+    """CemdError for an unknown generator or lesion kind, or an image size that is not an integer ≥ 64."""
+    if generator not in GENERATORS:
+        raise CemdError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+    if kind is not None and kind not in LESION_KINDS:
+        raise CemdError(f"unknown lesion kind {kind!r}; choose one of {', '.join(LESION_KINDS)}")
+    if not isinstance(size, (int, np.integer)) or size < 64:
+        raise CemdError(f"image size must be an integer ≥ 64, got {size!r}")
+
+
+def _add_lesion(ss: np.random.SeedSequence, kind: str | None, fields: Fields, tissue: Tissue, cam: Camera,
+                illum: np.ndarray, fov_mask: np.ndarray, v2: bool) -> np.ndarray:
+    """Place a lesion of ``kind`` from the lesion stream and edit ``fields`` with it; return its mask (uint8)."""
+    h, w = fields.shape
+    mask = np.zeros((h, w), np.uint8)
+    if kind is not None:
+        lrng = _child_rng(ss, _LESION)
+        lesion = _place_lesion(lrng, kind, cam, illum, float(fov_mask.sum()), h, w)
+        if v2:
+            apply_lesion_v2(fields, lesion, lrng, cam.radius * tissue.zoom, tissue)
+        else:
+            apply_lesion(fields, lesion, lrng, cam.radius * tissue.zoom)
+        mask = lesion.mask
+    return mask
+
+
+def _text_layers(cam: Camera, h: int, w: int, fov: np.ndarray) -> dict[str, np.ndarray]:
+    """Each modality's on-screen text (patient/scope corners and the modality name), outside the FOV only."""
+    t = cam.text
+    shared = text_layer(h, w, {"tl": [t["id"], t["patient"]], "tr": [t["date"], t["time"]], "br": [t["scope"]]})
+    text = {m: text_layer(h, w, {"bl": [m.upper()]}) for m in MODALITIES}
+    for m in MODALITIES:
+        text[m] = cv2.max(text[m], shared)
+        text[m][fov > 0] = 0
+    return text
+
+
+def _render_v1(fields: Fields, tissue: Tissue, cam: Camera, shade: np.ndarray, spec: np.ndarray, illum: np.ndarray,
+               fov: np.ndarray, m_nbi: np.ndarray, misregistration: float, text: dict[str, np.ndarray],
+               noise_draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Generator 1.1's camera: colour, misregistration, light falloff, white balance, glints, blur, noise, text."""
+    images: dict[str, np.ndarray] = {}
+    for modality in MODALITIES:
+        planes = colorize(fields, tissue, modality, shade, cam.radius)
+        gains = cam.wb[modality]
+        warp = modality == "nbi" and misregistration
+        glint = _warp(spec, m_nbi) if warp else spec
+        out = []
+        for c, plane in enumerate(planes):
+            if warp:
+                plane = _warp(plane, m_nbi)
+            plane *= illum
+            plane *= np.float32(gains[c])
+            plane += (np.float32(262.0) - plane) * glint  # glints saturate to white in both modalities
+            if cam.defocus:
+                plane = _blur(plane, cam.defocus)
+            if cam.motion != (1, 1):
+                plane = cv2.blur(plane, cam.motion)
+            plane += noise_draws[modality][c]
+            plane *= fov
+            out.append(cv2.max(_to_uint8(plane), text[modality]))
+        images[modality] = cv2.merge(out)
+    return images
+
+
+def _lesion_masks(mask: np.ndarray, kind: str | None, misregistration: float, m_nbi: np.ndarray,
+                  fov_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The WLI and NBI lesion masks (bool): the NBI one moved with the scene's misregistration, both cut to the FOV."""
+    h, w = mask.shape
+    mask_wli = mask.astype(bool)
+    if kind is not None and misregistration:
+        warped = cv2.warpAffine(mask * 255, m_nbi, (w, h), flags=cv2.INTER_LINEAR)
+        mask_nbi = warped >= 128
+    else:
+        mask_nbi = mask_wli.copy()
+    mask_wli &= fov_mask
+    mask_nbi &= fov_mask
+    return mask_wli, mask_nbi
+
+
 def render_pair(
     seed: int | np.random.SeedSequence,
     size: int = 256,
@@ -1128,12 +1234,7 @@ def render_pair(
     ``generator`` "1.1" (default, unchanged since 1.1) or "2.0": the same scene plus nuisances that do
     not cancel in log-chromaticity, and lesions carried by texture and relief (docs/DATA.md).
     """
-    if generator not in GENERATORS:
-        raise CemdError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
-    if kind is not None and kind not in LESION_KINDS:
-        raise CemdError(f"unknown lesion kind {kind!r}; choose one of {', '.join(LESION_KINDS)}")
-    if not isinstance(size, (int, np.integer)) or size < 64:
-        raise CemdError(f"image size must be an integer ≥ 64, got {size!r}")
+    _check_render_args(size, kind, generator)
     ss = _seed_sequence(seed)
     rng = _child_rng(ss, _SCENE)
     h = w = int(size)
@@ -1148,59 +1249,19 @@ def render_pair(
     v2 = generator == "2.0"
     nuis = sample_nuisances(_child_rng(ss, _NUISANCE), cam, h, w) if v2 else None
 
-    mask = np.zeros((h, w), np.uint8)
-    if kind is not None:
-        lrng = _child_rng(ss, _LESION)
-        lesion = _place_lesion(lrng, kind, cam, illum, float(fov_mask.sum()), h, w)
-        if v2:
-            apply_lesion_v2(fields, lesion, lrng, cam.radius * tissue.zoom, tissue)
-        else:
-            apply_lesion(fields, lesion, lrng, cam.radius * tissue.zoom)
-        mask = lesion.mask
+    mask = _add_lesion(ss, kind, fields, tissue, cam, illum, fov_mask, v2)
 
     shade = shading(fields, tissue)
     spec = specular(fields, tissue, shade, cam.radius) * (illum > 0.45)
     m_nbi = _misreg_matrix(cam)
-    t = cam.text
-    shared = text_layer(h, w, {"tl": [t["id"], t["patient"]], "tr": [t["date"], t["time"]], "br": [t["scope"]]})
-    text = {m: text_layer(h, w, {"bl": [m.upper()]}) for m in MODALITIES}
-    for m in MODALITIES:
-        text[m] = cv2.max(text[m], shared)
-        text[m][fov > 0] = 0
-    images: dict[str, np.ndarray] = {}
+    text = _text_layers(cam, h, w, fov)
     if nuis is not None:
         images = _render_v2(fields, tissue, cam, nuis, shade, spec, illum, fov, m_nbi, misregistration, text,
                             noise_draws)
     else:
-        for modality in MODALITIES:
-            planes = colorize(fields, tissue, modality, shade, cam.radius)
-            gains = cam.wb[modality]
-            warp = modality == "nbi" and misregistration
-            glint = _warp(spec, m_nbi) if warp else spec
-            out = []
-            for c, plane in enumerate(planes):
-                if warp:
-                    plane = _warp(plane, m_nbi)
-                plane *= illum
-                plane *= np.float32(gains[c])
-                plane += (np.float32(262.0) - plane) * glint  # glints saturate to white in both modalities
-                if cam.defocus:
-                    plane = _blur(plane, cam.defocus)
-                if cam.motion != (1, 1):
-                    plane = cv2.blur(plane, cam.motion)
-                plane += noise_draws[modality][c]
-                plane *= fov
-                out.append(cv2.max(_to_uint8(plane), text[modality]))
-            images[modality] = cv2.merge(out)
+        images = _render_v1(fields, tissue, cam, shade, spec, illum, fov, m_nbi, misregistration, text, noise_draws)
 
-    mask_wli = mask.astype(bool)
-    if kind is not None and misregistration:
-        warped = cv2.warpAffine(mask * 255, m_nbi, (w, h), flags=cv2.INTER_LINEAR)
-        mask_nbi = warped >= 128
-    else:
-        mask_nbi = mask_wli.copy()
-    mask_wli &= fov_mask
-    mask_nbi &= fov_mask
+    mask_wli, mask_nbi = _lesion_masks(mask, kind, misregistration, m_nbi, fov_mask)
     frac = float(mask_wli.sum() / max(1, fov_mask.sum()))
     if nuis is not None:
         return SynthPair(images["wli"], images["nbi"], mask_wli, mask_nbi, kind, fov_mask, frac, generator,
@@ -1301,36 +1362,18 @@ def _dataset_meta(seed: int, size: int, counts: dict[str, Any], complete: bool,
     }
 
 
-def write_dataset(
-    out: Path,
-    seed: int,
-    n_train: int = 200,
-    n_test: int = 100,
-    size: int = 256,
-    progress: bool = True,
-    generator: str = GENERATOR_VERSION,
-) -> dict[str, Any]:
-    """Write a paired MVTec-style dataset (layout in docs/DATA.md) and return its dataset.json.
-
-    ``n_test`` is the number of test normals and the number per lesion kind. Items are seeded by
-    (seed, split, kind, index), so a bigger dataset extends a smaller one with the same seed, and
-    train/test never share a scene. ``complete`` in dataset.json is false until the last file is written.
-    ``generator`` picks the simulator version (default 1.1); dataset.json records it, and a 2.0 dataset
-    also counts the images per split that show each nuisance (``nuisances``).
-    """
-    if generator not in GENERATORS:
-        raise CemdError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
-    out = Path(out)
+def _check_dataset_args(seed: int, n_train: int, n_test: int, size: int) -> None:
+    """CemdError for a negative count, a size under 64, nothing to write, or an invalid seed."""
     for name, value, low in (("n_train", n_train, 0), ("n_test", n_test, 0), ("size", size, 64)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise CemdError(f"{name} must be an integer ≥ {low}, got {value!r}")
     if n_train + n_test == 0:
         raise CemdError("nothing to write: both n_train and n_test are 0")
     _seed_sequence(seed)
-    _prepare_out(out)
-    counts: dict[str, Any] = {"train": {"good": n_train}, "test": {"good": n_test, **{k: n_test for k in LESION_KINDS}}}
-    (out / "dataset.json").write_text(json.dumps(_dataset_meta(seed, size, counts, False, generator), indent=2)
-                                      + "\n")
+
+
+def _make_folders(out: Path, n_train: int, n_test: int) -> None:
+    """Create each modality's split/kind image folders and ground-truth mask folders that will get files."""
     for modality in MODALITIES:
         for split, kind in [("train", None), ("test", None)] + [("test", k) for k in LESION_KINDS]:
             if (split == "train" and n_train) or (split == "test" and n_test):
@@ -1338,6 +1381,10 @@ def write_dataset(
             if kind and n_test:
                 (out / modality / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
 
+
+def _write_items(out: Path, seed: int, n_train: int, n_test: int, size: int, progress: bool,
+                 generator: str) -> tuple[list[float], dict[str, dict[str, int]]]:
+    """Render and write every item's images and masks; return the lesion area fractions and the nuisance tallies."""
     total = n_train + n_test * (1 + len(LESION_KINDS))
     fractions: list[float] = []
     shown: dict[str, dict[str, int]] = {}
@@ -1358,6 +1405,37 @@ def write_dataset(
             if kind is not None:
                 fractions.append(pair.area_fraction)
             advance()
+    return fractions, shown
+
+
+def write_dataset(
+    out: Path,
+    seed: int,
+    n_train: int = 200,
+    n_test: int = 100,
+    size: int = 256,
+    progress: bool = True,
+    generator: str = GENERATOR_VERSION,
+) -> dict[str, Any]:
+    """Write a paired MVTec-style dataset (layout in docs/DATA.md) and return its dataset.json.
+
+    ``n_test`` is the number of test normals and the number per lesion kind. Items are seeded by
+    (seed, split, kind, index), so a bigger dataset extends a smaller one with the same seed, and
+    train/test never share a scene. ``complete`` in dataset.json is false until the last file is written.
+    ``generator`` picks the simulator version (default 1.1); dataset.json records it, and a 2.0 dataset
+    also counts the images per split that show each nuisance (``nuisances``).
+    """
+    if generator not in GENERATORS:
+        raise CemdError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+    out = Path(out)
+    _check_dataset_args(seed, n_train, n_test, size)
+    _prepare_out(out)
+    counts: dict[str, Any] = {"train": {"good": n_train}, "test": {"good": n_test, **{k: n_test for k in LESION_KINDS}}}
+    (out / "dataset.json").write_text(json.dumps(_dataset_meta(seed, size, counts, False, generator), indent=2)
+                                      + "\n")
+    _make_folders(out, n_train, n_test)
+
+    fractions, shown = _write_items(out, seed, n_train, n_test, size, progress, generator)
     meta = _dataset_meta(seed, size, counts, True, generator)
     if shown:
         meta["nuisances"] = shown
@@ -1393,9 +1471,9 @@ class _progress:
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from engine.progress import progress_bar
 
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self._bar = progress_bar()
         self._bar.__enter__()
         task = self._bar.add_task(self.label, total=self.total)
         return lambda: self._bar.advance(task)

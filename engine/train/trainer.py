@@ -25,13 +25,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from engine.data import dataset as ds
 from engine.deploy.bundle import (
     COLOUR_FILE,
     MEMORY_FILE,
     TEACHER_FILE,
+    Bundle,
     atomic_write_bytes,
     atomic_write_json,
     encoder_weights_sha,
@@ -41,11 +42,12 @@ from engine.deploy.bundle import (
     student_file,
 )
 from engine.errors import BundleError, DatasetError
-from engine.model.backbone import FrozenEncoder, file_sha256, get_backbone
+from engine.model.backbone import BackboneSpec, FrozenEncoder, file_sha256, get_backbone
 from engine.model.config import ModelConfig, TrainConfig, to_dict
 from engine.model.losses import global_cosine, global_cosine_hard, hard_mining_alpha, pixel_cosine
 from engine.model.student import StudentNet
 from engine.model.teacher import MultimodalTeacher
+from engine.progress import progress_bar
 from engine.train.anomalies import add_synthetic_anomaly
 
 STUDENT_WIDTH = 96
@@ -59,19 +61,6 @@ GREY_LEVELS = 6
 GREY_SHARE = 0.01
 LR_CUT = 0.2  # with early stopping: the learning rate is multiplied by this on each plateau
 ONECYCLE_WARMUP = 0.1  # one-cycle's pct_start: the share of the maximum epochs the rate warms up over
-
-
-def progress_bar(console: Console | None = None) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 @dataclass
@@ -409,7 +398,8 @@ class Trainer:
                 self.log("[yellow]--resume: no interrupted run found in the bundle; starting from scratch[/]")
             return None
         state = torch.load(self._state_path(), map_location="cpu", weights_only=False)
-        if state.get("model") != to_dict(self.model_cfg) or state.get("train") != to_dict(replace(self.cfg, device="cpu", threads=0)):
+        train = to_dict(replace(self.cfg, device="cpu", threads=0))
+        if state.get("model") != to_dict(self.model_cfg) or state.get("train") != train:
             raise BundleError(
                 f"{self._state_path()} was written with other settings; rerun with the same options or without --resume"
             )
@@ -546,9 +536,7 @@ class Trainer:
         targets = FeatureCache(cache.names, self._targets(teacher, m))
         val = self.val_caches.get(m)
         val_targets = FeatureCache(val.names, self._targets(teacher, m, val)) if val is not None else None
-        n = len(cache.names)
-        steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-        total = cfg.student_epochs * steps_per_epoch
+        steps_per_epoch = max(1, math.ceil(len(cache.names) / cfg.batch_size))
         ctl = EpochControl(opt, cfg.student_lr, cfg.student_epochs, steps_per_epoch, cfg, val is not None)
         start, history = 0, []
         if state and state["stage"] == f"student-{m}":
@@ -568,28 +556,7 @@ class Trainer:
             for epoch in range(start, cfg.student_epochs):
                 if ctl.stopped:
                     break
-                order = _epoch_order(n, cfg.seed, f"student-{m}", epoch)
-                pick_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + MODALITY_IDS.get(m, 0))
-                losses = []
-                for s in range(steps_per_epoch):
-                    idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                    if len(idx) < 2 and n >= 2:
-                        continue  # BatchNorm needs two samples
-                    feats, tgt = cache.batch(idx, self.device), targets.batch(idx, self.device)
-                    if anomalous:
-                        feats = self._with_anomalies(feats, idx, anomalous, pick_gen)
-                    pred = net(feats)
-                    if mc.hard_mining:
-                        step = epoch * steps_per_epoch + s
-                        loss = global_cosine_hard(tgt, pred, hard_mining_alpha(step, total))
-                    else:
-                        loss = loss_fn(tgt, pred)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    ctl.step()
-                    losses.append(loss.item())
-                history.append(float(np.mean(losses)) if losses else float("nan"))
+                history.append(self._student_epoch(m, epoch, net, opt, ctl, cache, targets, loss_fn, anomalous))
                 # held out: the plain student loss (also under hard mining), clean images, eval-mode BatchNorm
                 held = student_val_loss(net, val, val_targets, loss_fn, self.device) if val is not None else None
                 ctl.end_epoch(epoch, held, net)
@@ -602,6 +569,38 @@ class Trainer:
         if ctl.val_history:
             self.records["history"][f"student_{m}_val_loss"] = ctl.val_history
         return net.eval(), history
+
+    def _student_epoch(self, m: str, epoch: int, net: StudentNet, opt: torch.optim.Optimizer, ctl: EpochControl,
+                       cache: FeatureCache, targets: FeatureCache,
+                       loss_fn: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor],
+                       anomalous: list[FeatureCache]) -> float:
+        """One epoch of the ``m`` student's optimiser steps; returns its mean training loss (nan without steps)."""
+        cfg, mc = self.cfg, self.model_cfg
+        n = len(cache.names)
+        steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        total = cfg.student_epochs * steps_per_epoch
+        order = _epoch_order(n, cfg.seed, f"student-{m}", epoch)
+        pick_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + MODALITY_IDS.get(m, 0))
+        losses = []
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            if len(idx) < 2 and n >= 2:
+                continue  # BatchNorm needs two samples
+            feats, tgt = cache.batch(idx, self.device), targets.batch(idx, self.device)
+            if anomalous:
+                feats = self._with_anomalies(feats, idx, anomalous, pick_gen)
+            pred = net(feats)
+            if mc.hard_mining:
+                step = epoch * steps_per_epoch + s
+                loss = global_cosine_hard(tgt, pred, hard_mining_alpha(step, total))
+            else:
+                loss = loss_fn(tgt, pred)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ctl.step()
+            losses.append(loss.item())
+        return float(np.mean(losses)) if losses else float("nan")
 
     def _with_anomalies(self, feats: list[torch.Tensor], idx: torch.Tensor, anomalous: list[FeatureCache],
                         gen: torch.Generator) -> list[torch.Tensor]:
@@ -617,7 +616,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ orchestration
     def _progress(self) -> Progress:
-        prog = progress_bar(self.console)
+        prog = progress_bar(self.console, field="info", elapsed=True)
         prog.disable = not self.show_progress
         return prog
 
@@ -655,16 +654,10 @@ class Trainer:
                  + (f"; {retry}" if retry else "") + "[/]")
 
     def _run(self) -> Path:
+        """The stages this run asks for, then the bundle, its score statistics and its memory and colour maps."""
         t_start = time.perf_counter()
-        if self.stage == "colour":
-            self._fit_colour()
-            return self.out
-        if self.stage == "memory":
-            self._fit_memory()
-            if load_bundle(self.out).model.colour_score:  # its weight is relative to the map it is added to
-                self.current = "colour map"
-                self._fit_colour()
-            return self.out
+        if self.stage in ("colour", "memory"):
+            return self._refit_maps()
         # The memory and colour maps are fitted last, on the finished branches (their weights depend on their maps).
         self.model_cfg = replace(self.model_cfg, colour_score=False, memory_score=False)
         self._prepare_data()
@@ -674,7 +667,32 @@ class Trainer:
             self.records = state.get("records", self.records)
         spec = get_backbone(self.model_cfg.backbone)
         meta_path = self.out / "bundle.json"
+        teacher, meta = self._teacher_and_meta(spec)
+        self._encode_all()
+        meta["data"] = self._data_meta()
+        self._teacher_stage(teacher, state, meta)
+        if self.stage == "teacher":
+            self._merge_records(meta)
+            atomic_write_json(meta_path, meta)
+            self._state_path().unlink(missing_ok=True)
+            return self.out
+        self._student_stage(teacher, state, meta, spec)
+        self._finish_bundle(meta, meta_path, t_start)
+        return self.out
 
+    def _refit_maps(self) -> Path:
+        """--stage colour or memory: refit that map of the finished bundle (memory: then its colour map too)."""
+        if self.stage == "colour":
+            self._fit_colour()
+            return self.out
+        self._fit_memory()
+        if load_bundle(self.out).model.colour_score:  # its weight is relative to the map it is added to
+            self.current = "colour map"
+            self._fit_colour()
+        return self.out
+
+    def _teacher_and_meta(self, spec: BackboneSpec) -> tuple[MultimodalTeacher, dict[str, Any]]:
+        """The teacher and bundle.json to start from: the bundle's (--stage students) or new ones."""
         if self.stage == "students":
             existing = load_bundle(self.out, require_students=False)
             if set(self.model_cfg.modalities) - set(existing.model.modalities):
@@ -698,10 +716,10 @@ class Trainer:
             torch.manual_seed(self.cfg.seed)
             teacher = MultimodalTeacher(self.model_cfg, spec.channels)
             meta = new_meta(self.model_cfg, self.cfg, encoder_weights_sha(self.model_cfg.backbone, None), STUDENT_WIDTH)
+        return teacher, meta
 
-        self._encode_all()
-        meta["data"] = self._data_meta()
-
+    def _teacher_stage(self, teacher: MultimodalTeacher, state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+        """Stage 1: train the teacher (unless done or off, or resumed past it) and save it into the bundle."""
         teacher_done = self.stage == "students" or (state is not None and state["stage"].startswith("student"))
         if not teacher_done:
             self.current = "teacher"
@@ -716,12 +734,10 @@ class Trainer:
         meta["files"][TEACHER_FILE] = save_state(self.out / TEACHER_FILE, teacher)
         if "the teacher" not in self.saved:
             self.saved.append("the teacher")
-        if self.stage == "teacher":
-            self._merge_records(meta)
-            atomic_write_json(meta_path, meta)
-            self._state_path().unlink(missing_ok=True)
-            return self.out
 
+    def _student_stage(self, teacher: MultimodalTeacher, state: dict[str, Any] | None, meta: dict[str, Any],
+                       spec: BackboneSpec) -> None:
+        """Stage 2: train each modality's student (or take the interrupted run's finished ones) and save them."""
         done: dict[str, dict[str, torch.Tensor]] = dict(state.get("done", {})) if state else {}
         for m in self.model_cfg.modalities:
             self.current = f"{m.upper()} student"
@@ -734,6 +750,9 @@ class Trainer:
                 done[m] = {k: v.cpu() for k, v in net.state_dict().items()}
             meta["files"][student_file(m)] = save_state(self.out / student_file(m), net.cpu())
             self.saved.append(f"the {m.upper()} student")
+
+    def _finish_bundle(self, meta: dict[str, Any], meta_path: Path, t_start: float) -> None:
+        """Write bundle.json with its score statistics, drop the state file, then fit the memory and colour maps."""
         self._merge_records(meta)
         meta["train_seconds"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(meta_path, meta)
@@ -749,7 +768,6 @@ class Trainer:
             self.current = "colour map"
             self._fit_colour(self.colour_skip)
         self.log(f"bundle written to {self.out} in {time.perf_counter() - t_start:.0f} s")
-        return self.out
 
     def _merge_records(self, meta: dict[str, Any]) -> None:
         """Loss curves and where/why each stage stopped, into bundle.json (a --stage students run keeps the teacher's)."""
@@ -770,7 +788,8 @@ class Trainer:
         src = self.data / "dataset.json"
         if src.is_file():
             try:
-                info["dataset_json"] = {k: v for k, v in json.loads(src.read_text()).items() if k in ("format", "seed", "size", "generator", "counts")}
+                keep = ("format", "seed", "size", "generator", "counts")
+                info["dataset_json"] = {k: v for k, v in json.loads(src.read_text()).items() if k in keep}
             except json.JSONDecodeError:
                 pass
         for m in self.caches:
@@ -822,6 +841,19 @@ def score_stats(bundle: Any, images_by_modality: dict[str, list[Path]]) -> dict[
     return out
 
 
+def _spread(px: np.ndarray) -> float:
+    """A map's normal spread over these pixels: p99 − median (0 without pixels)."""
+    return float(np.percentile(px, 99) - np.median(px)) if len(px) else 0.0
+
+
+def _write_meta_and_stats(out: Path, meta: dict[str, Any], changed: bool, held_out: dict[str, list[Path]]) -> None:
+    """Write bundle.json; when the scores ``changed``, again with the score statistics of the refitted bundle."""
+    atomic_write_json(out / "bundle.json", meta)
+    if changed:
+        meta["score_stats"] = score_stats(load_bundle(out), held_out)
+        atomic_write_json(out / "bundle.json", meta)
+
+
 @torch.no_grad()
 def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], None],
                       stride: int = ModelConfig.colour_stride,
@@ -841,69 +873,92 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
     no lit pixels, a flat map on the held-out images — is skipped with a line saying why: its branch
     scores with the distillation map alone (bundle.json ``colour_skipped``; with every modality
     skipped, ``model.colour_score`` is off)."""
-    from engine.model.anomaly_map import FieldOfViewMask
-    from engine.model.branch import StudentBranch
-    from engine.model.colour import ColourOutlier, fit_colour
-
     t0 = time.perf_counter()
     bundle = load_bundle(out)
     was_on = bundle.model.colour_score
     plain = replace(bundle.model, colour_score=False)
     index = ds.scan_dataset(data, require_train=True)
-    size = bundle.model.input_size
     fitted: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     held_out: dict[str, list[Path]] = {}  # the split training made: its held-out images get the score stats
-
-    def skip_line(m: str, reason: str) -> None:
-        skipped[m] = reason
-        log(f"[yellow]colour map skipped for {m.upper()}: {reason} — the branch scores with the distillation "
-            f"map alone[/]")
-
     for m in bundle.modalities:
         fit_paths, held_out[m] = _bundle_split(index, data, m, bundle.train, f"fit the {m.upper()} colour map on")
         if skip and m in skip:
-            skip_line(m, skip[m])
+            stats, reason = None, skip[m]
+        else:
+            stats, reason = _fit_modality_colour(bundle, plain, m, fit_paths, held_out[m], stride, background,
+                                                 brownish, vessel_cut)
+        if stats is None:
+            skipped[m] = reason
+            log(f"[yellow]colour map skipped for {m.upper()}: {reason} — the branch scores with the distillation "
+                f"map alone[/]")
             continue
-        images = ds.load_images(fit_paths, size)
-        reason = colourless_reason(images)
-        if reason:
-            skip_line(m, reason)
-            continue
-        try:
-            stats = fit_colour(images, bundle.model.colour_sigma, bundle.model.fov_threshold,
-                               bundle.model.fov_window, seed=bundle.train.seed, stride=stride, background=background,
-                               brownish=m in brownish, vessel_cut=vessel_cut)
-        except ValueError as exc:  # no lit pixels at all
-            skip_line(m, str(exc).split(":")[0])
-            continue
-        branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m,
-                               memory=bundle.memory.get(m)).eval()
-        colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background,
-                               m in brownish, vessel_cut)
-        lit = branch.fov if branch.fov is not None else FieldOfViewMask(bundle.model.fov_threshold,
-                                                                         bundle.model.fov_window)
-        held = ds.load_images(held_out[m] or fit_paths[:32], size)
-        d_px, c_px = [], []
-        for i in range(0, len(held), 16):
-            x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
-            fov = lit(x)
-            inside = fov > 0
-            d_px.append(branch(x)[0][inside].numpy())
-            c_px.append(colour(x, fov)[inside].numpy())
-        d_all, c_all = np.concatenate(d_px), np.concatenate(c_px)
-        spread_d = float(np.percentile(d_all, 99) - np.median(d_all)) if len(d_all) else 0.0
-        spread_c = float(np.percentile(c_all, 99) - np.median(c_all)) if len(c_all) else 0.0
-        if not spread_c > 0:
-            skip_line(m, "its colour map is flat on the held-out images (no colour variation to weight)")
-            continue
-        stats.update(weight=spread_d / spread_c, spread_distillation=spread_d, spread_colour=spread_c,
-                     held_out_images=len(held))
         fitted[m] = stats
         log(f"{m.upper()} colour map: fitted on {stats['images']} images, weight {stats['weight']:.4g} "
             f"(× gain {gain:g})")
     path = out / COLOUR_FILE
     meta = json.loads((out / "bundle.json").read_text())
+    _colour_meta(meta, path, data, bundle, fitted, skipped, gain, stride, background, brownish, vessel_cut)
+    _write_meta_and_stats(out, meta, bool(fitted) or was_on, held_out)
+    if fitted:
+        log(f"colour maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
+    elif was_on:
+        log(f"colour map removed from {out}; recalibrate: the scores changed")
+    return fitted
+
+
+def _fit_modality_colour(bundle: Bundle, plain: ModelConfig, m: str, fit_paths: list[Path], held_paths: list[Path],
+                         stride: int, background: float, brownish: tuple[str, ...], vessel_cut: float
+                         ) -> tuple[dict[str, Any] | None, str]:
+    """Modality ``m``'s colour statistics and weight, or (None, why its colour map cannot apply)."""
+    from engine.model.anomaly_map import FieldOfViewMask
+    from engine.model.branch import StudentBranch
+    from engine.model.colour import ColourOutlier, fit_colour
+
+    size = bundle.model.input_size
+    images = ds.load_images(fit_paths, size)
+    reason = colourless_reason(images)
+    if reason:
+        return None, reason
+    try:
+        stats = fit_colour(images, bundle.model.colour_sigma, bundle.model.fov_threshold,
+                           bundle.model.fov_window, seed=bundle.train.seed, stride=stride, background=background,
+                           brownish=m in brownish, vessel_cut=vessel_cut)
+    except ValueError as exc:  # no lit pixels at all
+        return None, str(exc).split(":")[0]
+    branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m,
+                           memory=bundle.memory.get(m)).eval()
+    colour = ColourOutlier(bundle.model.colour_sigma, stats["mean"], stats["inv_cov"], 1.0, stride, background,
+                           m in brownish, vessel_cut)
+    lit = branch.fov if branch.fov is not None else FieldOfViewMask(bundle.model.fov_threshold,
+                                                                     bundle.model.fov_window)
+    held = ds.load_images(held_paths or fit_paths[:32], size)
+    spread_d, spread_c = _colour_spreads(branch, colour, lit, held)
+    if not spread_c > 0:
+        return None, "its colour map is flat on the held-out images (no colour variation to weight)"
+    stats.update(weight=spread_d / spread_c, spread_distillation=spread_d, spread_colour=spread_c,
+                 held_out_images=len(held))
+    return stats, ""
+
+
+def _colour_spreads(branch: torch.nn.Module, colour: torch.nn.Module, lit: Callable[[torch.Tensor], torch.Tensor],
+                    held: np.ndarray) -> tuple[float, float]:
+    """The normal spreads of the distillation and colour maps inside the lit field on the ``held`` images."""
+    d_px, c_px = [], []
+    for i in range(0, len(held), 16):
+        x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
+        fov = lit(x)
+        inside = fov > 0
+        d_px.append(branch(x)[0][inside].numpy())
+        c_px.append(colour(x, fov)[inside].numpy())
+    d_all, c_all = np.concatenate(d_px), np.concatenate(c_px)
+    return _spread(d_all), _spread(c_all)
+
+
+def _colour_meta(meta: dict[str, Any], path: Path, data: Path, bundle: Bundle, fitted: dict[str, Any],
+                 skipped: dict[str, str], gain: float, stride: int, background: float, brownish: tuple[str, ...],
+                 vessel_cut: float) -> None:
+    """Write colour.json with the fitted maps (or remove it when none) and record them in ``meta``."""
     meta.pop("colour_skipped", None)
     if fitted:
         atomic_write_json(path, {"format": "cemd-colour/1", "data": str(data), "modalities": fitted})
@@ -922,15 +977,6 @@ def fit_bundle_colour(out: Path, data: Path, gain: float, log: Callable[[str], N
         meta["files"].pop(COLOUR_FILE, None)
         meta["model"]["colour_score"] = False
         meta["colour_skipped"] = skipped
-    atomic_write_json(out / "bundle.json", meta)
-    if fitted or was_on:  # the scores changed
-        meta["score_stats"] = score_stats(load_bundle(out), held_out)
-        atomic_write_json(out / "bundle.json", meta)
-    if fitted:
-        log(f"colour maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
-    elif was_on:
-        log(f"colour map removed from {out}; recalibrate: the scores changed")
-    return fitted
 
 
 @torch.no_grad()
@@ -943,50 +989,68 @@ def fit_bundle_memory(out: Path, data: Path, log: Callable[[str], None], scale: 
     on the held-out images) on the distillation map's; ``gain`` multiplies it. A modality whose map
     is flat there is skipped with a line saying why (it scores with the distillation map alone);
     with every modality skipped, ``model.memory_score`` is off."""
-    from engine.model.anomaly_map import FieldOfViewMask
-    from engine.model.branch import StudentBranch
-    from engine.model.memory import MemoryMap, collect_patches, subsample
-
     t0 = time.perf_counter()
     bundle = load_bundle(out, with_memory=False)
     plain = replace(bundle.model, colour_score=False, memory_score=False)
     index = ds.scan_dataset(data, require_train=True)
-    size = bundle.model.input_size
     fitted: dict[str, Any] = {}
     info: dict[str, Any] = {}
     held_out: dict[str, list[Path]] = {}
     for m in bundle.modalities:
         fit_paths, held_out[m] = _bundle_split(index, data, m, bundle.train, f"fill the {m.upper()} memory map from")
-        patches = collect_patches(lambda x: bundle.encoder(x)[scale], ds.load_images(fit_paths, size))
-        bank = subsample(patches, bank_size, bundle.train.seed).half()
-        branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
-        memory = MemoryMap(bank, 1.0)
-        lit = FieldOfViewMask(bundle.model.fov_threshold, bundle.model.fov_window)
-        held = ds.load_images(held_out[m] or fit_paths[:32], size)
-        d_px, k_px = [], []
-        for i in range(0, len(held), 16):
-            x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
-            inside = lit(x) > 0
-            d_px.append(branch(x)[0][inside].numpy())
-            k_px.append(branch.smooth(memory(bundle.encoder(x)[scale]))[inside].numpy())
-        d_all, k_all = np.concatenate(d_px), np.concatenate(k_px)
-        spread_d = float(np.percentile(d_all, 99) - np.median(d_all)) if len(d_all) else 0.0
-        spread_k = float(np.percentile(k_all, 99) - np.median(k_all)) if len(k_all) else 0.0
+        bank, n_patches, spread_d, spread_k, n_held = _fill_modality_memory(bundle, plain, m, fit_paths, held_out[m],
+                                                                            scale, bank_size)
         if not (spread_k > 0 and spread_d > 0):
             log(f"[yellow]memory map skipped: the {m.upper()} {'memory' if spread_d > 0 else 'distillation'} map is "
                 f"flat on the held-out images (nothing to weight it by) — every branch scores with the "
                 f"distillation map alone[/]")
             break
         fitted[m] = {"bank": bank, "weight": spread_d / spread_k}
-        info[m] = {"patches": int(len(patches)), "bank": int(len(bank)), "images": len(fit_paths),
+        info[m] = {"patches": int(n_patches), "bank": int(len(bank)), "images": len(fit_paths),
                    "weight": spread_d / spread_k, "spread_distillation": spread_d, "spread_memory": spread_k,
-                   "held_out_images": len(held)}
-        log(f"{m.upper()} memory map: {len(bank)} of {len(patches)} normal patches from {len(fit_paths)} images, "
+                   "held_out_images": n_held}
+        log(f"{m.upper()} memory map: {len(bank)} of {n_patches} normal patches from {len(fit_paths)} images, "
             f"weight {spread_d / spread_k:.4g} (× gain {gain:g})")
     path = out / MEMORY_FILE
     meta = json.loads((out / "bundle.json").read_text())
     was_on = bool(meta.get("model", {}).get("memory_score"))
-    if set(fitted) == set(bundle.modalities):
+    _memory_meta(meta, path, data, set(fitted) == set(bundle.modalities), fitted, info, scale, bank_size, gain)
+    _write_meta_and_stats(out, meta, bool(fitted) or was_on, held_out)
+    if meta["model"]["memory_score"]:
+        log(f"memory maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
+    elif was_on:
+        log(f"memory map removed from {out}; recalibrate: the scores changed")
+    return info if meta["model"]["memory_score"] else {}
+
+
+def _fill_modality_memory(bundle: Bundle, plain: ModelConfig, m: str, fit_paths: list[Path], held_paths: list[Path],
+                          scale: int, bank_size: int) -> tuple[torch.Tensor, int, float, float, int]:
+    """Modality ``m``'s memory bank, with (bank, patches drawn from, distillation and memory spreads, held-out images)."""
+    from engine.model.anomaly_map import FieldOfViewMask
+    from engine.model.branch import StudentBranch
+    from engine.model.memory import MemoryMap, collect_patches, subsample
+
+    size = bundle.model.input_size
+    patches = collect_patches(lambda x: bundle.encoder(x)[scale], ds.load_images(fit_paths, size))
+    bank = subsample(patches, bank_size, bundle.train.seed).half()
+    branch = StudentBranch(plain, bundle.encoder, bundle.teacher.adapters, bundle.students[m], m).eval()
+    memory = MemoryMap(bank, 1.0)
+    lit = FieldOfViewMask(bundle.model.fov_threshold, bundle.model.fov_window)
+    held = ds.load_images(held_paths or fit_paths[:32], size)
+    d_px, k_px = [], []
+    for i in range(0, len(held), 16):
+        x = torch.from_numpy(held[i:i + 16]).permute(0, 3, 1, 2).float().div_(255)
+        inside = lit(x) > 0
+        d_px.append(branch(x)[0][inside].numpy())
+        k_px.append(branch.smooth(memory(bundle.encoder(x)[scale]))[inside].numpy())
+    d_all, k_all = np.concatenate(d_px), np.concatenate(k_px)
+    return bank, len(patches), _spread(d_all), _spread(k_all), len(held)
+
+
+def _memory_meta(meta: dict[str, Any], path: Path, data: Path, complete: bool, fitted: dict[str, Any],
+                 info: dict[str, Any], scale: int, bank_size: int, gain: float) -> None:
+    """Write memory.pt when every branch has its map (``complete``), else remove it; record it in ``meta``."""
+    if complete:
         buf = io.BytesIO()
         torch.save({"format": "cemd-memory/1", "modalities": fitted}, buf)
         atomic_write_bytes(path, buf.getvalue())
@@ -998,15 +1062,6 @@ def fit_bundle_memory(out: Path, data: Path, log: Callable[[str], None], scale: 
         meta["files"].pop(MEMORY_FILE, None)
         meta.pop("memory", None)
         meta["model"]["memory_score"] = False
-    atomic_write_json(out / "bundle.json", meta)
-    if fitted or was_on:  # the scores changed
-        meta["score_stats"] = score_stats(load_bundle(out), held_out)
-        atomic_write_json(out / "bundle.json", meta)
-    if meta["model"]["memory_score"]:
-        log(f"memory maps written to {path} in {time.perf_counter() - t0:.0f} s; recalibrate: the scores changed")
-    elif was_on:
-        log(f"memory map removed from {out}; recalibrate: the scores changed")
-    return info if meta["model"]["memory_score"] else {}
 
 
 def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, list[Path]]:

@@ -40,12 +40,14 @@ from typing import Any
 import numpy as np
 
 from engine.errors import CemdError
+from realtime.capture.pacer import Pacer
 from realtime.capture.ring import FrameRing
 from realtime.capture.sources import DecodedFrame, FrameReader, SourceLost, SourceSpec, open_reader, parse_source
+from realtime.states import SourceState
 
 __all__ = ["CaptureProcess", "Frame", "SourceEvent", "STATES", "MIN_SLOT_BYTES"]
 
-STATES = ("opening", "running", "stalled", "reconnecting", "ended", "error")
+STATES = tuple(SourceState)[1:]  # what a started source reports
 MIN_SLOT_BYTES = 1920 * 1080 * 3  # room for resolution changes up to 1080p without downscaling
 BACKOFF_START_S, BACKOFF_CAP_S = 0.5, 8.0
 _STATS_EVERY_S = 0.25
@@ -110,7 +112,7 @@ class CaptureProcess:
         self._notes: deque[tuple[int, int, int]] = deque()  # (slot, seq, t_mono_ns); live keeps <= 1
         self._arrivals: deque[int] = deque(maxlen=_MAX_ARRIVALS)  # parent receive times, for fps and period
         self._child_stats: dict[str, Any] = {}
-        self._state = "new"
+        self._state = SourceState.NEW
         self._message = ""
         self._frames_read = 0
         self._dropped = 0
@@ -153,12 +155,12 @@ class CaptureProcess:
             self._thread = threading.Thread(target=self._drain, name="cemd-capture-drain", daemon=True)
             self._thread.start()
             with self._cond:
-                self._cond.wait_for(lambda: self._state != "opening" or bool(self._notes),
+                self._cond.wait_for(lambda: self._state != SourceState.OPENING or bool(self._notes),
                                     max(0.0, deadline - time.monotonic()))
                 state, message = self._state, self._message
-                if state == "error":
+                if state == SourceState.ERROR:
                     raise CemdError(message)
-                if state == "opening" and not self._notes:
+                if state == SourceState.OPENING and not self._notes:
                     raise CemdError(f"source {self.spec} opened but gave no frame within {timeout:g} s; "
                                     "check that it is sending video, or raise the start timeout")
         except BaseException:
@@ -186,7 +188,7 @@ class CaptureProcess:
                         self._size = (int(msg[1]), int(msg[2]))
                         return self._size
                     self._handle(msg)
-                    if self._state == "error":
+                    if self._state == SourceState.ERROR:
                         raise CemdError(self._message)
                     continue
             if self._proc.sentinel in ready or self._status in ready:
@@ -263,7 +265,7 @@ class CaptureProcess:
         while True:
             with self._cond:
                 while not self._notes:
-                    if self._stopped or self._state in ("ended", "error"):
+                    if self._stopped or self._state in (SourceState.ENDED, SourceState.ERROR):
                         return None
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -299,7 +301,7 @@ class CaptureProcess:
         if now - t_newest <= fresh * period:
             return
         deadline = t_newest + period + period // 4
-        while self._notes[-1][2] == t_newest and not self._stopped and self._state not in ("ended", "error"):
+        while self._notes[-1][2] == t_newest and not self._stopped and self._state not in (SourceState.ENDED, SourceState.ERROR):
             remaining = (deadline - time.monotonic_ns()) / 1e9
             if remaining <= 0:
                 return
@@ -343,7 +345,7 @@ class CaptureProcess:
     def ended(self) -> bool:
         """The source reached EOF and every frame has been taken."""
         with self._cond:
-            return self._state == "ended" and not self._notes
+            return self._state == SourceState.ENDED and not self._notes
 
     @property
     def pid(self) -> int | None:
@@ -416,10 +418,10 @@ class CaptureProcess:
             return
         proc.join(1.0)
         with self._cond:
-            if self._state not in ("ended", "error") and not self._closing:
-                self._set_state("error", f"capture process died (exit code {proc.exitcode})", time.monotonic_ns())
-            elif self._state == "ended" and proc.exitcode not in (0, None):
-                self._set_state("error", f"capture process exited with code {proc.exitcode}", time.monotonic_ns())
+            if self._state not in (SourceState.ENDED, SourceState.ERROR) and not self._closing:
+                self._set_state(SourceState.ERROR, f"capture process died (exit code {proc.exitcode})", time.monotonic_ns())
+            elif self._state == SourceState.ENDED and proc.exitcode not in (0, None):
+                self._set_state(SourceState.ERROR, f"capture process exited with code {proc.exitcode}", time.monotonic_ns())
             self._cond.notify_all()
 
     def _handle(self, msg: tuple) -> None:
@@ -463,7 +465,7 @@ def _child_main(cfg: _ChildConfig, status: Connection, control: Connection, free
         code = child.run()
     except Exception as exc:  # a bug or an unexpected library failure: report, then exit non-zero
         traceback.print_exc()
-        child.set_state("error", f"capture failed: {type(exc).__name__}: {exc}")
+        child.set_state(SourceState.ERROR, f"capture failed: {type(exc).__name__}: {exc}")
         code = 1
     finally:
         child.close()
@@ -511,7 +513,7 @@ class _CaptureChild:
             if state == self.state and not force:
                 return
             self.state = state
-            if state in ("ended", "error", "stalled", "reconnecting"):
+            if state in (SourceState.ENDED, SourceState.ERROR, SourceState.STALLED, SourceState.RECONNECTING):
                 self.send_stats()
             self.send(("state", state, message, time.monotonic_ns()))
 
@@ -543,18 +545,18 @@ class _CaptureChild:
     # ---- main loop
 
     def run(self) -> int:
-        self.set_state("opening")
+        self.set_state(SourceState.OPENING)
         try:
             self.reader = self.open()
             first = self.reader.read()
         except CemdError as exc:
-            self.set_state("error", str(exc))
+            self.set_state(SourceState.ERROR, str(exc))
             return 2
         except SourceLost as exc:
-            self.set_state("error", f"{self.cfg.spec} opened but gave no frame: {exc}; check that it sends video")
+            self.set_state(SourceState.ERROR, f"{self.cfg.spec} opened but gave no frame: {exc}; check that it sends video")
             return 2
         if first is None:
-            self.set_state("error", f"{self.cfg.spec} holds no video frames; give a video with at least one frame")
+            self.set_state(SourceState.ERROR, f"{self.cfg.spec} holds no video frames; give a video with at least one frame")
             return 2
         self.send(("opened", first.image.shape[0], first.image.shape[1], self.nominal_fps))
         if not self.attach_ring():
@@ -581,24 +583,24 @@ class _CaptureChild:
         return False
 
     def loop(self, frame: DecodedFrame | None) -> int:
-        pacer = _Pacer(self.nominal_fps) if self.cfg.paced else None
+        pacer = Pacer(self.nominal_fps) if self.cfg.paced else None
         while not self.stopping:
             if frame is None:  # EOF
                 if self.cfg.spec.is_live:
                     frame = self.reconnect("the stream ended")
                     continue
                 if not self.cfg.loop:
-                    self.set_state("ended", f"end of {self.cfg.spec} after {self.seq} frames")
+                    self.set_state(SourceState.ENDED, f"end of {self.cfg.spec} after {self.seq} frames")
                     return 0
                 try:
                     frame = self.restart()
                 except (CemdError, SourceLost) as exc:
-                    self.set_state("error", f"could not restart {self.cfg.spec} for --loop: {exc}")
+                    self.set_state(SourceState.ERROR, f"could not restart {self.cfg.spec} for --loop: {exc}")
                     return 1
                 if pacer is not None:
                     pacer.reset()
                 if frame is None:
-                    self.set_state("error", f"{self.cfg.spec} gave no frames when restarted for --loop")
+                    self.set_state(SourceState.ERROR, f"{self.cfg.spec} gave no frames when restarted for --loop")
                     return 1
                 continue
             if pacer is not None:
@@ -612,11 +614,11 @@ class _CaptureChild:
             try:
                 frame = self.reader.read() if self.reader is not None else None
             except CemdError as exc:  # e.g. a pixel format that cannot become RGB, mid-stream
-                self.set_state("error", str(exc))
+                self.set_state(SourceState.ERROR, str(exc))
                 return 1
             except SourceLost as exc:
                 if not self.cfg.spec.is_live:
-                    self.set_state("error", f"{self.cfg.spec} cannot be decoded any further: {exc}")
+                    self.set_state(SourceState.ERROR, f"{self.cfg.spec} cannot be decoded any further: {exc}")
                     return 1
                 frame = self.reconnect(str(exc))
         return 0
@@ -641,8 +643,8 @@ class _CaptureChild:
         self.frame_id += 1
         self.last_progress_ns = time.monotonic_ns()
         self.send(("f", slot, self.seq, t_mono))
-        if self.state != "running":
-            self.set_state("running", "frames are arriving")
+        if self.state != SourceState.RUNNING:
+            self.set_state(SourceState.RUNNING, "frames are arriving")
         if self.last_progress_ns - self.last_stats_ns > _STATS_EVERY_S * 1e9:
             with self.lock:
                 self.send_stats()
@@ -693,13 +695,13 @@ class _CaptureChild:
     def reconnect(self, reason: str) -> DecodedFrame | None:
         """Reopen a live source with exponential back-off until it gives a frame (or we stop)."""
         with self.lock:
-            if self.state != "stalled":
-                self.set_state("stalled", reason)
+            if self.state != SourceState.STALLED:
+                self.set_state(SourceState.STALLED, reason)
         self.replace_reader(None)
         delay, attempt = BACKOFF_START_S, 0
         while not self.stopping:
             attempt += 1
-            self.set_state("reconnecting", f"attempt {attempt} in {delay:g} s ({reason})", force=True)
+            self.set_state(SourceState.RECONNECTING, f"attempt {attempt} in {delay:g} s ({reason})", force=True)
             self.sleep(delay)
             if self.stopping:
                 break
@@ -731,39 +733,8 @@ class _CaptureChild:
                 continue
             age_ns = time.monotonic_ns() - self.last_progress_ns
             with self.lock:
-                if self.state == "running" and age_ns > limit_ns:
-                    self.set_state("stalled", f"no frame for {age_ns / 1e9:.1f} s")
-
-
-class _Pacer:
-    """Release frames at their PTS on the monotonic clock (nominal fps when PTS is missing)."""
-
-    def __init__(self, fps: float | None) -> None:
-        self.period = 1.0 / fps if fps else 1.0 / 30.0
-        self.anchor: tuple[float, float] | None = None  # (monotonic s, media s)
-        self.count = 0
-        self.first_at = 0.0  # earliest release of the first frame after a (re)start
-
-    def reset(self) -> None:
-        """At a loop: the new first frame follows the old last one by one frame period."""
-        self.anchor, self.count = None, 0
-        self.first_at = time.monotonic() + self.period
-
-    def delay(self, frame: DecodedFrame) -> float:
-        if frame.pts is not None and frame.time_base and frame.time_base[1]:
-            media = frame.pts * frame.time_base[0] / frame.time_base[1]
-        else:
-            media = self.count * self.period
-        self.count += 1
-        now = time.monotonic()
-        if self.anchor is None:
-            self.anchor = (max(now, self.first_at), media)
-            return self.anchor[0] - now
-        wait_s = self.anchor[0] + (media - self.anchor[1]) - now
-        if wait_s < -0.5 or wait_s > 5.0:  # decoding fell behind or PTS jumped: re-anchor, no burst
-            self.anchor = (now, media)
-            return 0.0
-        return max(0.0, wait_s)
+                if self.state == SourceState.RUNNING and age_ns > limit_ns:
+                    self.set_state(SourceState.STALLED, f"no frame for {age_ns / 1e9:.1f} s")
 
 
 def _parent_alive() -> bool:

@@ -190,6 +190,11 @@ class PyAVReader:
         self._time_base = stream.time_base
         self._packets = self._container.demux(stream)
 
+    @property
+    def frame_count(self) -> int | None:
+        """Frames in the video as its container states them (None when it does not say)."""
+        return int(self._container.streams.video[0].frames) or None
+
     def _check_video(self) -> None:
         c = self._container
         what = "stream" if self.network else "file"

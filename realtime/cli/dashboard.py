@@ -46,10 +46,10 @@ def render(monitor: Any) -> Group:
     head.add_row("frames", f"read {src.get('frames_read', 0)} · scored {live.frames_scored} · "
                  f"dropped {src.get('frames_dropped', 0)} · decode errors {src.get('decode_errors', 0)}{failed}",
                  "fps", f"in {src.get('fps', 0):.1f} · scored {live.fps_scored:.1f} · {size}")
-    backends = monitor.scorers
+    backends = monitor.backends
     mod = (live.modality or "?").upper()
     head.add_row("modality", f"{mod} ({'auto' if monitor.cfg.scoring.modality == 'auto' else 'fixed'})",
-                 "backend", (", ".join(f"{m.upper()} {s.backend}" for m, s in backends.items()) or "loading")
+                 "backend", (", ".join(f"{m.upper()} {b}" for m, b in backends.items()) or "loading")
                  + (f" · {monitor.inference_workers} workers" if monitor.inference_workers > 1 else ""))
     if live.message:
         head.add_row("fault", Text(live.message, style="bold red"), "", "")

@@ -34,10 +34,9 @@ import zmq
 
 from engine.errors import CemdError
 from realtime.clients.overlay import OverlayOptions, ResultState, View, draw_overlay, scale_view
-from realtime.publish.schema import SchemaError, decode
+from realtime.publish.schema import DEFAULT_ENDPOINT, TOPICS, SchemaError, decode
 from realtime.stats import latency_summary
 
-DISPLAY_TOPICS = ("alert", "score", "status", "heartbeat", "map")
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -121,13 +120,13 @@ class SourceFeed:
     """The source itself (file, stream, device, synthetic), decoded here; files paced by PTS."""
 
     def __init__(self, source: str, paced: bool = True) -> None:
-        from realtime.capture.process import _Pacer
+        from realtime.capture.pacer import Pacer
         from realtime.capture.sources import open_reader, parse_source
 
         self.spec = parse_source(source)
         self.reader = open_reader(self.spec)
         self.fps = getattr(self.reader, "fps", None)
-        self.pacer = _Pacer(self.fps) if paced and not self.spec.is_live else None
+        self.pacer = Pacer(self.fps) if paced and not self.spec.is_live else None
         self.frame_id = 0
         self.missed = 0
         self.ended = False
@@ -264,7 +263,7 @@ class ResultReceiver:
             public, secret = load_keypair(curve[0], "client secret")
             self._sub.curve_publickey, self._sub.curve_secretkey = public, secret
             self._sub.curve_serverkey = load_public_key(curve[1], "monitor (server) public")
-        for topic in DISPLAY_TOPICS:
+        for topic in TOPICS:
             self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         try:
             self._sub.connect(endpoint)
@@ -305,7 +304,7 @@ class ResultReceiver:
 
 @dataclass
 class DisplayConfig:
-    endpoint: str = "tcp://127.0.0.1:5556"
+    endpoint: str = DEFAULT_ENDPOINT
     source: str | None = None
     ring: str | None = None
     output: str = "window"  # window | file | none
@@ -344,18 +343,9 @@ class OverlayDisplay:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         receiver = ResultReceiver(cfg.endpoint, self.state, cfg.curve)  # connected before the first frame
-        try:
-            ring = self._ring_name() if cfg.ring else None
-            if cfg.ring and not ring:
-                self.log("the monitor ended before its capture started: nothing to show")
-                receiver.close()
-                return {}
-            feed: RingFeed | SourceFeed = RingFeed(ring) if ring else SourceFeed(cfg.source or "", cfg.paced)
-            if cfg.ring == "-":  # tell the monitor we hold the ring: it starts scoring (and recycling slots) now
-                print("ready", flush=True)
-        except BaseException:
-            receiver.close()
-            raise
+        feed = self._open_feed(receiver)
+        if feed is None:
+            return {}
         output: Any = None
         t0 = time.monotonic()
         was_active: bool | None = None
@@ -377,42 +367,9 @@ class OverlayDisplay:
                     continue
                 if cfg.output == "file" and output is None:
                     output = FileOutput(cfg.out, feed.fps, feed.time_base)  # type: ignore[arg-type]
-                view = self.state.view()
-                if self.latency:
-                    view.display_latency_ms = self.latency[-1]
-                image = frame.image
-                if cfg.max_width and image.shape[1] > cfg.max_width:  # draw and show/write smaller
-                    factor = cfg.max_width / image.shape[1]
-                    size = (cfg.max_width, max(2, int(round(image.shape[0] * factor))))
-                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-                    view = scale_view(view, factor)
-                elif not image.flags.writeable:
-                    image = image.copy()
-                draw_overlay(image, view, self.options)
-                if isinstance(output, FileOutput):
-                    try:
-                        output.write(image, frame.pts)
-                    except Exception as exc:  # noqa: BLE001 — an encoder error or a full disk: say so, go on
-                        self.log(f"cannot write {cfg.out}: {exc}; the annotated video ends here")
-                        self.write_error = str(exc)
-                        try:
-                            output.close()
-                        except Exception:  # noqa: BLE001
-                            pass
-                        output, cfg.output = None, "none"
-                    key = None
-                elif isinstance(output, WindowOutput):
-                    key = output.show(image)
-                else:
-                    key = None
-                self.latency.append((time.monotonic_ns() - frame.t_available_ns) / 1e6)
-                self._count(frame.frame_id, view)
-                if was_active is not view.active:
-                    self.log("AI active" if view.active else f"AI NOT ACTIVE: {view.reason}")
-                    was_active = view.active
-                for text in self.state.take_problems():
-                    self.log(f"monitor link: {text}")
-                self._cue()
+                image, view = self._draw(frame)
+                output, key = self._emit(output, image, frame)
+                was_active = self._after_frame(frame, view, was_active)
                 if self._key(key):
                     break
         finally:
@@ -421,6 +378,70 @@ class OverlayDisplay:
             if output is not None:
                 output.close()
         return self._summary(feed, time.monotonic() - t0)
+
+    def _open_feed(self, receiver: ResultReceiver) -> RingFeed | SourceFeed | None:
+        """The frame feed (the ring or the source); None, receiver closed, if the monitor ended before its capture."""
+        cfg = self.cfg
+        try:
+            ring = self._ring_name() if cfg.ring else None
+            if cfg.ring and not ring:
+                self.log("the monitor ended before its capture started: nothing to show")
+                receiver.close()
+                return None
+            feed: RingFeed | SourceFeed = RingFeed(ring) if ring else SourceFeed(cfg.source or "", cfg.paced)
+            if cfg.ring == "-":  # tell the monitor we hold the ring: it starts scoring (and recycling slots) now
+                print("ready", flush=True)
+        except BaseException:
+            receiver.close()
+            raise
+        return feed
+
+    def _draw(self, frame: FeedFrame) -> tuple[np.ndarray, View]:
+        """The frame (scaled down to ``max_width`` if wider) with the latest result drawn on it, and that result."""
+        cfg = self.cfg
+        view = self.state.view()
+        if self.latency:
+            view.display_latency_ms = self.latency[-1]
+        image = frame.image
+        if cfg.max_width and image.shape[1] > cfg.max_width:  # draw and show/write smaller
+            factor = cfg.max_width / image.shape[1]
+            size = (cfg.max_width, max(2, int(round(image.shape[0] * factor))))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            view = scale_view(view, factor)
+        elif not image.flags.writeable:
+            image = image.copy()
+        draw_overlay(image, view, self.options)
+        return image, view
+
+    def _emit(self, output: Any, image: np.ndarray, frame: FeedFrame) -> tuple[Any, str | None]:
+        """Write or show the drawn frame: the output (None once a write failed) and the key pressed in the window."""
+        if isinstance(output, FileOutput):
+            try:
+                output.write(image, frame.pts)
+            except Exception as exc:  # noqa: BLE001 — an encoder error or a full disk: say so, go on
+                self.log(f"cannot write {self.cfg.out}: {exc}; the annotated video ends here")
+                self.write_error = str(exc)
+                try:
+                    output.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                output, self.cfg.output = None, "none"
+            return output, None
+        if isinstance(output, WindowOutput):
+            return output, output.show(image)
+        return output, None
+
+    def _after_frame(self, frame: FeedFrame, view: View, was_active: bool | None) -> bool | None:
+        """Book a shown frame (latency, counts, AI active/NOT ACTIVE and link log lines, cue); returns its activity."""
+        self.latency.append((time.monotonic_ns() - frame.t_available_ns) / 1e6)
+        self._count(frame.frame_id, view)
+        if was_active is not view.active:
+            self.log("AI active" if view.active else f"AI NOT ACTIVE: {view.reason}")
+            was_active = view.active
+        for text in self.state.take_problems():
+            self.log(f"monitor link: {text}")
+        self._cue()
+        return was_active
 
     def _ring_name(self) -> str:
         """``--ring -``: the monitor that started us writes the name on stdin once its capture runs,
@@ -501,7 +522,7 @@ class OverlayDisplay:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556", help="the monitor's PUB endpoint")
+    p.add_argument("endpoint", nargs="?", default=DEFAULT_ENDPOINT, help="the monitor's PUB endpoint")
     feed = p.add_mutually_exclusive_group(required=True)
     feed.add_argument("--source", help="decode this source here (file, URL, device:N, synthetic[:…])")
     feed.add_argument("--ring", help="read frames from the monitor's capture ring (same machine); '-': the "
@@ -510,8 +531,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="annotated video for --output file (H.264)")
     p.add_argument("--fast", action="store_true", help="--source files: as fast as possible instead of paced")
     p.add_argument("--no-heatmap", action="store_true", help="start with the heat map off (key h toggles)")
-    p.add_argument("--opacity", type=float, default=0.45, help="heat-map opacity 0.05–1 (keys +/-)")
-    p.add_argument("--max-result-age", type=float, default=1.0, metavar="S",
+    p.add_argument("--opacity", type=float, help="heat-map opacity 0.05–1 (keys +/-; default 0.45)")
+    p.add_argument("--max-result-age", type=float, metavar="S",
                    help="AI NOT ACTIVE when the newest score is older than this (default 1 s)")
     p.add_argument("--cue", help="at each alert start: 'bell' (terminal bell) or a sound file to play")
     p.add_argument("--curve-secret", type=Path, metavar="FILE", help="this client's CURVE secret key (cemd keys)")
@@ -520,9 +541,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show/write frames wider than this scaled down to it (less CPU at 1080p; default: full size)")
     p.add_argument("--summary", type=Path, help="write a JSON summary here at the end")
     p.add_argument("--max-seconds", type=float)
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="a monitor config file: its [display] section sets the look (options given here win)")
 
 
 def config_from_args(args: argparse.Namespace) -> DisplayConfig:
+    from realtime.config import DisplaySection, load_config
+
+    look = load_config(args.config).display if getattr(args, "config", None) else DisplaySection()
+    for key, value in (("opacity", look.opacity), ("max_result_age", look.max_result_age_s), ("cue", look.cue)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.no_heatmap = args.no_heatmap or not look.heatmap
     if not 0.05 <= args.opacity <= 1:
         raise CemdError(f"--opacity must be between 0.05 and 1, got {args.opacity}")
     if args.max_width is not None and args.max_width < 64:

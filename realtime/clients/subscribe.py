@@ -29,9 +29,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine.errors import CemdError
 from realtime.clients.client import CurveClientConfig, MonitorClient
-from realtime.publish.schema import TOPICS, dumps, replay_endpoint_for
+from realtime.publish.schema import DEFAULT_ENDPOINT, TOPICS, dumps, replay_endpoint_for
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
 JSONL_TOPICS = ("alert", "status")  # what --jsonl prints unless --topics says otherwise
 SILENCE_S = 3.0  # no valid message for this long (or 3 heartbeat intervals, if longer): say so
 TICK_S = 0.25  # longest wait between checks (silence, deadline, signals) and between redraws
@@ -239,7 +238,8 @@ class Subscription:
             self._reported_schema = after["schema_errors"]
             notices.append(notice("schema_error", "warning",
                                   f"skipped {n} message(s) that are not valid cemd.monitor/1 (last: "
-                                  f"{getattr(self.client, 'last_schema_error', None) or 'garbage bytes or another schema version'}"
+                                  f"{getattr(self.client, 'last_schema_error', None) or 'garbage bytes or another schema'}"
+                                  " version"
                                   f"); {after['schema_errors']} so far",
                                   skipped=n, schema_errors=after["schema_errors"]))
         missed = {t: n - self._reported_lost[t] for t, n in after["lost"].items() if n > self._reported_lost[t]}

@@ -1,10 +1,9 @@
 """Offline replay: a recorded video (or a folder of frames) through the live monitor's own units.
 
 Calibration and ``cemd evaluate-video`` must see exactly the scores and alerts the monitor
-would produce, so this uses the same ``FramePreprocessor``, ``ModalityRouter``, ``Scorer``
-(``load_scorer``, backend ``auto`` by default) and ``AlertLogic`` in the same order and on the
-same source clock as ``Monitor._score_frame`` — only without the capture process, ring and
-publisher: every frame is decoded and scored, as in ``run_stream.py --fast``.
+would produce, so this uses the monitor's ``FrameScorer`` (backend ``auto`` by default) and
+``AlertLogic`` in the same order and on the same source clock — only without the capture
+process, ring and publisher: every frame is decoded and scored, as in ``run_stream.py --fast``.
 
 A decode thread reads ahead (PyAV releases the GIL while decoding and converting), so decode
 and inference overlap on two cores.
@@ -25,15 +24,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from engine.constants import IMAGE_SUFFIXES
 from engine.errors import CemdError
 from engine.model.backbone import file_sha256
 from realtime.capture.sources import PyAVReader
 from realtime.scoring.alerts import AlertConfig, AlertLogic, Thresholds
-from realtime.scoring.preprocess import FramePreprocessor
-from realtime.scoring.routing import ModalityClassifier, ModalityRouter
+from realtime.scoring.frame_scorer import FrameScorer, source_time_ns
 
 Log = Callable[[str], None]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _END = object()
 
 
@@ -148,49 +146,30 @@ class Replayer:
     def __init__(self, bundle: Any, modality: str = "auto", backend: str = "auto", device: str = "cpu",
                  switch_frames: int = 2, switch_confidence: float = 0.9, redetect_fov_every: int = 15,
                  log: Log = lambda _s: None, build: bool = True) -> None:
-        from engine.deploy.backends import load_scorers
-
-        if modality not in ("wli", "nbi", "auto"):
-            raise CemdError(f"modality must be wli, nbi or auto, got {modality!r}")
         self.bundle = bundle
         self.modality = modality
-        if modality != "auto":
-            bundle.branch(modality)  # the clear "bundle has no NBI branch" error
-            modalities = [modality]
-        else:
-            modalities = list(bundle.modalities)
-            if len(modalities) < 2:
-                raise CemdError(f"--modality auto needs both branches but bundle {bundle.path} has only "
-                                f"{', '.join(m.upper() for m in modalities)}; use --modality {modalities[0]}")
-        self.scorers = load_scorers(bundle, modalities, backend, device, log=log, build=build)
-        # auto routes with it; a fixed modality still uses it to notice video of the other light
-        self.classifier, warning = ModalityClassifier.for_bundle(bundle.path)
-        if warning and modality == "auto":
+        self.scorer = FrameScorer.from_bundle(bundle, modality, backend, device, switch_frames=switch_frames,
+                                              switch_confidence=switch_confidence,
+                                              redetect_fov_every=redetect_fov_every, log=log, build=build)
+        self.classifier = self.scorer.classifier
+        for warning in self.scorer.warnings:
             log(f"warning: {warning}")
-        self._switch = (switch_frames, switch_confidence)
-        self._redetect = redetect_fov_every
-        size = bundle.model.input_size
-        warm = torch.zeros(1, 3, size, size)
-        for scorer in self.scorers.values():
-            for _ in range(2):
-                scorer(warm)
 
     @property
     def backends(self) -> dict[str, str]:
-        return {m: s.backend for m, s in self.scorers.items()}
+        return self.scorer.backends
 
     def _open(self, path: Path, digest: str | None = None) -> tuple[Iterator[Any], str, float, str, int | None, Any]:
         """(frames, kind, fps, sha256, frame count if known, closer); ``digest``: the sha256 if already known."""
         if path.is_dir():
             files = image_files(path)
             if not files:
-                raise CemdError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise CemdError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             return _read_images(files), "images", 0.0, digest or folder_digest(files), len(files), None
         if not path.is_file():
             raise CemdError(f"{path} does not exist; give a video file or a folder of frames")
         reader = PyAVReader(str(path), network=False, open_timeout=10.0, read_timeout=10.0)
-        stream = reader._container.streams.video[0]
-        total = int(stream.frames) or None
+        total = reader.frame_count
         return _read_video(reader), "video", reader.fps or 0.0, digest or file_sha256(path), total, reader
 
     def alert_logic(self, sensitivity: float = 1.0) -> AlertLogic:
@@ -204,7 +183,7 @@ class Replayer:
             "format": SCORE_CACHE_FORMAT, "source": digest, "image_fps": image_fps,
             "model": self.bundle.meta.get("files", {}), "config": self.bundle.meta.get("model"),
             "classifier": self.classifier.to_json(), "modality": self.modality, "backends": self.backends,
-            "switch": list(self._switch), "redetect_fov_every": self._redetect,
+            "switch": list(self.scorer.switch), "redetect_fov_every": self.scorer.redetect_fov_every,
         }, sort_keys=True, default=str).encode()).hexdigest()
 
     def replay(self, path: Path | str, alerts: AlertLogic | None = None, image_fps: float = 30.0,
@@ -260,43 +239,36 @@ class Replayer:
     def _score(self, frames: Iterator[tuple[int, np.ndarray, int | None, Any]], fps: float,
                logic: AlertLogic | None, progress: Callable[[int], None] | None, keep_from: int = 0,
                t_origin_ms: float | None = None) -> dict[str, Any]:
-        """The monitor's per-frame path (Monitor._score_frame) over (index, image, pts, time_base).
+        """The monitor's per-frame path (``FrameScorer``, alert logic) over (index, image, pts, time_base).
 
         Frames before ``keep_from`` only warm up the field-of-view tracker and the router (a
         chunk of a split video starts a little early so that they are settled by then).
         """
-        pre = FramePreprocessor(self.bundle.model.input_size, self._redetect)
-        router = ModalityRouter(self.classifier, *self._switch) if self.modality == "auto" else None
+        scorer = self.scorer
+        scorer.reset()
         out: dict[str, Any] = {"ids": [], "times": [], "mods": [], "scores": [], "alerts": [], "width": 0,
-                               "height": 0, "votes": {"wli": 0, "nbi": 0} if router is None else {}}
+                               "height": 0, "votes": {"wli": 0, "nbi": 0} if scorer.router is None else {}}
         t_first = t_origin_ms
         last_ns = 0
         for i, image, pts, tb in frames:
             if not out["width"]:
                 out["height"], out["width"] = image.shape[:2]
-            tensor, crop, box = pre(image)
-            if router is not None:
-                modality = router.update(crop).modality
-            else:
-                modality = self.modality
-                if i % 5 == 0 and i >= keep_from and (p := self.classifier.p_nbi(crop)) is not None:
-                    out["votes"]["nbi" if p >= 0.5 else "wli"] += 1
+            frame = scorer.prepare(image)
+            if scorer.router is None and i % 5 == 0 and i >= keep_from and (p := self.classifier.p_nbi(frame.crop)) is not None:
+                out["votes"]["nbi" if p >= 0.5 else "wli"] += 1
             if i < keep_from:
                 continue
-            amap, score_t = self.scorers[modality](tensor)
-            score = float(score_t.float()[0])
-            if pts is not None and tb:  # the monitor's source clock for files (Monitor._source_time_ns)
-                t_ns = int(pts * tb[0] * 1_000_000_000 // tb[1])
-            else:
-                t_ns = int(round(i * 1e9 / fps))
+            amap, score = scorer.run_branch(frame.modality, frame.tensor)
+            t_ns = source_time_ns(pts, tb, int(round(i * 1e9 / fps)))
             if t_first is None:
                 t_first = t_ns / 1e6
             if logic is not None:
-                decision = logic.update(i, pts, t_ns, modality, score, lambda: amap[0, 0].float().cpu().numpy(), box)
+                decision = logic.update(i, pts, t_ns, frame.modality, score, lambda: amap[0, 0].float().cpu().numpy(),
+                                        frame.box)
                 out["alerts"] += decision.alerts
             out["ids"].append(i)
             out["times"].append(t_ns / 1e6 - t_first)
-            out["mods"].append(modality)
+            out["mods"].append(frame.modality)
             out["scores"].append(score)
             last_ns = t_ns
             if progress:
@@ -396,7 +368,7 @@ def _score_chunk(job: tuple[str, int, int, float, int, Any, float]) -> dict[str,
     path, a, b, fps, pts0, tb, t0_ms = job
     rep: Replayer = _worker["replayer"]
     counter = _worker["counter"]
-    first = max(0, a - _WARM_PERIODS * rep._redetect)  # chunks start on the tracker's re-detection phase
+    first = max(0, a - _WARM_PERIODS * rep.scorer.redetect_fov_every)  # chunks start on the tracker's re-detection phase
 
     def tick(i: int) -> None:
         if i % 10 == 9:
@@ -440,13 +412,13 @@ def replay_parallel(rep: Replayer, path: Path, workers: int,
     if probe is None:
         return None
     n, fps, pts0, tb, t0_ms = probe
-    period = rep._redetect  # chunk starts on multiples of it: field-of-view re-detections fall on the same frames
+    period = rep.scorer.redetect_fov_every  # chunk starts on multiples of it: field-of-view re-detections fall on the same frames
     size = -(-max(_MIN_CHUNK, -(-n // (workers * 4))) // period) * period
     jobs = [(str(path), a, min(n, a + size), fps, pts0, tb, t0_ms) for a in range(0, n, size)]
     ctx = mp.get_context("spawn")
     counter = ctx.Value("l", 0)
-    backend = next(iter(rep.scorers.values())).backend
-    device = next(iter(rep.scorers.values())).device
+    first_branch = next(iter(rep.scorer.branches.values()))
+    backend, device = first_branch.backend, first_branch.device
     t_start = time.perf_counter()
     parts: list[dict[str, Any]] = []
     with ctx.Pool(workers, _init_worker, (str(rep.bundle.path), rep.modality, backend, device, counter)) as pool:

@@ -5,7 +5,7 @@ monitor's own crop of the field of view; its students have never seen compressio
 re-quantised capillary net, and those raise the score of normal video frames (on the
 synthetic examinations, H.264 lifts the NBI branch's highest normal scores by 0.04–0.07:
 docs/RESULTS.md). ``cemd video-frames`` writes every ``--every``-th decoded frame of lesion-free
-videos, cropped and masked by the monitor's ``FramePreprocessor`` and sorted into ``wli/`` and
+videos, cropped and masked as the monitor's ``FrameScorer`` crops them, and sorted into ``wli/`` and
 ``nbi/`` by the monitor's router, as a training set (docs/DATA.md layout) that
 ``cemd train --stage students`` can learn from, alone or added to the still images.
 
@@ -23,11 +23,12 @@ from typing import Any, Callable
 import cv2
 
 from calibration.events import check_fits, lesion_mask, load_events
-from calibration.run import VIDEO_SUFFIXES, probe_video
+from calibration.run import probe_video
+from engine.constants import VIDEO_SUFFIXES
 from engine.errors import CemdError
 from realtime.capture.sources import PyAVReader
-from realtime.scoring.preprocess import FramePreprocessor
-from realtime.scoring.routing import MODALITIES, ModalityClassifier, ModalityRouter
+from realtime.scoring.frame_scorer import FrameScorer
+from realtime.scoring.routing import MODALITIES, ModalityClassifier
 
 GENERATOR = "cemd video-frames"
 
@@ -107,47 +108,12 @@ def extract_frames(videos: list[Path], out: Path, classifier: ModalityClassifier
     _check_out(out)
     report = FramesReport()
     for video in videos:
-        frames, fps, width, height = probe_video(video)
-        events = _events_beside(video)
-        lesions = None
-        if events is not None:
-            if frames:
-                check_fits(events, frames, fps, width, height)  # before decoding a frame
-            lesions = lesion_mask(events, events["frames"])
-        report.synthetic &= events is not None and events.get("synthetic") is True
+        frames, events, lesions = _probe_events(video, report)
         total = frames or None
         reader = PyAVReader(str(video), network=False, open_timeout=10.0, read_timeout=10.0)
-        pre = FramePreprocessor(size)
-        router = ModalityRouter(classifier) if modality == "auto" else None
-        since_switch = settle
-        written = {m: 0 for m in MODALITIES}
-        i = -1
+        scorer = FrameScorer(size, classifier, modality, {})  # the monitor's crop and router, no branch
         try:
-            while (frame := reader.read()) is not None:
-                i += 1
-                crop, _box = pre.crop(frame.image)
-                if router is not None:
-                    decision = router.update(crop)
-                    mod = decision.modality
-                    since_switch = 0 if decision.switched else since_switch + 1
-                else:
-                    mod = modality
-                if progress is not None:
-                    progress(video.name, i + 1, total)
-                if i % every:
-                    continue
-                if lesions is not None and i < len(lesions) and lesions[i]:
-                    report.skipped_lesion += 1
-                    continue
-                if since_switch < settle or (router is not None and i < settle):
-                    report.skipped_switch += 1
-                    continue
-                folder = out / mod / "train" / "good"
-                folder.mkdir(parents=True, exist_ok=True)
-                name = folder / f"{video.stem}_f{i:06d}.png"
-                if not cv2.imwrite(str(name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
-                    raise CemdError(f"could not write {name}")
-                written[mod] += 1
+            i, written = _write_frames(video, reader, scorer, out, every, settle, lesions, total, progress, report)
         finally:
             reader.close()
         if i < 0:
@@ -158,3 +124,47 @@ def extract_frames(videos: list[Path], out: Path, classifier: ModalityClassifier
                               "events": events["path"] if events else None})
     _update_meta(out, report, every, size)
     return report
+
+
+def _probe_events(video: Path, report: FramesReport) -> tuple[int, dict[str, Any] | None, Any]:
+    """The video's frame count, its events file (checked against the video) and lesion mask; notes if synthetic."""
+    frames, fps, width, height = probe_video(video)
+    events = _events_beside(video)
+    lesions = None
+    if events is not None:
+        if frames:
+            check_fits(events, frames, fps, width, height)  # before decoding a frame
+        lesions = lesion_mask(events, events["frames"])
+    report.synthetic &= events is not None and events.get("synthetic") is True
+    return frames, events, lesions
+
+
+def _write_frames(video: Path, reader: PyAVReader, scorer: FrameScorer, out: Path, every: int, settle: int, lesions: Any,
+                  total: int | None, progress: Callable[[str, int, int | None], None] | None,
+                  report: FramesReport) -> tuple[int, dict[str, int]]:
+    """Decode, crop and route the video; write the kept frames: the last frame index (-1: none) and the counts written."""
+    since_switch = settle
+    written = {m: 0 for m in MODALITIES}
+    i = -1
+    while (frame := reader.read()) is not None:
+        i += 1
+        crop, _box = scorer.preprocess.crop(frame.image)
+        mod, switched = scorer.route(crop)
+        since_switch = 0 if switched else since_switch + 1
+        if progress is not None:
+            progress(video.name, i + 1, total)
+        if i % every:
+            continue
+        if lesions is not None and i < len(lesions) and lesions[i]:
+            report.skipped_lesion += 1
+            continue
+        if since_switch < settle or (scorer.router is not None and i < settle):
+            report.skipped_switch += 1
+            continue
+        folder = out / mod / "train" / "good"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = folder / f"{video.stem}_f{i:06d}.png"
+        if not cv2.imwrite(str(name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
+            raise CemdError(f"could not write {name}")
+        written[mod] += 1
+    return i, written

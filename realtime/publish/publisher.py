@@ -27,11 +27,9 @@ from zmq.utils.monitor import recv_monitor_message
 from engine.errors import CemdError
 from realtime.publish.alert_log import AlertLog
 from realtime.publish.keys import load_keypair
-from realtime.publish.schema import SCHEMA, dumps, encode, plain, replay_endpoint_for
+from realtime.publish.schema import DEFAULT_ENDPOINT, PIPELINE_TOPICS, SCHEMA, dumps, encode, plain, replay_endpoint_for
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
 ZAP_DOMAIN = "cemd"
-PIPELINE_TOPICS = ("alert", "score", "status", "map")  # heartbeats are the publisher's own
 REPLAY_CHUNK = 256  # alerts per replay reply; the client asks again while "more" is true
 REPLAY_MAX_REQUEST = 64 * 1024
 CLOSE_LINGER_MS = 100  # bounded: lets the last messages leave without ever hanging close()

@@ -18,6 +18,8 @@ SCHEMA = "cemd.monitor/1"
 SCHEMA_NAME, _, _MAJOR_TEXT = SCHEMA.partition("/")
 SCHEMA_MAJOR = int(_MAJOR_TEXT)
 TOPICS = ("alert", "score", "status", "heartbeat", "map")
+PIPELINE_TOPICS = tuple(t for t in TOPICS if t != "heartbeat")  # heartbeats are the publisher's own
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"  # where the monitor publishes and clients connect by default
 
 # Fields every message carries, with the Python types a reader may rely on.
 COMMON_FIELDS: dict[str, type] = {

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from calibration.debounce import Debouncer
+from engine.options import option
 from realtime.scoring.preprocess import map_to_source
 
 DEFAULT_N_OF_M = (3, 5)
@@ -28,12 +29,15 @@ DEFAULT_N_OF_M = (3, 5)
 
 @dataclass
 class AlertConfig:
-    sensitivity: float = 1.0
-    n_of_m: tuple[int, int] | None = None  # None: the bundle's calibration, else DEFAULT_N_OF_M
-    hold_ms: float = 500.0
-    update_hz: float = 5.0
-    heartbeat_ms: float = 1000.0
-    location_level: float = 0.6  # the lesion outline: map ≥ this fraction of the peak, around the peak
+    sensitivity: float = option(1.0, "threshold divisor: 1.0 = calibrated, 1.2 = 20 % more sensitive",
+                                flag="--sensitivity")
+    n_of_m: tuple[int, int] | None = option(None, "debouncing: an event opens when N of the last M frames are above "
+                                            "the threshold, e.g. [4, 6] (default: the calibration's choice, else "
+                                            f"{list(DEFAULT_N_OF_M)}; set, it overrides the calibration)")
+    hold_ms: float = option(500.0, "an event ends this long (source time) after its last frame above the threshold")
+    update_hz: float = option(5.0, "at most this many `update` alerts per second while an event is open")
+    heartbeat_ms: float = option(1000.0, "an open event sends an `update` at least this often")
+    location_level: float = option(0.6, "the lesion outline: the map ≥ this fraction of its peak, around the peak")
 
     def validate(self) -> None:
         from engine.errors import CemdError

@@ -40,13 +40,10 @@ def _worker_main(conn: Any, bundle_path: str, backends: dict[str, tuple[str, str
                  in_name: str, out_name: str, size: int) -> None:
     torch.set_num_threads(1)
     try:
-        from engine.deploy.backends import compile_branch
-        from engine.deploy.bundle import load_bundle
+        from realtime.scoring.frame_scorer import FrameScorer
 
-        bundle = load_bundle(bundle_path)
         # the scorer process built and parity-checked these artifacts a moment ago: load, never build
-        fns = {m: compile_branch(bundle, m, backend, device, precision, build=False)[0]
-               for m, (backend, precision) in backends.items()}
+        scorer = FrameScorer.branches_only(bundle_path, backends, device)
         shm_in = shared_memory.SharedMemory(in_name)
         shm_out = shared_memory.SharedMemory(out_name)
     except Exception as exc:  # noqa: BLE001 — reported to the scorer, which stops with the reason
@@ -55,25 +52,24 @@ def _worker_main(conn: Any, bundle_path: str, backends: dict[str, tuple[str, str
     x = torch.from_numpy(np.ndarray((1, 3, size, size), np.float32, buffer=shm_in.buf))
     out = np.ndarray((size * size,), np.float32, buffer=shm_out.buf)
     try:
-        with torch.no_grad():
-            for fn in fns.values():  # warm: the first calls allocate
-                for _ in range(2):
-                    fn(torch.zeros(1, 3, size, size).to(device))
-            conn.send(("ready", None))
-            while True:
-                try:
-                    modality = conn.recv()
-                except EOFError:
-                    break
-                if modality is None:
-                    break
-                try:
-                    amap, score = fns[modality](x.to(device).contiguous())
-                    a = amap[0, 0].float().cpu().numpy()
-                    out[: a.size] = a.ravel()
-                    conn.send(("ok", float(score.float()[0]), a.shape))
-                except Exception as exc:  # noqa: BLE001 — one bad frame is the scorer's to count
-                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        for modality in scorer.branches:  # warm: the first calls allocate
+            for _ in range(2):
+                scorer.run_branch(modality, torch.zeros(1, 3, size, size).to(device))
+        conn.send(("ready", None))
+        while True:
+            try:
+                modality = conn.recv()
+            except EOFError:
+                break
+            if modality is None:
+                break
+            try:
+                amap, score = scorer.run_branch(modality, x.to(device).contiguous())
+                a = amap[0, 0].float().cpu().numpy()
+                out[: a.size] = a.ravel()
+                conn.send(("ok", score, a.shape))
+            except Exception as exc:  # noqa: BLE001 — one bad frame is the scorer's to count
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         del x, out
         shm_in.close()

@@ -326,6 +326,7 @@ def _work_copy(rgb: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _detect(rgb: np.ndarray, lit_level: int, circle_only: bool) -> FieldOfView | None:
+    """The field of view: a disc fitted to the largest lit blob, else (unless ``circle_only``) its convex hull."""
     h, w = rgb.shape[:2]
     small, scale = _work_copy(rgb)
     lum = _channel_max(small) if small.ndim == 3 else small
@@ -340,33 +341,13 @@ def _detect(rgb: np.ndarray, lit_level: int, circle_only: bool) -> FieldOfView |
     cut: list[tuple[int, int, int, int]] = []
     outliers: _ColourOutliers | None = None
     if not circle_only and small.ndim == 3:
-        fov = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-        outliers = _ColourOutliers(small, fov, lit_level)
-        cut = _overlays(small, outliers, fov)
-        if cut:
-            keep = np.ones_like(lit)
-            for x, y, bw, bh in cut:
-                m = _CUT_MARGIN
-                keep[max(0, y - m):y + bh + m, max(0, x - m):x + bw + m] = 0
-            lit = cv2.morphologyEx(lit & keep, cv2.MORPH_OPEN, ellipse)
-            n, labels, stats, _ = cv2.connectedComponentsWithStats(lit, connectivity=8)
-            if n < 2:
-                return None
+        outliers, cut, n, labels, stats = _cut_overlays(small, lit, ellipse, lit_level, n, labels, stats)
+        if n < 2:
+            return None
     blob = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[blob, cv2.CC_STAT_AREA] < 0.05 * sh * sw:
         return None
-    mask = (labels == blob).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, ellipse)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    outline = max(contours, key=cv2.contourArea).reshape(-1, 2)
-    inner = outline[(outline[:, 0] > 1) & (outline[:, 0] < sw - 2) & (outline[:, 1] > 1) & (outline[:, 1] < sh - 2)]
-    if cut:  # nor the points along a cut-out overlay's edge
-        near = np.zeros(len(inner), bool)
-        for x, y, bw, bh in cut:
-            m = _CUT_MARGIN + 2
-            near |= ((inner[:, 0] >= x - m) & (inner[:, 0] < x + bw + m)
-                     & (inner[:, 1] >= y - m) & (inner[:, 1] < y + bh + m))
-        inner = inner[~near]
+    mask, outline, inner = _blob_outline(labels, blob, ellipse, cut)
     exclude = tuple(_source_rect(rgb, o, outliers, scale) for o in cut) if outliers is not None else ()
     fit = _fit_circle(inner + 0.5)
     if fit is not None:
@@ -384,11 +365,50 @@ def _detect(rgb: np.ndarray, lit_level: int, circle_only: bool) -> FieldOfView |
                 return FieldOfView(cx, cy, r, exclude=exclude)
     elif circle_only:
         return None
-    # Not a disc: the convex hull of the blob, through boundary pixel centres pushed out by a margin.
+    return _hull_field(outline, stats[blob, cv2.CC_STAT_AREA], scale, exclude)
+
+
+def _cut_overlays(small: np.ndarray, lit: np.ndarray, ellipse: np.ndarray, lit_level: int, n: int, labels: np.ndarray,
+                  stats: np.ndarray) -> tuple[_ColourOutliers, list[tuple[int, int, int, int]], int, np.ndarray, np.ndarray]:
+    """Find the overlays drawn on the largest lit blob; cut them out of the lit mask and label its blobs again."""
+    fov = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    outliers = _ColourOutliers(small, fov, lit_level)
+    cut = _overlays(small, outliers, fov)
+    if cut:
+        keep = np.ones_like(lit)
+        for x, y, bw, bh in cut:
+            m = _CUT_MARGIN
+            keep[max(0, y - m):y + bh + m, max(0, x - m):x + bw + m] = 0
+        lit = cv2.morphologyEx(lit & keep, cv2.MORPH_OPEN, ellipse)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(lit, connectivity=8)
+    return outliers, cut, n, labels, stats
+
+
+def _blob_outline(labels: np.ndarray, blob: int, ellipse: np.ndarray,
+                  cut: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blob's closed mask, its outline, and the outline points to fit a circle to (off the frame's and overlays' edges)."""
+    mask = (labels == blob).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, ellipse)
+    sh, sw = mask.shape
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea).reshape(-1, 2)
+    inner = outline[(outline[:, 0] > 1) & (outline[:, 0] < sw - 2) & (outline[:, 1] > 1) & (outline[:, 1] < sh - 2)]
+    if cut:  # nor the points along a cut-out overlay's edge
+        near = np.zeros(len(inner), bool)
+        for x, y, bw, bh in cut:
+            m = _CUT_MARGIN + 2
+            near |= ((inner[:, 0] >= x - m) & (inner[:, 0] < x + bw + m)
+                     & (inner[:, 1] >= y - m) & (inner[:, 1] < y + bh + m))
+        inner = inner[~near]
+    return mask, outline, inner
+
+
+def _hull_field(outline: np.ndarray, area: float, scale: float, exclude: tuple[Rect, ...]) -> FieldOfView | None:
+    """Not a disc: the convex hull of the blob, through boundary pixel centres pushed out by a margin."""
     hull = cv2.convexHull(outline.astype(np.float32)).reshape(-1, 2).astype(np.float64) + 0.5
     if len(hull) < 3 or cv2.contourArea(hull.astype(np.float32)) <= 0:
         return None
-    if stats[blob, cv2.CC_STAT_AREA] < 0.5 * cv2.contourArea(hull.astype(np.float32)):
+    if area < 0.5 * cv2.contourArea(hull.astype(np.float32)):
         return None  # a ragged blob (scattered glare), not a field of view
     centre = hull.mean(axis=0)
     out = hull - centre

@@ -19,15 +19,16 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from engine.constants import MODALITIES
 from engine.errors import CemdError
 
-MODALITIES = ("wli", "nbi")
 CLASSIFIER_FILE = "modality.json"
 _LIT = 20  # an 8-bit level below which a pixel is border or shadow, not tissue
 
 # Used only when a bundle has no modality.json: fitted on the synthetic training set
 # data/synth-seed1 (see docs/STREAMING.md); a user with real video should fit their own.
-DEFAULT_CLASSIFIER = {"weights": [-78.1646, 174.046, 100.826], "bias": -53.0908, "fitted_on": "built-in default (synthetic data/synth-seed1)"}
+DEFAULT_CLASSIFIER = {"weights": [-78.1646, 174.046, 100.826], "bias": -53.0908,
+                      "fitted_on": "built-in default (synthetic data/synth-seed1)"}
 
 
 def chromaticity(rgb: np.ndarray) -> np.ndarray | None:
