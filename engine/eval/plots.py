@@ -16,7 +16,6 @@ __all__ = ["plot_roc_curves", "plot_line_chart", "heatmap_overlay", "image_grid"
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 WHITE = (255, 255, 255)
-BLACK = (0, 0, 0)
 GRID = (225, 225, 225)
 AXIS = (60, 60, 60)
 TEXT = (20, 20, 20)
