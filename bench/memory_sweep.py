@@ -41,7 +41,7 @@ from engine.errors import DatasetError
 from engine.eval import metrics
 from engine.model.anomaly_map import FieldOfViewMask, reduce_score
 from engine.model.config import ModelConfig, TrainConfig
-from engine.train.trainer import fit_bundle_memory, train_bundle
+from engine.train.trainer import Trainer, fit_bundle_memory
 
 GAINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, None)  # None = the memory map alone
 REDUCTIONS = (("mean", 0.0), ("topk", 0.1), ("topk", 0.01))
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     fit_dir = a.out / ("fit-plain" if a.no_teacher_training else "fit")
     fit_data = fit_dataset(a.data, modality, a.out / "fit-data", held)
     if not (fit_dir / "bundle.json").is_file():
-        train_bundle(fit_data, fit_dir, replace(cfg, memory_score=False, teacher_training=not a.no_teacher_training),
-                     TrainConfig(), progress=False, log=print)
+        Trainer(fit_data, fit_dir, replace(cfg, memory_score=False, teacher_training=not a.no_teacher_training),
+                TrainConfig(), progress=False, log=print).run()
     val = validation_windows(a.data, modality, size, images=held,
                              normal=[p for p in split.train if image_of(p) in held])
     if val is None:

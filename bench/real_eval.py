@@ -48,7 +48,7 @@ from engine.model.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
 from engine.model.backbone import FrozenEncoder, build_lite0, get_backbone
 from engine.model.branch import StudentBranch
 from engine.model.config import ModelConfig, TrainConfig
-from engine.train.trainer import train_bundle
+from engine.train.trainer import Trainer
 
 Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # N×3×S×S in [0, 1] → (map N×1×S×S, score N)
 
@@ -238,7 +238,7 @@ def _train(data: Path, out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig
         log(f"reusing {out}")
         return bundle, float(bundle.meta.get("train_seconds", float("nan")))
     t0 = time.perf_counter()
-    train_bundle(data, out, model_cfg, train_cfg, progress=False, log=log)
+    Trainer(data, out, model_cfg, train_cfg, progress=False, log=log).run()
     return load_bundle(out), round(time.perf_counter() - t0, 1)
 
 

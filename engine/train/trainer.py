@@ -1069,9 +1069,3 @@ def validation_images(data: Path, seed: int, val_fraction: float) -> dict[str, l
     index = ds.scan_dataset(data, require_train=True)
     split = TrainConfig(seed=seed, val_fraction=val_fraction)
     return {m: _bundle_split(index, data, m, split)[1] for m in index.modalities}
-
-
-def train_bundle(data: Path, out: Path, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
-                 **kwargs: Any) -> Path:
-    return Trainer(data, out, model_cfg or ModelConfig(), train_cfg or TrainConfig(), **kwargs).run()
-
