@@ -75,7 +75,8 @@ def _add_calibrate(sub: argparse._SubParsersAction, factory: ReplayerFactory) ->
     p.add_argument("--max-debounce-ms", type=float, default=d.max_debounce_ms,
                    help=f"longest delay debouncing may add to an alert (default {d.max_debounce_ms:g} ms)")
     p.add_argument("--report", type=Path, default=None, help="report folder (default runs/calibrate-TIMESTAMP)")
-    p.add_argument("--backend", default="auto", help="branch backend: auto (default), aoti, eager, tensorrt")
+    p.add_argument("--backend", default="auto",
+                   help="branch backend: auto (default), aoti, onnxruntime, openvino, eager, tensorrt")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--image-fps", type=float, default=30.0, help="frame rate assumed for folders of frames")
     p.add_argument("--workers", type=int, default=None,

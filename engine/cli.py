@@ -256,11 +256,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="compile the student branches (tensorrt or aoti) and store them beside the bundle",
+    p = sub.add_parser("export", help="compile the student branches (tensorrt, aoti, onnx …) and store them beside the "
+                                      "bundle",
                        description="Compile each student branch, check it against eager PyTorch on probe frames and "
-                                   "store it in BUNDLE/compiled/, so the monitor starts without compiling.")
+                                   "store it in BUNDLE/compiled/, so the monitor starts without compiling. --backend onnx "
+                                   "writes the ONNX graph (the hand-off file for any runtime), checked with onnx.checker "
+                                   "and, where ONNX Runtime is installed, against eager PyTorch.")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--backend", choices=("tensorrt", "aoti"), required=True)
+    p.add_argument("--backend", choices=("tensorrt", "aoti", "onnx", "onnxruntime", "openvino"), required=True)
     p.add_argument("--precision", choices=("fp16", "fp32"), help="default: fp16 for tensorrt, fp32 for aoti")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=1, help="static batch size of the compiled graph (default 1)")
@@ -283,8 +286,17 @@ def _run_export(args: argparse.Namespace) -> int:
     if unknown:
         raise CemdError(f"--modalities: the bundle has no {', '.join(unknown)} branch "
                         f"(it has {', '.join(bundle.modalities)})")
+    backend = args.backend
+    if backend == "onnx":
+        from engine.deploy.onnx_runtimes import RuntimeMissing, runtime_version
+
+        try:
+            runtime_version("onnxruntime")
+            backend = "onnxruntime"  # the graph, checked against eager in ONNX Runtime
+        except RuntimeMissing:
+            return _export_onnx_unchecked(bundle, mods, args, console)
     # AOTInductor branches that need compiling are compiled at once, one process each
-    scorers = load_scorers(bundle, mods, args.backend, args.device, args.precision, args.batch,
+    scorers = load_scorers(bundle, mods, backend, args.device, args.precision, args.batch,
                            rebuild=args.rebuild, log=lambda msg: console.print(msg, highlight=False))
     for m, scorer in scorers.items():
         par = scorer.parity or {}
@@ -293,6 +305,18 @@ def _run_export(args: argparse.Namespace) -> int:
                       f"parity vs eager: max map error {par.get('max_abs_map_error', float('nan')):.1e} "
                       f"(tolerance {par.get('tolerance', float('nan')):.0e}), same ranking {par.get('same_ranking')}",
                       highlight=False)
+    return 0
+
+
+def _export_onnx_unchecked(bundle, mods: list[str], args: argparse.Namespace, console: Console) -> int:  # noqa: ANN001
+    from engine.deploy.backends import onnx_graph
+
+    for m in mods:
+        path, seconds = onnx_graph(bundle, m, args.batch, rebuild=args.rebuild,
+                                   log=lambda msg: console.print(msg, highlight=False))
+        console.print(f"{m.upper()} onnx batch {args.batch}: {'exported in %.0f s' % seconds if seconds else 'already exported'}"
+                      f", {path}; onnx.checker passed; parity vs eager not checked (ONNX Runtime is not installed: "
+                      f"pip install -e '.[onnxruntime]')", highlight=False)
     return 0
 
 

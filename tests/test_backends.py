@@ -235,3 +235,82 @@ def test_cuda_eager_fp16_and_aoti_match_fp32_eager(tiny_bundle: Path, tmp_path: 
         return
     res = check_parity(ref, scorer.fn, frames, 1, "cuda", "fp32")
     assert res["ok"], res
+
+
+# --------------------------------------------------------------------------- ONNX graph, ONNX Runtime, OpenVINO
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_onnx_runtimes_match_eager_share_one_cached_graph_and_are_pinned(runtime: str, tiny_bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    pytest.importorskip(runtime)  # the dev extra installs both; a lean install says why below
+    import onnx
+
+    bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    logs: list[str] = []
+    first = load_scorer(bundle, "wli", runtime, "cpu", log=logs.append)
+    assert first.backend == runtime and first.artifact is not None and first.artifact.suffix == ".onnx"
+    assert first.compile_seconds and any("exporting" in m for m in logs), logs
+    onnx.checker.check_model(str(first.artifact), full_check=True)
+    assert first.parity["ok"] and first.parity["max_abs_map_error"] <= 1e-3 and first.parity["same_ranking"]
+    sidecar = json.loads(first.artifact.with_suffix(".json").read_text())
+    assert sidecar["key"]["backend"] == "onnx" and f"{runtime}/cpu" in sidecar["parity"]
+    # 40 frames: the same maps as eager within the FP32 tolerance, the same ranking
+    frames = probe_frames(TINY_SIZE, 40, seed=11)
+    parity = check_parity(eager_module(bundle, "wli", "cpu", "fp32"), first.fn, frames, 1, "cpu", "fp32")
+    assert parity["ok"] and parity["same_ranking"], parity
+    # the other runtime and a second start use the same graph: nothing exported again
+    other = "openvino" if runtime == "onnxruntime" else "onnxruntime"
+    logs.clear()
+    again = load_scorer(bundle, "wli", runtime, "cpu", log=logs.append)
+    assert again.artifact == first.artifact and again.compile_seconds is None and not any("exporting" in m for m in logs)
+    if __import__("importlib").util.find_spec(other):
+        assert load_scorer(bundle, "wli", other, "cpu").artifact == first.artifact
+    # pinned to torch's thread count at load time: an inference worker (1 thread) gets a 1-thread runtime
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fn, _, _ = compile_branch(bundle, "wli", runtime, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    if runtime == "onnxruntime":
+        assert fn.session.get_session_options().intra_op_num_threads == 1
+    else:
+        assert int(fn.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    # a corrupt graph is exported again, never trusted
+    first.artifact.write_bytes(b"not an onnx graph")
+    logs.clear()
+    repaired = load_scorer(bundle, "wli", runtime, "cpu", log=logs.append)
+    assert repaired.parity["ok"] and any("exporting" in m for m in logs), logs
+    # fp16 is not what the graph holds
+    with pytest.raises(BackendUnavailable, match="FP32 ONNX graph"):
+        compile_branch(bundle, "wli", runtime, "cpu", "fp16")
+
+
+def test_a_missing_runtime_says_how_to_install_it(tiny_bundle: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino → ImportError
+    with pytest.raises(BackendUnavailable, match=r"pip install -e '\.\[openvino\]'"):
+        compile_branch(load_bundle(tiny_bundle), "wli", "openvino", "cpu", cache_dir=tmp_path)
+
+
+def test_cemd_export_onnx_writes_checked_graphs_and_the_scorer_uses_them(tiny_bundle: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from engine.synth.stills import render_pair
+    from realtime.cli.main import main
+    from realtime.scoring.frame_scorer import FrameScorer
+
+    copy = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    assert main(["export", "--bundle", str(copy), "--backend", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "WLI onnxruntime" in out and "NBI onnxruntime" in out and "same ranking True" in out
+    assert len(list((copy / "compiled").glob("*.onnx"))) == 2
+    onnx_scorer = FrameScorer.from_bundle(copy, "wli", backend="onnxruntime", build=False)  # no export: it is there
+    eager = FrameScorer.from_bundle(copy, "wli", backend="eager")
+    frame = render_pair(3, TINY_SIZE, "elevated_erythema").wli
+    a, b = onnx_scorer.score(frame), eager.score(frame)
+    assert onnx_scorer.backends == {"wli": "onnxruntime"}
+    assert a.score == pytest.approx(b.score, abs=1e-4) and np.abs(a.map - b.map).max() < 1e-3

@@ -37,11 +37,21 @@ import torch
 from torch import nn
 
 from engine.deploy.bundle import Bundle, atomic_write_json
+from engine.deploy.onnx_runtimes import (
+    ONNX_RUNTIMES,
+    RuntimeMissing,
+    build_onnx,
+    load_runtime,
+    onnx_version,
+    runtime_version,
+)
 from engine.errors import CemdError
 from engine.model.backbone import file_sha256
 from engine.model.config import to_dict
 
-BACKENDS = ("tensorrt", "aoti", "eager")
+BACKENDS = ("tensorrt", "aoti", "onnxruntime", "openvino", "eager")
+# What `auto` tries, in order (the ONNX runtimes only when asked for, until auto measures; issue #28).
+AUTO_ORDER = ("tensorrt", "aoti", "eager")
 # Bumped when the code inside a compiled branch changes, so older packages are rebuilt, not reused
 # (2: the field-of-view mask as convolutions; 3: its window sums as running sums, the
 # distillation map's upsampling and blur as matrix products).
@@ -104,7 +114,7 @@ def _key_digest(key: dict[str, Any]) -> str:
 
 
 def _artifact_suffix(backend: str) -> str:
-    return ".pt2" if backend == "aoti" else ".ep"
+    return {"aoti": ".pt2", "onnx": ".onnx"}.get(backend, ".ep")
 
 
 def sidecar_of(artifact: Path) -> Path:
@@ -366,6 +376,18 @@ class Scorer:
         return self.fn(frames.to(self.device).contiguous())
 
 
+def record_parity(artifact: Path, backend: str, device: str, parity: dict[str, Any]) -> None:
+    """Keep the parity check's result in the artifact's sidecar (per runtime and device: one ONNX
+    graph serves several)."""
+    sidecar = sidecar_of(artifact)
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    data.setdefault("parity", {})[f"{backend}/{device}"] = {**parity, "checked": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_json(sidecar, data)
+
+
 def default_precision(backend: str, device: str) -> str:
     return "fp16" if device == "cuda" and backend in ("tensorrt", "eager") else "fp32"
 
@@ -385,6 +407,8 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
         raise BackendUnavailable("no CUDA device is available")
     if backend == "eager":
         return eager_module(bundle, modality, device, precision), None, None
+    if backend in ONNX_RUNTIMES:
+        return _onnx_branch(bundle, modality, backend, device, precision, batch, cache_dir, rebuild, log, build)
     extra = _backend_key_extra(backend, device)
     key, artifact, sidecar = artifact_location(bundle, modality, backend, device, precision, batch, cache_dir, extra)
     reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
@@ -436,6 +460,8 @@ def _build_artifact(bundle: Bundle, modality: str, backend: str, device: str, pr
     try:
         if backend == "aoti":
             build_aoti(ep, tmp)
+        elif backend == "onnx":
+            build_onnx(ep, example, tmp)
         else:
             build_tensorrt(ep, example, tmp)
     except BackendUnavailable:
@@ -450,6 +476,54 @@ def _build_artifact(bundle: Bundle, modality: str, backend: str, device: str, pr
     return seconds
 
 
+def onnx_graph(bundle: Bundle, modality: str, batch: int = 1, cache_dir: Path | None = None, rebuild: bool = False,
+               log: Log = _quiet, build: bool = True) -> tuple[Path, float | None]:
+    """The branch's FP32 ONNX graph (one per branch and batch, device-independent), exported once
+    and cached with its sidecar key like any artifact; returns (path, export seconds or None)."""
+    try:
+        key, artifact, sidecar = artifact_location(bundle, modality, "onnx", "cpu", "fp32", batch, cache_dir,
+                                                   {"onnx": onnx_version()})
+    except RuntimeMissing as exc:
+        raise BackendUnavailable(str(exc)) from None
+    reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
+    if reason is None:
+        return artifact, None
+    if not build:
+        raise BackendUnavailable(f"no ONNX graph of the {modality.upper()} branch ({reason}); export it once with: "
+                                 f"cemd export --bundle {bundle.path} --backend onnx")
+    log(f"{modality.upper()} onnx: exporting {artifact.name} ({reason}; about 10 s, once)")
+    seconds = _build_artifact(bundle, modality, "onnx", "cpu", "fp32", batch, key, artifact, sidecar)
+    log(f"{modality.upper()} onnx: exported in {seconds:.0f} s")
+    if artifact.parent == bundle.path / "compiled":
+        prune_superseded(artifact.parent, key, sidecar)
+    return artifact, seconds
+
+
+def _onnx_branch(bundle: Bundle, modality: str, runtime: str, device: str, precision: str, batch: int,
+                 cache_dir: Path | None, rebuild: bool, log: Log, build: bool
+                 ) -> tuple[Callable[[torch.Tensor], Any], Path | None, float | None]:
+    """The ONNX graph (exported if needed) loaded in ONNX Runtime or OpenVINO."""
+    if precision != "fp32":
+        raise BackendUnavailable(f"{runtime} runs the FP32 ONNX graph; use --precision fp32")
+    try:
+        runtime_version(runtime)
+    except RuntimeMissing as exc:
+        raise BackendUnavailable(str(exc)) from None
+    graph, seconds = onnx_graph(bundle, modality, batch, cache_dir, rebuild, log, build)
+    try:
+        fn = load_runtime(runtime, graph, device)
+    except RuntimeMissing as exc:
+        raise BackendUnavailable(str(exc)) from None
+    except Exception as exc:  # a corrupt graph: export it again, never trust it
+        if not build:
+            raise BackendUnavailable(f"{runtime} could not load {graph.name} ({_first_line(exc)})") from exc
+        log(f"{modality.upper()} {runtime}: {graph.name} failed to load ({_first_line(exc)}); exporting it again")
+        graph, seconds = onnx_graph(bundle, modality, batch, cache_dir, True, log, build)
+        fn = load_runtime(runtime, graph, device)
+    log(f"{modality.upper()} {runtime}: loaded {graph} ({torch.get_num_threads()} threads)")
+    return fn, graph, seconds
+
+
 def _load_artifact(artifact: Path, backend: str, device: str, shape: list[int]) -> Callable[[torch.Tensor], Any]:
     if backend == "aoti" and device == "cuda":  # see probe_load: a crash here must not take the process down
         crash = probe_load(artifact, device, shape)
@@ -462,7 +536,7 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
                 precision: str | None = None, batch: int = 1, cache_dir: Path | None = None, parity_frames: int = 8,
                 rebuild: bool = False, log: Log = _quiet, build: bool = True) -> Scorer:
     """The best working branch: `auto` tries tensorrt → aoti → eager; compiled ones must pass parity."""
-    order = list(BACKENDS) if backend == "auto" else [backend]
+    order = list(AUTO_ORDER) if backend == "auto" else [backend]
     if backend != "auto" and backend not in BACKENDS:
         raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
     skipped: dict[str, str] = {}
@@ -488,6 +562,8 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
                         f"{parity['max_abs_map_error']:.2e} (tolerance {parity['tolerance']:.0e}), same ranking: "
                         f"{parity['same_ranking']}; refused"
                     )
+            if parity is not None and artifact is not None:
+                record_parity(artifact, name, device, parity)
             return Scorer(modality, name, device, prec, batch, bundle.model.input_size, fn, artifact, seconds, parity,
                           skipped)
         except (BackendUnavailable, ParityError) as exc:
