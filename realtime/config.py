@@ -58,8 +58,8 @@ class ScoringConfig:
     device: str = option("auto", "where the branch runs", choices=("auto", "cpu", "cuda"), flag="--device")
     precision: str | None = option(None, "fp16 or fp32 (default: the backend's own: fp16 on CUDA, fp32 on CPU)",
                                    choices=(None, "fp16", "fp32"))
-    build_missing: bool = option(True, "compile a branch that has no compiled artifact yet (≈ 45 s per branch on a "
-                                 "2-core CPU)",
+    build_missing: bool = option(True, "compile or export a branch that has no compiled artifact yet (AOTInductor ≈ 45 s "
+                                 "per branch on a 2-core CPU, an ONNX graph ≈ 5 s)",
                                  switches={"--no-compile": (False, "never compile a branch at start; use a compiled "
                                                                    "artifact only if `cemd export` made one")})
     switch_frames: int = option(2, "frames in a row of the other light before the router switches branch")

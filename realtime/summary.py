@@ -62,6 +62,7 @@ def run_summary(m: Monitor, seconds: float, src: dict[str, Any]) -> dict[str, An
         "event_list": [{k: a[k] for k in ("event_id", "modality", "start_frame_id", "peak_score", "peak_frame_id")}
                        for a in starts],
         "backend": m.backends,
+        "backend_timings_ms": m.scorer.timings if m.scorer is not None else {},  # auto on the CPU: how it chose
         "device": m.device,
         "inference_workers": m.inference_workers,
         "thresholds": {"values": m.thresholds.values, "source": m.thresholds.source,

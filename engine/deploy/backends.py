@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,11 @@ from engine.model.backbone import file_sha256
 from engine.model.config import to_dict
 
 BACKENDS = ("tensorrt", "aoti", "onnxruntime", "openvino", "eager")
-# What `auto` tries, in order (the ONNX runtimes only when asked for, until auto measures; issue #28).
+# What `auto` tries on CUDA, in order; on the CPU it measures these and keeps the fastest that passes
+# parity (AOTInductor only when its package is built already: it takes a minute per branch to build).
 AUTO_ORDER = ("tensorrt", "aoti", "eager")
+AUTO_CPU = ("onnxruntime", "openvino", "aoti", "eager")
+TIMED_CALLS = 20
 # Bumped when the code inside a compiled branch changes, so older packages are rebuilt, not reused
 # (2: the field-of-view mask as convolutions; 3: its window sums as running sums, the
 # distillation map's upsampling and blur as matrix products).
@@ -366,6 +370,7 @@ class Scorer:
     compile_seconds: float | None = None
     parity: dict[str, Any] | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # better backends and why they were not used
+    timings_ms: dict[str, float] | None = None  # auto on the CPU: p50 of each candidate, measured here
 
     @torch.no_grad()
     def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -541,9 +546,7 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
         raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
     skipped: dict[str, str] = {}
     if backend == "auto" and device == "cpu":
-        order.remove("tensorrt")
-        skipped["tensorrt"] = "CPU device (TensorRT needs an NVIDIA GPU)"
-        log(f"{modality.upper()}: tensorrt skipped: {skipped['tensorrt']}")
+        return _auto_cpu(bundle, modality, batch, cache_dir, parity_frames, rebuild, log, build)
     frames = None
     for name in order:
         prec = precision or default_precision(name, device)
@@ -572,6 +575,116 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
             skipped[name] = str(exc)
             log(f"{modality.upper()}: {name} skipped: {exc}")
     raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
+
+
+def _p50_ms(scorer: Scorer, frame: torch.Tensor, calls: int = TIMED_CALLS) -> float:
+    """Median of ``calls`` timed calls after three warm-up calls."""
+    times = []
+    for i in range(calls + 3):
+        t0 = time.perf_counter()
+        scorer(frame)
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1000)
+    return round(float(np.median(times)), 2)
+
+
+def _machine(bundle: Bundle, modality: str, batch: int) -> dict[str, Any]:
+    """What a CPU choice depends on: the branch, the machine's CPU and threads, the libraries."""
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    versions = {}
+    for runtime in ONNX_RUNTIMES:
+        try:
+            versions[runtime] = runtime_version(runtime)
+        except RuntimeMissing:
+            versions[runtime] = None
+    return {"model_hash": model_hash(bundle, modality), "batch": batch, "cpu": cpu or platform.processor(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__, **versions}
+
+
+def _ready(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None) -> dict[str, bool]:
+    """Which built artifacts a CPU choice could use now (a new one means: measure again)."""
+    out = {}
+    for backend, extra in (("onnx", {"onnx": _onnx_version_or_none()}), ("aoti", {})):
+        key, artifact, sidecar = artifact_location(bundle, modality, backend, "cpu", "fp32", batch, cache_dir, extra)
+        out[backend] = stale_reason(artifact, sidecar, key) is None
+    return out
+
+
+def _onnx_version_or_none() -> str | None:
+    try:
+        return onnx_version()
+    except RuntimeMissing:
+        return None
+
+
+def _auto_cpu(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None, parity_frames: int, rebuild: bool,
+              log: Log, build: bool) -> Scorer:
+    """`auto` on the CPU: every candidate that can run here without a long build (the ONNX runtimes
+    export their graph once, in seconds; AOTInductor counts only if its package exists) is parity-
+    checked and timed on a probe frame; the fastest wins. The choice and the timings are kept in
+    ``compiled/auto-<modality>-cpu-b<batch>.json`` and reused while nothing they depend on changes."""
+    folder = Path(cache_dir) if cache_dir else bundle.path / "compiled"
+    record_path = folder / f"auto-{modality}-cpu-b{batch}.json"
+    machine = {**_machine(bundle, modality, batch), "ready": _ready(bundle, modality, batch, cache_dir)}
+    skipped = {"tensorrt": "CPU device (TensorRT needs an NVIDIA GPU)"}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() and not rebuild else None
+    except (OSError, json.JSONDecodeError):
+        record = None
+    if record and record.get("machine") == machine and record.get("chosen") in AUTO_CPU:
+        try:
+            scorer = load_scorer(bundle, modality, record["chosen"], "cpu", None, batch, cache_dir, parity_frames,
+                                 False, log, build)
+            scorer.timings_ms, scorer.skipped = record["timings_ms"], {**skipped, **record.get("skipped", {})}
+            log(f"{modality.upper()} auto: {record['chosen']} (measured {record['measured']}: "
+                f"{_timings_text(record['timings_ms'])})")
+            return scorer
+        except (BackendUnavailable, ParityError) as exc:
+            log(f"{modality.upper()} auto: the recorded choice {record['chosen']} cannot run ({exc}); measuring again")
+    frame = probe_frames(bundle.model.input_size, batch, modality=modality)
+    scorers: dict[str, Scorer] = {}
+    for name in AUTO_CPU:
+        try:
+            scorers[name] = load_scorer(bundle, modality, name, "cpu", None, batch, cache_dir, parity_frames, rebuild,
+                                        log, build and name != "aoti")
+        except (BackendUnavailable, ParityError) as exc:
+            skipped[name] = str(exc)
+            log(f"{modality.upper()}: {name} skipped: {exc}")
+    if not scorers:
+        raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
+    timings = {name: _p50_ms(sc, frame) for name, sc in scorers.items()}
+    chosen = min(timings, key=timings.__getitem__)
+    log(f"{modality.upper()} auto: {_timings_text(timings)} → {chosen}")
+    measured = time.strftime("%Y-%m-%d %H:%M:%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    machine["ready"] = _ready(bundle, modality, batch, cache_dir)  # as the next start will find them
+    atomic_write_json(record_path, {"machine": machine, "timings_ms": timings, "chosen": chosen, "measured": measured,
+                                    "skipped": {k: v for k, v in skipped.items() if k != "tensorrt"}})
+    scorer = scorers[chosen]
+    if scorer.artifact is not None:
+        _record_choice(scorer.artifact, chosen, timings, measured)
+    scorer.timings_ms, scorer.skipped = timings, skipped
+    return scorer
+
+
+def _timings_text(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.1f} ms" for name, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+
+
+def _record_choice(artifact: Path, chosen: str, timings: dict[str, float], measured: str) -> None:
+    """The auto choice in the chosen artifact's sidecar too, beside its parity record."""
+    sidecar = sidecar_of(artifact)
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    data["auto_cpu"] = {"chosen": chosen, "timings_ms": timings, "measured": measured}
+    atomic_write_json(sidecar, data)
 
 
 def _build_main(argv: list[str]) -> int:
@@ -636,7 +749,7 @@ def load_scorers(bundle: Bundle, modalities: list[str], backend: str = "auto", d
     so two branches took 66 s at once against about 100 s one after the other on the 2-core
     machine (docs/BENCHMARKS.md)."""
     built: set[str] = set()
-    if build and device == "cpu" and backend in ("auto", "aoti") and len(modalities) > 1 and (os.cpu_count() or 1) > 1:
+    if build and device == "cpu" and backend == "aoti" and len(modalities) > 1 and (os.cpu_count() or 1) > 1:
         prec = precision or default_precision("aoti", device)
         try:
             check_compiler()

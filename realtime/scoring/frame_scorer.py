@@ -145,6 +145,11 @@ class FrameScorer:
         """Backend of each loaded branch (``eager`` for plain modules)."""
         return {m: getattr(b, "backend", "eager") for m, b in self.branches.items()}
 
+    @property
+    def timings(self) -> dict[str, dict[str, float]]:
+        """``auto`` on the CPU: each branch's measured p50 per candidate backend (empty otherwise)."""
+        return {m: t for m, b in self.branches.items() if (t := getattr(b, "timings_ms", None))}
+
     def warm(self) -> None:
         """Two calls of every branch on a host tensor, as frames arrive, so that the first frame
         does not pay the first allocations."""
