@@ -215,3 +215,32 @@ def test_monitor_stops_with_a_status_when_a_worker_dies(tiny_bundle: Path, tmp_p
         (out, [(m["state"], m.get("message")) for m in statuses])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "inference worker 1 exited" in summary["message"] and summary["frames_scored"] > 0
+
+
+def test_workers_run_the_onnx_runtimes_on_one_thread_each(tiny_bundle: Path, tmp_path: Path) -> None:
+    """An inference worker loads the exported ONNX graph (never exports one) in its runtime and returns
+    what the scorer process's own runtime returns (the one-thread pin itself: tests/test_backends.py)."""
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    copy = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    bundle = load_bundle(copy)
+    size = bundle.model.input_size
+    frames = _frames(size, 3)
+    for runtime in ("onnxruntime", "openvino"):
+        if runtime == "openvino":
+            pytest.importorskip("openvino")
+        here = load_scorer(bundle, "wli", runtime, "cpu")  # exports the graph once, in this process
+        want = [float(here(f)[1][0]) for f in frames]
+        pool = InferencePool(str(copy), {"wli": (runtime, "fp32")}, "cpu", 2, size)
+        pool.start()
+        try:
+            got = []
+            for f in frames:
+                pool.submit("wli", f)
+                [r] = pool.collect(timeout=30)
+                assert r.error is None, r.error
+                got.append(r.score)
+        finally:
+            pool.close()
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), runtime
