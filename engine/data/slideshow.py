@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.data.dataset import IMAGE_SUFFIXES, _decode, _is_junk
 from engine.errors import CemdError
-from engine.synth.stills import _progress
+from engine.progress import progress_steps
 
 __all__ = ["letterbox", "slides_path", "write_slideshow"]
 
@@ -181,7 +181,7 @@ def _encode_slides(
     stream = container.add_stream("libx264", rate=rate)
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     stream.options = {"crf": "18", "preset": "veryfast"}
-    with _progress(progress, n_frames, f"slideshow → {name}") as advance:
+    with progress_steps(progress, n_frames, f"slideshow → {name}") as advance:
         for slide, p in zip(slides, readable):
             try:
                 rgb = letterbox(_read_rgb(p), (w, h))

@@ -43,6 +43,7 @@ import numpy as np
 
 from engine.constants import MODALITIES
 from engine.errors import CemdError
+from engine.progress import progress_steps
 
 __all__ = [
     "DATASET_FORMAT",
@@ -1388,7 +1389,7 @@ def _write_items(out: Path, seed: int, n_train: int, n_test: int, size: int, pro
     total = n_train + n_test * (1 + len(LESION_KINDS))
     fractions: list[float] = []
     shown: dict[str, dict[str, int]] = {}
-    with _progress(progress, total, f"synth → {out}") as advance:
+    with progress_steps(progress, total, f"synth → {out}") as advance:
         for split, kind, i in _dataset_items(n_train, n_test):
             pair = render_pair(item_seed(seed, split, kind, i), size, kind, generator=generator)
             if pair.nuisances:
@@ -1459,28 +1460,6 @@ def _nuisance_flags(nuisances: dict[str, Any]) -> dict[str, bool]:
     flags.update(over_exposed=nuisances["exposure"] > 1.1, under_exposed=nuisances["exposure"] < 0.9,
                  jpeg=nuisances["jpeg_quality"] is not None)
     return flags
-
-
-class _progress:
-    """A rich progress bar, or nothing; yields an ``advance()`` callable either way."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled, self.total, self.label = enabled, total, label
-        self._bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda: None
-        from engine.progress import progress_bar
-
-        self._bar = progress_bar()
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- documentation figure

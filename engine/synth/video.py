@@ -24,11 +24,11 @@ import cv2
 import numpy as np
 
 from engine.errors import CemdError
+from engine.progress import progress_steps
 from engine.synth.stills import (
     LESION_KINDS,
     _blur,
     _noise,
-    _progress,
     apply_lesion,
     colorize,
     make_lesion,
@@ -514,7 +514,7 @@ def render_video(
         stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast"}
-        with _progress(progress, scene.n_frames, f"synth-video → {out.name}") as advance:
+        with progress_steps(progress, scene.n_frames, f"synth-video → {out.name}") as advance:
             for i in range(scene.n_frames):
                 frame = av.VideoFrame.from_ndarray(scene.frame(i), format="rgb24")
                 frame.pts = i
@@ -564,7 +564,7 @@ def write_frame_dataset(out: Path, seeds: list[int], per_seed: int, seconds: flo
     """
     out = Path(out)
     total = len(seeds) * per_seed
-    with _progress(progress, total, f"frames → {out}") as advance:
+    with progress_steps(progress, total, f"frames → {out}") as advance:
         for seed in seeds:
             scene = VideoScene(seed, seconds, 30.0, video_size, lesions=False)
             for k, i in enumerate(np.linspace(0, scene.n_frames - 1, per_seed).round().astype(int)):
