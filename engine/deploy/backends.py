@@ -381,16 +381,22 @@ class Scorer:
         return self.fn(frames.to(self.device).contiguous())
 
 
-def record_parity(artifact: Path, backend: str, device: str, parity: dict[str, Any]) -> None:
-    """Keep the parity check's result in the artifact's sidecar (per runtime and device: one ONNX
-    graph serves several)."""
+def _update_sidecar(artifact: Path, update: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``update`` to the artifact's sidecar JSON and write it back (nothing if it is unreadable)."""
     sidecar = sidecar_of(artifact)
     try:
         data = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError):
         return
-    data.setdefault("parity", {})[f"{backend}/{device}"] = {**parity, "checked": time.strftime("%Y-%m-%d %H:%M:%S")}
+    update(data)
     atomic_write_json(sidecar, data)
+
+
+def record_parity(artifact: Path, backend: str, device: str, parity: dict[str, Any]) -> None:
+    """Keep the parity check's result in the artifact's sidecar (per runtime and device: one ONNX
+    graph serves several)."""
+    checked = {**parity, "checked": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _update_sidecar(artifact, lambda data: data.setdefault("parity", {}).__setitem__(f"{backend}/{device}", checked))
 
 
 def default_precision(backend: str, device: str) -> str:
@@ -678,13 +684,8 @@ def _timings_text(timings: dict[str, float]) -> str:
 
 def _record_choice(artifact: Path, chosen: str, timings: dict[str, float], measured: str) -> None:
     """The auto choice in the chosen artifact's sidecar too, beside its parity record."""
-    sidecar = sidecar_of(artifact)
-    try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    data["auto_cpu"] = {"chosen": chosen, "timings_ms": timings, "measured": measured}
-    atomic_write_json(sidecar, data)
+    choice = {"chosen": chosen, "timings_ms": timings, "measured": measured}
+    _update_sidecar(artifact, lambda data: data.__setitem__("auto_cpu", choice))
 
 
 def _build_main(argv: list[str]) -> int:
