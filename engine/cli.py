@@ -269,6 +269,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="static batch size of the compiled graph (default 1)")
     p.add_argument("--modalities", default=None, help="comma list (default: every branch in the bundle)")
     p.add_argument("--rebuild", action="store_true", help="compile even when a valid artifact exists")
+    p.add_argument("--ship", action="store_true",
+                   help="with --backend onnx: also put the graphs in BUNDLE/exported/, the folder a bundle carries to "
+                        "other machines (kept in git for the demo), so a fresh copy starts without exporting")
     p.set_defaults(func=_run_export)
 
 
@@ -287,6 +290,9 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CemdError(f"--modalities: the bundle has no {', '.join(unknown)} branch "
                         f"(it has {', '.join(bundle.modalities)})")
     backend = args.backend
+    if args.ship and backend != "onnx":
+        raise CemdError("--ship goes with --backend onnx (a compiled TensorRT or AOTInductor artifact is "
+                        "specific to one machine and is not shipped)")
     if backend == "onnx":
         from engine.deploy.onnx_runtimes import RuntimeMissing, runtime_version
 
@@ -294,7 +300,7 @@ def _run_export(args: argparse.Namespace) -> int:
             runtime_version("onnxruntime")
             backend = "onnxruntime"  # the graph, checked against eager in ONNX Runtime
         except RuntimeMissing:
-            return _export_onnx_unchecked(bundle, mods, args, console)
+            return _ship(bundle, mods, args, console, _export_onnx_unchecked(bundle, mods, args, console))
     # AOTInductor branches that need compiling are compiled at once, one process each
     scorers = load_scorers(bundle, mods, backend, args.device, args.precision, args.batch,
                            rebuild=args.rebuild, log=lambda msg: console.print(msg, highlight=False))
@@ -305,7 +311,16 @@ def _run_export(args: argparse.Namespace) -> int:
                       f"parity vs eager: max map error {par.get('max_abs_map_error', float('nan')):.1e} "
                       f"(tolerance {par.get('tolerance', float('nan')):.0e}), same ranking {par.get('same_ranking')}",
                       highlight=False)
-    return 0
+    return _ship(bundle, mods, args, console, 0) if args.ship else 0
+
+
+def _ship(bundle, mods: list[str], args: argparse.Namespace, console: Console, rc: int) -> int:  # noqa: ANN001
+    from engine.deploy.backends import ship_onnx
+
+    for m in mods if args.ship and rc == 0 else []:
+        path = ship_onnx(bundle, m, args.batch, log=lambda msg: console.print(msg, highlight=False))
+        console.print(f"{m.upper()} onnx batch {args.batch}: shipped as {path}", highlight=False)
+    return rc
 
 
 def _export_onnx_unchecked(bundle, mods: list[str], args: argparse.Namespace, console: Console) -> int:  # noqa: ANN001

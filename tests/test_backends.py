@@ -348,3 +348,41 @@ def test_auto_on_the_cpu_keeps_the_fastest_candidate_and_reuses_its_choice(tiny_
         f.unlink()
     fake["onnxruntime"] = 1.0
     assert load_scorer(bundle, "wli", "auto", "cpu").backend == "onnxruntime" and timed
+
+
+def test_a_bundle_ships_its_onnx_graphs_and_a_fresh_copy_starts_without_exporting(
+        tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime")
+    from realtime.cli.main import main
+
+    source = shutil.copytree(tiny_bundle, tmp_path / "source")
+    assert main(["export", "--bundle", str(source), "--backend", "onnx", "--ship"]) == 0
+    assert "shipped as" in capsys.readouterr().out
+    shipped = sorted((source / "exported").glob("*.onnx"))
+    assert len(shipped) == 2
+    for graph in shipped:  # a clean sidecar: the key and the hash, no machine's parity record
+        side = json.loads(graph.with_suffix(".json").read_text())
+        assert set(side) <= {"key", "sha256", "compile_seconds", "built"} and side["key"]["opset"] == 18
+        assert "+" not in side["key"]["torch"]  # the release, so a CUDA build of torch reads the CPU build's graph
+    # another machine gets the bundle without compiled/: the shipped graphs are copied and used, never exported
+    fresh = shutil.copytree(source, tmp_path / "fresh", ignore=shutil.ignore_patterns("compiled"))
+    before = {p.name: p.read_bytes() for p in (fresh / "exported").iterdir()}
+    logs: list[str] = []
+    scorer = load_scorer(load_bundle(fresh), "wli", "onnxruntime", "cpu", log=logs.append, build=False)
+    assert scorer.parity["ok"] and scorer.artifact.parent == fresh / "compiled"
+    assert any("using the graph the bundle ships" in m for m in logs) and not any("exporting" in m for m in logs), logs
+    assert {p.name: p.read_bytes() for p in (fresh / "exported").iterdir()} == before  # records go to compiled/ only
+    # a shipped graph of other weights (or another opset) is not used: stale, and with build=False unavailable
+    for side in (fresh / "exported").glob("*.json"):
+        data = json.loads(side.read_text())
+        data["key"]["opset"] = 17
+        side.write_text(json.dumps(data))
+    shutil.rmtree(fresh / "compiled")
+    with pytest.raises(BackendUnavailable, match="cemd export"):
+        load_scorer(load_bundle(fresh), "nbi", "onnxruntime", "cpu", build=False)
+    # shipping again replaces the graphs of the earlier key instead of piling them up
+    assert main(["export", "--bundle", str(fresh), "--backend", "onnx", "--ship"]) == 0
+    assert len(list((fresh / "exported").glob("*.onnx"))) == 2
+    capsys.readouterr()
+    assert main(["export", "--bundle", str(fresh), "--backend", "aoti", "--ship"]) != 0
+    assert "--ship goes with --backend onnx" in " ".join(capsys.readouterr().err.split())

@@ -19,8 +19,23 @@ def test_demo_bundle_is_complete_and_valid() -> None:
     assert bundle.model.input_size == 256 and bundle.model.fusion and bundle.model.teacher_training
     assert bundle.meta["data"]["synthetic"] is True
     assert not (DEMO_BUNDLE / ".train_state.pt").exists()
-    size = sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir())
+    size = sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir() if p.is_file())
     assert size < 20 * 1024 * 1024, f"demo bundle is {size / 1e6:.1f} MB; keep it small"
+
+
+def test_the_demo_ships_onnx_graphs_of_its_current_weights() -> None:
+    """A fresh clone's first start copies these instead of exporting (docs/BACKENDS.md); a retrained
+    demo must ship them again: cemd export --bundle models/demo --backend onnx --ship."""
+    from engine.deploy.backends import SHIPPED, onnx_key, stale_reason
+
+    bundle = load_bundle(DEMO_BUNDLE)
+    for m in bundle.modalities:
+        key, graph, sidecar = onnx_key(bundle, m, 1, DEMO_BUNDLE / SHIPPED)
+        assert stale_reason(graph, sidecar, key) is None, (m, stale_reason(graph, sidecar, key))
+        assert "parity" not in json.loads(sidecar.read_text())  # no machine's records in a tracked file
+    files = list((DEMO_BUNDLE / SHIPPED).iterdir())
+    assert len(files) == 2 * len(bundle.modalities), files  # nothing superseded left behind
+    assert sum(p.stat().st_size for p in files) < 20 * 1024 * 1024
 
 
 def test_cemd_demo_runs_end_to_end_and_the_model_separates_lesions(tmp_path: Path) -> None:

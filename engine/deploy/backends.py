@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from torch import nn
 from engine.deploy.bundle import Bundle, atomic_write_json
 from engine.deploy.onnx_runtimes import (
     ONNX_RUNTIMES,
+    OPSET,
     RuntimeMissing,
     build_onnx,
     load_runtime,
@@ -56,6 +58,8 @@ BACKENDS = ("tensorrt", "aoti", "onnxruntime", "openvino", "eager")
 AUTO_ORDER = ("tensorrt", "aoti", "eager")
 AUTO_CPU = ("onnxruntime", "openvino", "aoti", "eager")
 TIMED_CALLS = 20
+ONNX_KEY = {"opset": OPSET, "torch": torch.__version__.split("+")[0]}
+SHIPPED = "exported"  # BUNDLE/exported/: ONNX graphs a bundle ships (tracked with it; `cemd export --ship`)
 # Bumped when the code inside a compiled branch changes, so older packages are rebuilt, not reused
 # (2: the field-of-view mask as convolutions; 3: its window sums as running sums, the
 # distillation map's upsampling and blur as matrix products).
@@ -286,9 +290,6 @@ def probe_load(path: Path, device: str, shape: list[int], timeout: float = 300) 
     aoti_load_package with torch 2.11+cu130 on an H200) would take the whole monitor down;
     in a child process it only costs a fallback.
     """
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     try:
         proc = subprocess.run([sys.executable, "-c", _PROBE_LOAD, str(path), device, ",".join(map(str, shape))],
                               capture_output=True, text=True, timeout=timeout)
@@ -303,12 +304,8 @@ def probe_load(path: Path, device: str, shape: list[int], timeout: float = 300) 
 
 
 def check_compiler() -> None:
-    import shutil  # noqa: PLC0415
-
-    from torch._inductor import config as inductor_config  # noqa: PLC0415
-
-    cxx = inductor_config.cpp.cxx[0] if isinstance(inductor_config.cpp.cxx, tuple) else inductor_config.cpp.cxx
-    candidates = [c for c in (os.environ.get("CXX"), cxx, "g++", "clang++", "c++") if c]
+    """AOTInductor compiles with ``$CXX`` or g++ (its default); without importing Inductor (2 s)."""
+    candidates = [c for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c]
     if not any(shutil.which(c) for c in candidates):
         raise BackendUnavailable("AOTInductor needs a C++ compiler and none was found (install g++ or set CXX)")
 
@@ -342,16 +339,52 @@ def run_batched(fn: Callable[[torch.Tensor], Any], frames: torch.Tensor, batch: 
     return torch.cat(maps), torch.cat(scores)
 
 
-def check_parity(reference: Callable[[torch.Tensor], Any], candidate: Callable[[torch.Tensor], Any],
-                 frames: torch.Tensor, batch: int, device: str, precision: str) -> dict[str, Any]:
-    """Max abs map error within TOLERANCE[precision]; in FP32 also the same image-score ranking."""
-    ref_map, ref_score = run_batched(reference, frames, batch, device)
+def check_parity(reference: Callable[[torch.Tensor], Any] | tuple[torch.Tensor, torch.Tensor],
+                 candidate: Callable[[torch.Tensor], Any], frames: torch.Tensor, batch: int, device: str,
+                 precision: str) -> dict[str, Any]:
+    """Max abs map error within TOLERANCE[precision]; in FP32 also the same image-score ranking.
+    ``reference``: the eager module, or its (maps, scores) on ``frames`` computed already."""
+    ref_map, ref_score = reference if isinstance(reference, tuple) else run_batched(reference, frames, batch, device)
     map_, score = run_batched(candidate, frames, batch, device)
     err = float((ref_map - map_).abs().max())
     same_rank = bool(torch.equal(torch.argsort(ref_score, stable=True), torch.argsort(score, stable=True)))
     ok = err <= TOLERANCE[precision] and (same_rank or precision != "fp32")
     return {"max_abs_map_error": err, "max_abs_score_error": float((ref_score - score).abs().max()),
             "tolerance": TOLERANCE[precision], "same_ranking": same_rank, "frames": len(frames), "ok": ok}
+
+
+class Probe:
+    """One branch's probe frames and eager FP32 PyTorch's outputs on them, made on first use and
+    shared by every candidate's parity check (and timing), instead of once per candidate."""
+
+    def __init__(self, bundle: Bundle, modality: str, n: int) -> None:
+        self.bundle, self.modality, self.n = bundle, modality, max(n, 2)
+        self._frames: torch.Tensor | None = None
+        self._reference: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def frames(self) -> torch.Tensor:
+        if self._frames is None:
+            self._frames = probe_frames(self.bundle.model.input_size, self.n, modality=self.modality)
+        return self._frames
+
+    def reference(self, device: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (device, batch) not in self._reference:
+            module = eager_module(self.bundle, self.modality, device, "fp32")
+            self._reference[device, batch] = run_batched(module, self.frames, batch, device)
+        return self._reference[device, batch]
+
+    def check(self, name: str, fn: Callable[[torch.Tensor], Any], batch: int, device: str, precision: str
+              ) -> dict[str, Any]:
+        """`check_parity` against the shared reference; a disagreement raises ParityError."""
+        parity = check_parity(self.reference(device, batch), fn, self.frames, batch, device, precision)
+        if not parity["ok"]:
+            raise ParityError(
+                f"{name} {self.modality.upper()} branch disagrees with eager PyTorch: max map error "
+                f"{parity['max_abs_map_error']:.2e} (tolerance {parity['tolerance']:.0e}), same ranking: "
+                f"{parity['same_ranking']}; refused"
+            )
+        return parity
 
 
 # --------------------------------------------------------------------------- the scorer
@@ -487,27 +520,70 @@ def _build_artifact(bundle: Bundle, modality: str, backend: str, device: str, pr
     return seconds
 
 
+def onnx_key(bundle: Bundle, modality: str, batch: int = 1, cache_dir: Path | None = None
+             ) -> tuple[dict[str, Any], Path, Path]:
+    """(key, graph, sidecar) of a branch's ONNX graph. The key names the opset and the exporter's
+    release (torch 2.13.0, the same graph from a CPU or a CUDA build), not the onnx package: any
+    runtime reads a graph of a known opset."""
+    return artifact_location(bundle, modality, "onnx", "cpu", "fp32", batch, cache_dir, ONNX_KEY)
+
+
 def onnx_graph(bundle: Bundle, modality: str, batch: int = 1, cache_dir: Path | None = None, rebuild: bool = False,
                log: Log = _quiet, build: bool = True) -> tuple[Path, float | None]:
     """The branch's FP32 ONNX graph (one per branch and batch, device-independent), exported once
-    and cached with its sidecar key like any artifact; returns (path, export seconds or None)."""
-    try:
-        key, artifact, sidecar = artifact_location(bundle, modality, "onnx", "cpu", "fp32", batch, cache_dir,
-                                                   {"onnx": onnx_version()})
-    except RuntimeMissing as exc:
-        raise BackendUnavailable(str(exc)) from None
+    and cached with its sidecar key like any artifact — or copied from the graphs the bundle ships
+    in BUNDLE/exported/ when their key matches; returns (path, export seconds or None)."""
+    key, artifact, sidecar = onnx_key(bundle, modality, batch, cache_dir)
     reason = "--rebuild" if rebuild else stale_reason(artifact, sidecar, key)
     if reason is None:
+        return artifact, None
+    if not rebuild and _copy_shipped(bundle, key, artifact):
+        log(f"{modality.upper()} onnx: using the graph the bundle ships ({SHIPPED}/{artifact.name})")
         return artifact, None
     if not build:
         raise BackendUnavailable(f"no ONNX graph of the {modality.upper()} branch ({reason}); export it once with: "
                                  f"cemd export --bundle {bundle.path} --backend onnx")
+    try:
+        onnx_version()
+    except RuntimeMissing as exc:
+        raise BackendUnavailable(str(exc)) from None
     log(f"{modality.upper()} onnx: exporting {artifact.name} ({reason}; about 10 s, once)")
     seconds = _build_artifact(bundle, modality, "onnx", "cpu", "fp32", batch, key, artifact, sidecar)
     log(f"{modality.upper()} onnx: exported in {seconds:.0f} s")
     if artifact.parent == bundle.path / "compiled":
         prune_superseded(artifact.parent, key, sidecar)
     return artifact, seconds
+
+
+def _copy_shipped(bundle: Bundle, key: dict[str, Any], artifact: Path) -> bool:
+    """Copy the bundle's shipped graph for ``key`` (BUNDLE/exported/, tracked with the bundle and
+    never written at run time) into the cache, where the parity records go; False if there is none."""
+    src = bundle.path / SHIPPED / artifact.name
+    if src.parent == artifact.parent or stale_reason(src, sidecar_of(src), key) is not None:
+        return False
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, artifact), (sidecar_of(src), sidecar_of(artifact))):  # the sidecar last: it makes the pair valid
+        tmp = b.with_name(f".tmp-{os.getpid()}-{b.name}")
+        shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
+    return True
+
+
+def ship_onnx(bundle: Bundle, modality: str, batch: int = 1, log: Log = _quiet) -> Path:
+    """Put the branch's graph (exported if needed) in BUNDLE/exported/ with a clean sidecar (no
+    machine's parity records), replacing graphs of earlier weights there; returns its path."""
+    graph, _ = onnx_graph(bundle, modality, batch, log=log)
+    key, target, target_sidecar = onnx_key(bundle, modality, batch, bundle.path / SHIPPED)
+    stored = json.loads(sidecar_of(graph).read_text())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    shutil.copyfile(graph, tmp)
+    os.replace(tmp, target)
+    atomic_write_json(target_sidecar, {k: stored[k] for k in ("key", "sha256", "compile_seconds", "built") if k in stored})
+    removed = prune_superseded(target.parent, key, target_sidecar)
+    if removed:
+        log(f"{modality.upper()} onnx: removed {', '.join(p.name for p in removed)} (earlier weights) from {SHIPPED}/")
+    return target
 
 
 def _onnx_branch(bundle: Bundle, modality: str, runtime: str, device: str, precision: str, batch: int,
@@ -545,32 +621,23 @@ def _load_artifact(artifact: Path, backend: str, device: str, shape: list[int]) 
 
 def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: str = "cpu",
                 precision: str | None = None, batch: int = 1, cache_dir: Path | None = None, parity_frames: int = 8,
-                rebuild: bool = False, log: Log = _quiet, build: bool = True) -> Scorer:
-    """The best working branch: `auto` tries tensorrt → aoti → eager; compiled ones must pass parity."""
+                rebuild: bool = False, log: Log = _quiet, build: bool = True, probe: Probe | None = None) -> Scorer:
+    """The best working branch: `auto` tries tensorrt → aoti → eager; compiled ones must pass parity
+    (on ``probe``'s frames: pass one to share its reference outputs between calls for one branch)."""
     order = list(AUTO_ORDER) if backend == "auto" else [backend]
     if backend != "auto" and backend not in BACKENDS:
         raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
     skipped: dict[str, str] = {}
     if backend == "auto" and device == "cpu":
-        return _auto_cpu(bundle, modality, batch, cache_dir, parity_frames, rebuild, log, build)
-    frames = None
+        return _auto_cpu(bundle, modality, batch, cache_dir, probe or Probe(bundle, modality, parity_frames), rebuild,
+                         log, build)
+    probe = probe or Probe(bundle, modality, parity_frames)
     for name in order:
         prec = precision or default_precision(name, device)
         try:
             fn, artifact, seconds = compile_branch(bundle, modality, name, device, prec, batch, cache_dir, rebuild, log,
                                                       build)
-            parity = None
-            if name != "eager":
-                if frames is None:
-                    frames = probe_frames(bundle.model.input_size, max(parity_frames, 2), modality=modality)
-                reference = eager_module(bundle, modality, device, "fp32")
-                parity = check_parity(reference, fn, frames, batch, device, prec)
-                if not parity["ok"]:
-                    raise ParityError(
-                        f"{name} {modality.upper()} branch disagrees with eager PyTorch: max map error "
-                        f"{parity['max_abs_map_error']:.2e} (tolerance {parity['tolerance']:.0e}), same ranking: "
-                        f"{parity['same_ranking']}; refused"
-                    )
+            parity = None if name == "eager" else probe.check(name, fn, batch, device, prec)
             if parity is not None and artifact is not None:
                 record_parity(artifact, name, device, parity)
             return Scorer(modality, name, device, prec, batch, bundle.model.input_size, fn, artifact, seconds, parity,
@@ -615,20 +682,13 @@ def _machine(bundle: Bundle, modality: str, batch: int) -> dict[str, Any]:
 def _ready(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None) -> dict[str, bool]:
     """Which built artifacts a CPU choice could use now (a new one means: measure again)."""
     out = {}
-    for backend, extra in (("onnx", {"onnx": _onnx_version_or_none()}), ("aoti", {})):
+    for backend, extra in (("onnx", ONNX_KEY), ("aoti", {})):
         key, artifact, sidecar = artifact_location(bundle, modality, backend, "cpu", "fp32", batch, cache_dir, extra)
         out[backend] = stale_reason(artifact, sidecar, key) is None
     return out
 
 
-def _onnx_version_or_none() -> str | None:
-    try:
-        return onnx_version()
-    except RuntimeMissing:
-        return None
-
-
-def _auto_cpu(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None, parity_frames: int, rebuild: bool,
+def _auto_cpu(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None, probe: Probe, rebuild: bool,
               log: Log, build: bool) -> Scorer:
     """`auto` on the CPU: every candidate that can run here without a long build (the ONNX runtimes
     export their graph once, in seconds; AOTInductor counts only if its package exists) is parity-
@@ -644,25 +704,25 @@ def _auto_cpu(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None,
         record = None
     if record and record.get("machine") == machine and record.get("chosen") in AUTO_CPU:
         try:
-            scorer = load_scorer(bundle, modality, record["chosen"], "cpu", None, batch, cache_dir, parity_frames,
-                                 False, log, build)
+            scorer = load_scorer(bundle, modality, record["chosen"], "cpu", None, batch, cache_dir, probe.n, False, log,
+                                 build, probe)
             scorer.timings_ms, scorer.skipped = record["timings_ms"], {**skipped, **record.get("skipped", {})}
             log(f"{modality.upper()} auto: {record['chosen']} (measured {record['measured']}: "
                 f"{_timings_text(record['timings_ms'])})")
             return scorer
         except (BackendUnavailable, ParityError) as exc:
             log(f"{modality.upper()} auto: the recorded choice {record['chosen']} cannot run ({exc}); measuring again")
-    frame = probe_frames(bundle.model.input_size, batch, modality=modality)
     scorers: dict[str, Scorer] = {}
     for name in AUTO_CPU:
         try:
-            scorers[name] = load_scorer(bundle, modality, name, "cpu", None, batch, cache_dir, parity_frames, rebuild,
-                                        log, build and name != "aoti")
+            scorers[name] = load_scorer(bundle, modality, name, "cpu", None, batch, cache_dir, probe.n, rebuild, log,
+                                        build and name != "aoti", probe)
         except (BackendUnavailable, ParityError) as exc:
             skipped[name] = str(exc)
             log(f"{modality.upper()}: {name} skipped: {exc}")
     if not scorers:
         raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
+    frame = probe.frames[:batch] if len(probe.frames) >= batch else probe.frames[:1].expand(batch, -1, -1, -1)
     timings = {name: _p50_ms(sc, frame) for name, sc in scorers.items()}
     chosen = min(timings, key=timings.__getitem__)
     log(f"{modality.upper()} auto: {_timings_text(timings)} → {chosen}")
