@@ -1,6 +1,7 @@
 """Latency of each student branch per backend, batch 1 and 4, with provenance.
 
     python -m bench.model_latency --bundle models/demo --backends eager,aoti[,tensorrt] --json OUT [--device cpu|cuda]
+    python -m bench.model_latency --bundle B --backends eager,aoti,onnxruntime,openvino,auto   # what auto picks, same run
 
 Each backend is built (or loaded from BUNDLE/compiled/), checked against eager on probe
 frames, warmed up, then timed for --runs calls (≥ 200 by default) on a fixed 256² input.
@@ -54,6 +55,8 @@ def main() -> None:
                     print(f"{m.upper()} {backend} batch {batch}: unavailable: {exc}")
                     results.append({"backend": backend, "modality": m, "batch": batch, "unavailable": str(exc)})
                     continue
+                if backend == "auto":  # the default: which backend it picked, timed beside the others in this run
+                    backend = f"auto ({scorer.backend})"
                 parity = scorer.parity
                 if (backend != "eager" or scorer.precision != "fp32") and args.parity_frames:
                     frames = probe_frames(bundle.model.input_size, args.parity_frames, seed=21, modality=m)

@@ -54,7 +54,8 @@ class ScoringConfig:
     modality: str = option("auto", "branch to use; auto = detect WLI/NBI per frame", choices=("wli", "nbi", "auto"),
                            flag="--modality")
     backend: str = option("auto", "how the branch runs (onnxruntime, openvino: the optional extras)",
-                          choices=("auto", "tensorrt", "aoti", "onnxruntime", "openvino", "eager"), flag="--backend")
+                          choices=("auto", "tensorrt", "cuda-graph", "aoti", "onnxruntime", "openvino", "eager"),
+                          flag="--backend")
     device: str = option("auto", "where the branch runs", choices=("auto", "cpu", "cuda"), flag="--device")
     precision: str | None = option(None, "fp16 or fp32 (default: the backend's own: fp16 on CUDA, fp32 on CPU)",
                                    choices=(None, "fp16", "fp32"))

@@ -215,6 +215,33 @@ def test_tensorrt_calls_against_a_stand_in_module(tiny_bundle: Path, tmp_path: P
     assert res["ok"], res
 
 
+def test_cuda_graph_needs_cuda_and_auto_on_cuda_orders_it_after_tensorrt(tiny_bundle: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BackendUnavailable, match="CUDA graph needs an NVIDIA GPU"):
+        compile_branch(load_bundle(tiny_bundle), "wli", "cuda-graph", "cpu")
+    assert backends.default_precision("cuda-graph", "cuda") == "fp16"
+    ort = pytest.importorskip("onnxruntime")
+    assert backends.cuda_order() == ["tensorrt", "cuda-graph", "aoti", "eager"]  # this onnxruntime has CPU only
+    # STAND-IN: no onnxruntime-gpu here; where its TensorRT provider is installed it comes second
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    assert backends.cuda_order() == ["tensorrt", "onnxruntime", "cuda-graph", "aoti", "eager"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_match_eager_and_outputs_are_not_overwritten(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    ref = eager_module(bundle, "wli", "cuda", "fp32")
+    scorer = load_scorer(bundle, "wli", "cuda-graph", "cuda")
+    assert scorer.backend == "cuda-graph" and scorer.precision == "fp16" and scorer.parity["ok"], scorer.parity
+    frames = probe_frames(TINY_SIZE, 8)
+    assert check_parity(ref, scorer.fn, frames, 1, "cuda", "fp16")["ok"]
+    first = scorer(frames[:1])
+    second = scorer(frames[1:2])
+    assert not torch.equal(first[0], second[0])  # a copy per call, not the static buffer the next replay overwrote
+    assert load_scorer(bundle, "wli", "auto", "cuda").backend in ("tensorrt", "onnxruntime", "cuda-graph")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_eager_fp16_and_aoti_match_fp32_eager(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -291,6 +318,29 @@ def test_a_missing_runtime_says_how_to_install_it(tiny_bundle: Path, tmp_path: P
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino → ImportError
     with pytest.raises(BackendUnavailable, match=r"pip install -e '\.\[openvino\]'"):
         compile_branch(load_bundle(tiny_bundle), "wli", "openvino", "cpu", cache_dir=tmp_path)
+    # auto skips it, says why, and runs what is there
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    logs: list[str] = []
+    scorer = load_scorer(load_bundle(tiny_bundle), "wli", "auto", "cpu", cache_dir=tmp_path, log=logs.append, build=False)
+    assert scorer.backend == "eager"
+    for name in ("openvino", "onnxruntime"):
+        assert f"pip install -e '.[{name}]'" in scorer.skipped[name]
+        assert any(m.startswith(f"WLI: {name} skipped") for m in logs), logs
+
+
+def test_a_graph_of_another_bundle_or_opset_is_exported_again(tiny_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    graph, _ = backends.onnx_graph(bundle, "wli")
+    key, _, sidecar = backends.onnx_key(bundle, "wli")
+    stored = json.loads(sidecar.read_text())
+    for field, value in (("opset", 17), ("model_hash", "another bundle")):
+        sidecar.write_text(json.dumps({**stored, "key": {**key, field: value}}))
+        assert stale_reason(graph, sidecar, key) == f"built for another {field}"
+        logs: list[str] = []
+        again, seconds = backends.onnx_graph(bundle, "wli", log=logs.append)
+        assert again == graph and seconds and any(f"another {field}" in m and "exporting" in m for m in logs), logs
+        assert stale_reason(graph, sidecar, key) is None
 
 
 def test_cemd_export_onnx_writes_checked_graphs_and_the_scorer_uses_them(tiny_bundle: Path, tmp_path: Path,

@@ -8,7 +8,10 @@ One `torch.export` graph per branch (static shape: batch × 3 × S × S) feeds t
 - ``tensorrt``: torch-tensorrt, dynamo IR, FP16 by default; the engine is saved as an
   ExportedProgram and reloaded without recompiling. CUDA only; the optional ``tensorrt`` extra.
 - ``aoti``: an AOTInductor package (``.pt2``, weights frozen into the code) for CPU, or CUDA.
+- ``cuda-graph``: the eager CUDA branch (FP16 by default) captured once in a CUDA graph on a
+  static input buffer and replayed per call: one launch instead of hundreds. Nothing is stored.
 - ``eager``: the plain module, channels_last, FP16 on CUDA.
+- ``onnxruntime`` / ``openvino``: one FP32 ONNX graph per branch (`engine.deploy.onnx_runtimes`).
 
 Compiled artifacts live in BUNDLE/compiled/ (or ``cache_dir``), each beside a JSON key: the
 backend, device, precision, shape, torch version, model hash (every weights file's sha256 and
@@ -52,10 +55,11 @@ from engine.errors import CemdError
 from engine.model.backbone import file_sha256
 from engine.model.config import to_dict
 
-BACKENDS = ("tensorrt", "aoti", "onnxruntime", "openvino", "eager")
-# What `auto` tries on CUDA, in order; on the CPU it measures these and keeps the fastest that passes
-# parity (AOTInductor only when its package is built already: it takes a minute per branch to build).
-AUTO_ORDER = ("tensorrt", "aoti", "eager")
+BACKENDS = ("tensorrt", "cuda-graph", "aoti", "onnxruntime", "openvino", "eager")
+# What `auto` tries on CUDA, in order (onnxruntime after tensorrt where its TensorRT provider is
+# installed: `cuda_order`); on the CPU it measures these and keeps the fastest that passes parity
+# (AOTInductor only when its package is built already: it takes a minute per branch to build).
+AUTO_ORDER = ("tensorrt", "cuda-graph", "aoti", "eager")
 AUTO_CPU = ("onnxruntime", "openvino", "aoti", "eager")
 TIMED_CALLS = 20
 ONNX_KEY = {"opset": OPSET, "torch": torch.__version__.split("+")[0]}
@@ -433,7 +437,62 @@ def record_parity(artifact: Path, backend: str, device: str, parity: dict[str, A
 
 
 def default_precision(backend: str, device: str) -> str:
-    return "fp16" if device == "cuda" and backend in ("tensorrt", "eager") else "fp32"
+    return "fp16" if device == "cuda" and backend in ("tensorrt", "cuda-graph", "eager") else "fp32"
+
+
+def capture_cuda_graph(module: nn.Module, example: torch.Tensor, warmup: int = 3
+                       ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``module`` captured once in a CUDA graph: each call copies the frames into the static input
+    buffer, replays the graph and returns copies of the static outputs (the next replay overwrites
+    them). Warm-up runs on the capture stream itself, so libraries create their handles before
+    the capture, not inside it."""
+    static_in = torch.zeros_like(example)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(warmup):
+            module(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+        static_map, static_score = module(static_in)
+
+    def run(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        static_in.copy_(frames)
+        graph.replay()
+        return static_map.clone(), static_score.clone()
+
+    run.graph = graph  # type: ignore[attr-defined]  # kept alive with the callable
+    return run
+
+
+def _cuda_graph_branch(bundle: Bundle, modality: str, device: str, precision: str, batch: int, log: Log
+                       ) -> tuple[Callable[[torch.Tensor], Any], None, float]:
+    if device != "cuda":
+        raise BackendUnavailable("a CUDA graph needs an NVIDIA GPU (--device cuda)")
+    t0 = time.perf_counter()
+    try:
+        fn = capture_cuda_graph(eager_module(bundle, modality, device, precision), example_input(bundle, batch, device))
+    except BackendUnavailable:
+        raise
+    except Exception as exc:  # an operation that cannot be captured (a host sync, say): fall back, say why
+        raise BackendUnavailable(f"CUDA graph capture failed: {_first_line(exc)}") from exc
+    seconds = time.perf_counter() - t0
+    log(f"{modality.upper()} cuda-graph: captured in {seconds:.2f} s")
+    return fn, None, seconds
+
+
+def cuda_order() -> list[str]:
+    """`auto` on CUDA: tensorrt → (onnxruntime, where its TensorRT provider is installed) → cuda-graph → aoti → eager."""
+    order = list(AUTO_ORDER)
+    try:
+        import onnxruntime  # noqa: PLC0415
+
+        if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+            order.insert(1, "onnxruntime")
+    except ImportError:
+        pass
+    return order
 
 
 def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "cpu", precision: str | None = None,
@@ -451,6 +510,8 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
         raise BackendUnavailable("no CUDA device is available")
     if backend == "eager":
         return eager_module(bundle, modality, device, precision), None, None
+    if backend == "cuda-graph":
+        return _cuda_graph_branch(bundle, modality, device, precision, batch, log)
     if backend in ONNX_RUNTIMES:
         return _onnx_branch(bundle, modality, backend, device, precision, batch, cache_dir, rebuild, log, build)
     extra = _backend_key_extra(backend, device)
@@ -468,15 +529,24 @@ def compile_branch(bundle: Bundle, modality: str, backend: str, device: str = "c
     if not build:
         raise BackendUnavailable(f"no usable compiled artifact ({reason}); build it once with: "
                                  f"cemd export --bundle {bundle.path} --backend {backend} --device {device}")
-    log(f"{modality.upper()} {backend}: building {artifact.name} ({reason})")
+    seconds = _build_logged(bundle, modality, backend, device, precision, batch, key, artifact, sidecar, reason, log)
+    return _load_artifact(artifact, backend, device, key["shape"]), artifact, seconds
+
+
+def _build_logged(bundle: Bundle, modality: str, backend: str, device: str, precision: str, batch: int,
+                  key: dict[str, Any], artifact: Path, sidecar: Path, reason: str, log: Log) -> float:
+    """`_build_artifact` with its log lines (why, how long), then the packages it supersedes in the
+    bundle's own compiled/ folder removed; returns the seconds."""
+    what = ("exporting", "exported", "; about 10 s, once") if backend == "onnx" else ("building", "built", "")
+    log(f"{modality.upper()} {backend}: {what[0]} {artifact.name} ({reason}{what[2]})")
     seconds = _build_artifact(bundle, modality, backend, device, precision, batch, key, artifact, sidecar)
-    log(f"{modality.upper()} {backend}: built in {seconds:.0f} s")
+    log(f"{modality.upper()} {backend}: {what[1]} in {seconds:.0f} s")
     if artifact.parent == bundle.path / "compiled":  # never in a cache folder other bundles may share
         removed = prune_superseded(artifact.parent, key, sidecar)
         if removed:
             log(f"{modality.upper()} {backend}: removed {len(removed)} superseded package(s) of earlier weights "
                 f"or an earlier format: {', '.join(p.name for p in removed)}")
-    return _load_artifact(artifact, backend, device, key["shape"]), artifact, seconds
+    return seconds
 
 
 def _backend_key_extra(backend: str, device: str) -> dict[str, Any]:
@@ -547,12 +617,7 @@ def onnx_graph(bundle: Bundle, modality: str, batch: int = 1, cache_dir: Path | 
         onnx_version()
     except RuntimeMissing as exc:
         raise BackendUnavailable(str(exc)) from None
-    log(f"{modality.upper()} onnx: exporting {artifact.name} ({reason}; about 10 s, once)")
-    seconds = _build_artifact(bundle, modality, "onnx", "cpu", "fp32", batch, key, artifact, sidecar)
-    log(f"{modality.upper()} onnx: exported in {seconds:.0f} s")
-    if artifact.parent == bundle.path / "compiled":
-        prune_superseded(artifact.parent, key, sidecar)
-    return artifact, seconds
+    return artifact, _build_logged(bundle, modality, "onnx", "cpu", "fp32", batch, key, artifact, sidecar, reason, log)
 
 
 def _copy_shipped(bundle: Bundle, key: dict[str, Any], artifact: Path) -> bool:
@@ -622,9 +687,10 @@ def _load_artifact(artifact: Path, backend: str, device: str, shape: list[int]) 
 def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: str = "cpu",
                 precision: str | None = None, batch: int = 1, cache_dir: Path | None = None, parity_frames: int = 8,
                 rebuild: bool = False, log: Log = _quiet, build: bool = True, probe: Probe | None = None) -> Scorer:
-    """The best working branch: `auto` tries tensorrt → aoti → eager; compiled ones must pass parity
+    """The best working branch: `auto` on CUDA tries `cuda_order()`, on the CPU measures (`_auto_cpu`);
+    compiled ones must pass parity
     (on ``probe``'s frames: pass one to share its reference outputs between calls for one branch)."""
-    order = list(AUTO_ORDER) if backend == "auto" else [backend]
+    order = cuda_order() if backend == "auto" else [backend]
     if backend != "auto" and backend not in BACKENDS:
         raise CemdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")
     skipped: dict[str, str] = {}
