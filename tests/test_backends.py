@@ -25,6 +25,7 @@ from engine.deploy.backends import (
     stale_reason,
 )
 from engine.deploy.bundle import load_bundle
+from engine.errors import CemdError
 
 
 def test_aoti_branch_matches_eager_is_cached_and_rebuilt_when_corrupt(tiny_bundle: Path, tmp_path: Path,
@@ -328,6 +329,16 @@ def test_a_missing_runtime_says_how_to_install_it(tiny_bundle: Path, tmp_path: P
         assert any(m.startswith(f"WLI: {name} skipped") for m in logs), logs
 
 
+def test_an_openvino_device_name_passes_through_and_a_missing_device_says_so(tiny_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    assert load_scorer(bundle, "wli", "openvino", "CPU").device == "cpu"  # OpenVINO's own name; host tensors
+    with pytest.raises(BackendUnavailable, match="OpenVINO has no NPU device on this machine"):
+        load_scorer(bundle, "wli", "openvino", "NPU")  # this machine has none; where it has one, it is used
+    with pytest.raises(CemdError, match="OpenVINO's and go with the openvino backend"):
+        load_scorer(bundle, "wli", "onnxruntime", "NPU")
+
+
 def test_a_graph_of_another_bundle_or_opset_is_exported_again(tiny_bundle: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     bundle = load_bundle(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
@@ -365,6 +376,21 @@ def test_cemd_export_onnx_writes_checked_graphs_and_the_scorer_uses_them(tiny_bu
     assert a.score == pytest.approx(b.score, abs=1e-4) and np.abs(a.map - b.map).max() < 1e-3
 
 
+def test_candidates_are_timed_in_interleaved_blocks() -> None:
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self, _frame: torch.Tensor) -> None:
+            calls.append(self.name)
+
+    out = backends._timings({"a": Fake("a"), "b": Fake("b")}, torch.zeros(1), rounds=3, calls=2, warm=1, gap_s=0)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert set(out) == {"a", "b"} and all(ms >= 0 for ms in out.values())
+
+
 def test_auto_on_the_cpu_keeps_the_fastest_candidate_and_reuses_its_choice(tiny_bundle: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The timing itself is a stand-in here (a test must not depend on the machine's speed); what is
@@ -376,11 +402,11 @@ def test_auto_on_the_cpu_keeps_the_fastest_candidate_and_reuses_its_choice(tiny_
     fake = {"onnxruntime": 5.0, "openvino": 3.0, "eager": 9.0}
     timed: list[str] = []
 
-    def p50(scorer: backends.Scorer, _frame: torch.Tensor, calls: int = 20) -> float:
-        timed.append(scorer.backend)
-        return fake[scorer.backend]
+    def timings(scorers: dict[str, backends.Scorer], _frame: torch.Tensor) -> dict[str, float]:
+        timed.extend(sc.backend for sc in scorers.values())
+        return {name: fake[sc.backend] for name, sc in scorers.items()}
 
-    monkeypatch.setattr(backends, "_p50_ms", p50)
+    monkeypatch.setattr(backends, "_timings", timings)
     logs: list[str] = []
     scorer = load_scorer(bundle, "wli", "auto", "cpu", log=logs.append)
     assert scorer.backend == "openvino" and scorer.parity["ok"] and sorted(timed) == sorted(fake)

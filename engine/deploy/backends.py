@@ -61,7 +61,7 @@ BACKENDS = ("tensorrt", "cuda-graph", "aoti", "onnxruntime", "openvino", "eager"
 # (AOTInductor only when its package is built already: it takes a minute per branch to build).
 AUTO_ORDER = ("tensorrt", "cuda-graph", "aoti", "eager")
 AUTO_CPU = ("onnxruntime", "openvino", "aoti", "eager")
-TIMED_CALLS = 20
+TIMED_ROUNDS = 4  # auto on the CPU: 4 interleaved blocks of 5 timed calls per candidate (`_timings`)
 ONNX_KEY = {"opset": OPSET, "torch": torch.__version__.split("+")[0]}
 SHIPPED = "exported"  # BUNDLE/exported/: ONNX graphs a bundle ships (tracked with it; `cemd export --ship`)
 # Bumped when the code inside a compiled branch changes, so older packages are rebuilt, not reused
@@ -414,6 +414,8 @@ class Scorer:
         if tuple(frames.shape) != (self.batch, 3, self.input_size, self.input_size):
             raise CemdError(f"the {self.backend} {self.modality.upper()} branch takes "
                             f"{self.batch}×3×{self.input_size}×{self.input_size} frames, got {tuple(frames.shape)}")
+        if self.backend in ONNX_RUNTIMES:  # they copy to numpy themselves: no torch op to wake its threads
+            return self.fn(frames)
         # contiguous: a compiled graph assumes the memory layout of its export example
         return self.fn(frames.to(self.device).contiguous())
 
@@ -697,16 +699,20 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
     if backend == "auto" and device == "cpu":
         return _auto_cpu(bundle, modality, batch, cache_dir, probe or Probe(bundle, modality, parity_frames), rebuild,
                          log, build)
+    if device not in ("cpu", "cuda") and backend != "openvino":
+        raise CemdError(f"device {device!r} is not cpu or cuda; other device names (GPU, NPU …) are OpenVINO's and "
+                        "go with the openvino backend")
+    tensors = device if device in ("cpu", "cuda") else "cpu"  # an OpenVINO device takes host tensors
     probe = probe or Probe(bundle, modality, parity_frames)
     for name in order:
         prec = precision or default_precision(name, device)
         try:
             fn, artifact, seconds = compile_branch(bundle, modality, name, device, prec, batch, cache_dir, rebuild, log,
                                                       build)
-            parity = None if name == "eager" else probe.check(name, fn, batch, device, prec)
+            parity = None if name == "eager" else probe.check(name, fn, batch, tensors, prec)
             if parity is not None and artifact is not None:
                 record_parity(artifact, name, device, parity)
-            return Scorer(modality, name, device, prec, batch, bundle.model.input_size, fn, artifact, seconds, parity,
+            return Scorer(modality, name, tensors, prec, batch, bundle.model.input_size, fn, artifact, seconds, parity,
                           skipped)
         except (BackendUnavailable, ParityError) as exc:
             if backend != "auto":
@@ -716,15 +722,23 @@ def load_scorer(bundle: Bundle, modality: str, backend: str = "auto", device: st
     raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
 
 
-def _p50_ms(scorer: Scorer, frame: torch.Tensor, calls: int = TIMED_CALLS) -> float:
-    """Median of ``calls`` timed calls after three warm-up calls."""
-    times = []
-    for i in range(calls + 3):
-        t0 = time.perf_counter()
-        scorer(frame)
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1000)
-    return round(float(np.median(times)), 2)
+def _timings(scorers: dict[str, Scorer], frame: torch.Tensor, rounds: int = TIMED_ROUNDS, calls: int = 5,
+             warm: int = 2, gap_s: float = 0.05) -> dict[str, float]:
+    """Median ms per call of each candidate, measured in interleaved blocks: ``rounds`` times, each
+    candidate in turn gets a short pause (the previous runtime's threads go idle), ``warm`` untimed
+    calls, then ``calls`` timed ones. Interleaving spreads a noisy machine's slow spells over all
+    candidates; timing them one after the other let whichever ran first pay for the others'
+    start-up (measured: ONNX Runtime 12.2 ms timed first after loading, 8.0 ms after a pause)."""
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(rounds):
+        for name, scorer in scorers.items():
+            time.sleep(gap_s)
+            for i in range(warm + calls):
+                t0 = time.perf_counter()
+                scorer(frame)
+                if i >= warm:
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: round(float(np.median(t)), 2) for name, t in times.items()}
 
 
 def _machine(bundle: Bundle, modality: str, batch: int) -> dict[str, Any]:
@@ -789,7 +803,7 @@ def _auto_cpu(bundle: Bundle, modality: str, batch: int, cache_dir: Path | None,
     if not scorers:
         raise BackendUnavailable(f"no backend could run the {modality.upper()} branch: {skipped}")
     frame = probe.frames[:batch] if len(probe.frames) >= batch else probe.frames[:1].expand(batch, -1, -1, -1)
-    timings = {name: _p50_ms(sc, frame) for name, sc in scorers.items()}
+    timings = _timings(scorers, frame)
     chosen = min(timings, key=timings.__getitem__)
     log(f"{modality.upper()} auto: {_timings_text(timings)} → {chosen}")
     measured = time.strftime("%Y-%m-%d %H:%M:%S")

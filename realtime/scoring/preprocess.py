@@ -494,7 +494,9 @@ class FramePreprocessor:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an H×W×3 uint8 RGB frame, got {rgb.shape} {rgb.dtype}")
         crop, box = self.crop(rgb)
-        tensor = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        # numpy, not torch: a torch op here wakes torch's OpenMP threads, and their spin-wait takes the
+        # cores from an ONNX Runtime or OpenVINO branch called next (measured: 11.9 against 7.8 ms)
+        tensor = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))[None].astype(np.float32) / np.float32(255))
         return tensor, crop, box
 
 
