@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import cv2
@@ -196,14 +195,13 @@ def test_timeline_single_modality_without_events(tmp_path: Path) -> None:
     assert near(img[y0:y1], RED).any()  # threshold line
 
 
-def test_timeline_long_input_is_clamped_and_fast(tmp_path: Path) -> None:
+def test_timeline_long_input_is_clamped(tmp_path: Path) -> None:
+    """Its speed (target < 3 s) is measured by `python -m bench.harness_speed`, not here."""
     t, score, modality = timeline(30.0, 20000 / 30.0, switch_s=None)
     modality = np.where((np.arange(t.size) // 100) % 2 == 0, "wli", "nbi")  # 200 modality runs
     alerts = [(i, i + 20) for i in range(500, 19000, 1000)]
     lesions = [(i - 10, i + 40, i % 2000 == 500) for i in range(500, 19000, 1000)]
-    start = time.perf_counter()
     out = plot_timeline(tmp_path / "long.png", t, score, modality, {"wli": 0.4, "nbi": 0.35}, alerts, lesions)
-    assert time.perf_counter() - start < 3.0
     assert read_rgb(out).shape[1] == 2400
 
 

@@ -263,8 +263,7 @@ def test_scorer_killed_shows_ai_not_active_and_recovers(tmp_path: Path) -> None:
     first = second = None
     try:
         first = subprocess.Popen(monitor, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        i = _wait(log, "AI active", 0, 60)
-        time.sleep(1.0)
+        i = _wait(log, "AI active", 0, 60)  # results arrive: then the scorer dies
         first.kill()  # SIGKILL: no goodbye status, results just stop
         first.wait()
         i = _wait(log, "AI NOT ACTIVE: no results for", i, 5)

@@ -67,6 +67,13 @@ def test_workers_return_what_the_branch_returns_in_process(tiny_bundle: Path) ->
     assert pool.pids == []
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_a_worker_that_dies_is_an_error_not_a_hang(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     size = bundle.model.input_size
@@ -75,7 +82,10 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tiny_bundle: Path) -> None:
     try:
         victim = pool.pids[0]
         os.kill(victim, signal.SIGKILL)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20  # until it is dead (a zombie or gone), not for a fixed time
+        while _alive(victim) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(victim)
         with pytest.raises(CemdError, match="inference worker 0 exited"):
             for _ in range(2):  # the dead worker is the first free one: its request or its reply fails
                 pool.submit("wli", _frames(size, 1)[0])

@@ -201,17 +201,23 @@ def test_signal_stops_cleanly_with_a_summary(sig: str, tmp_path: Path) -> None:
 
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
     proc = subprocess.Popen(monitor_cmd("--source", "synthetic:seconds=60,size=320x240", "--modality", "wli",
-                                        "--backend", "eager", "--publish", f"tcp://127.0.0.1:{free_port_pair()}",
-                                        "--run-dir", str(run_dir)),
+                                        "--backend", "eager", "--publish", endpoint, "--run-dir", str(run_dir)),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = None
     try:
-        lines = wait_for_line(proc, "opening source")
-        time.sleep(3)
+        lines = wait_for_line(proc, "loading bundle")
+        client = MonitorClient(endpoint, topics=("score",))
+        deadline = time.monotonic() + 120  # signalled once it scores, however long that takes here
+        while client.recv(timeout_s=0.5) is None:
+            assert time.monotonic() < deadline and proc.poll() is None, "no score message"
         proc.send_signal(getattr(signal, sig))
         out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        if client:
+            client.close()
     assert proc.returncode == 0, "".join(lines) + out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "stopped" and 0 < summary["frames_scored"] < 60 * 30

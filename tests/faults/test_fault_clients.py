@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import zmq
@@ -35,6 +36,20 @@ def _subscriber(endpoint: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "realtime.cli", "subscribe", endpoint, "--jsonl", "--topics",
                              "alert", "--history", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def _count(run: MonitorRun, topic: str) -> int:
+    return sum(m["topic"] == topic for m in list(run.messages))
+
+
+def _until(condition: Callable[[], bool], timeout: float = 60, must: bool = True) -> None:
+    """Wait for an event of the run (bounded), instead of sleeping for a time that must be long enough."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            assert not must, "timed out waiting for the run"
+            return
+        time.sleep(0.02)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the display process through /proc")
@@ -69,7 +84,7 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
         slow_thread = threading.Thread(target=slow, daemon=True)
         slow_thread.start()
         first = _subscriber(run.endpoint)
-        time.sleep(4)
+        _until(lambda: _count(run, "alert") >= 1)  # the exam is alerting: then the first client crashes
         first.send_signal(signal.SIGKILL)  # a client crash: nothing on the monitor's side may notice
         first.wait()
 
@@ -90,11 +105,13 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
         os.kill(display[0], signal.SIGKILL)  # the overlay dies mid-run
 
         second = _subscriber(run.endpoint, "--exit-on-stop")  # the crashed client comes back
-        time.sleep(2)
+        beats = _count(run, "heartbeat")
+        _until(lambda: _count(run, "heartbeat") >= beats + 2)  # the monitor publishes on while the slow one hangs
         hang_over.set()  # the hung subscriber reads again while the monitor still publishes
         run.wait()
         out, err = second.communicate(timeout=60)
-        time.sleep(3)  # the slow subscriber works through its backlog; the final heartbeat names the last alert
+        # the slow subscriber works through its backlog (the final heartbeat names the last alert)
+        _until(lambda: len(slow_seqs) >= len(run.alerts_logged()), timeout=30, must=False)
         stop.set()
         slow_thread.join(timeout=30)
 
