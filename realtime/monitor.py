@@ -231,7 +231,7 @@ class Monitor:
                 "frames_read": s.get("frames_read", 0), "frames_dropped": s.get("frames_dropped", 0),
                 "decode_errors": s.get("decode_errors", 0), "fps": round(float(s.get("fps") or 0.0), 2),
                 "width": s.get("width"), "height": s.get("height"),
-                "last_frame_age_ms": s.get("last_frame_age_ms")}
+                "last_frame_age_ms": s.get("last_frame_age_ms"), "reconnects": s.get("reconnects", 0)}
 
     def _lasting_fault(self) -> str | None:
         """A fault that outlives a recovered source: the overlay gone, the alert log unwritable."""
@@ -239,8 +239,12 @@ class Monitor:
         display_lost = self.display.check() if self.display is not None else None
         return "; ".join(f for f in (display_lost, log_fault) if f) or None
 
-    def publish_status(self) -> None:
+    def publish_status(self, source_state: str | None = None) -> None:
+        """Publish the status; ``source_state``: a source state passed since the last loop (see
+        `_handle_source_events`), published with the source's other figures as they are now."""
         src = self._source_status()
+        if source_state is not None:
+            src = {**src, "state": source_state}
         self.live.source, self.live.source_state = src, src["state"]
         # one consistent view: a bad source degrades the pipeline
         if self.live.state in (MonitorState.RUNNING, MonitorState.DEGRADED):
@@ -371,6 +375,11 @@ class Monitor:
         for ev in events:
             if ev.state in SOURCE_FAULTS:
                 self._fault(f"source {ev.state}" + (f": {ev.message}" if ev.message else ""))
+        # one status per state passed: a source that went stalled and then reconnecting between two
+        # loops is published as both, in order, not only as the second
+        passed = [ev.state for i, ev in enumerate(events) if i == 0 or ev.state != events[i - 1].state]
+        for state in passed[:-1]:
+            self.publish_status(source_state=state)
         if events:
             self.publish_status()
 

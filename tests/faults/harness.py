@@ -210,8 +210,10 @@ def transcode(src: Path, dst: Path, codec: str = "libx264", pix_fmt: str = "yuv4
 
 
 def send_file(url: str, path: Path, noise: float = 0.0, realtime: bool = True,
-              pause_after_s: float | None = None, pause_s: float = 0.0, max_seconds: float | None = None) -> int:
-    """Re-encode ``path`` to H.264/MPEG-TS at ``url``, paced at its frame rate.
+              pause_after_s: float | None = None, pause_s: float = 0.0, max_seconds: float | None = None,
+              size: tuple[int, int] | None = None) -> int:
+    """Re-encode ``path`` to H.264/MPEG-TS at ``url``, paced at its frame rate (``size``: scaled to
+    width × height; a ``tcp://…?listen=1`` URL waits for the monitor to connect).
 
     ``noise``: the fraction of packets (after the first keyframe) passed through FFmpeg's ``noise``
     bitstream filter (about 1 byte in 30 flipped), evenly spread so that even a short stream at 1 %
@@ -225,7 +227,7 @@ def send_file(url: str, path: Path, noise: float = 0.0, realtime: bool = True,
         src = inp.streams.video[0]
         fps = float(src.average_rate or 30)
         stream = out.add_stream("libx264", rate=Fraction(src.average_rate or 30))
-        stream.width, stream.height = src.codec_context.width, src.codec_context.height
+        stream.width, stream.height = size or (src.codec_context.width, src.codec_context.height)
         stream.pix_fmt = "yuv420p"
         stream.options = {"g": "10", "bf": "0", "preset": "ultrafast", "tune": "zerolatency"}
         noisy = av.bitstream.BitStreamFilterContext("noise=amount=30", stream) if noise > 0 else None
@@ -237,7 +239,7 @@ def send_file(url: str, path: Path, noise: float = 0.0, realtime: bool = True,
             if pause_after_s is not None and i == round(pause_after_s * fps):
                 time.sleep(pause_s)
                 t0 += pause_s
-            frame = frame.reformat(format="yuv420p")
+            frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
             frame.pts, frame.time_base = i, Fraction(1, round(fps))
             for packet in stream.encode(frame):
                 packets = [packet]
@@ -274,8 +276,9 @@ def _main() -> None:
     s.add_argument("--pause-after-s", type=float)
     s.add_argument("--pause-s", type=float, default=0.0)
     s.add_argument("--max-seconds", type=float)
+    s.add_argument("--size", type=lambda v: tuple(int(x) for x in v.split("x")), help="WIDTHxHEIGHT")
     a = p.parse_args()
-    damaged = send_file(a.url, a.path, a.noise, True, a.pause_after_s, a.pause_s, a.max_seconds)
+    damaged = send_file(a.url, a.path, a.noise, True, a.pause_after_s, a.pause_s, a.max_seconds, a.size)
     print(f"damaged {damaged}", flush=True)
 
 
