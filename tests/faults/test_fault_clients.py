@@ -60,7 +60,7 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
     slow_seqs: list[int] = []
     slow_counters: dict[str, int] = {}
     garbage_replies: list[dict] = []
-    with MonitorRun(tmp_path / "run", "--source", str(exam), "--realtime", "--loop", "--max-seconds", "14",
+    with MonitorRun(tmp_path / "run", "--source", str(exam), "--realtime", "--loop", "--max-seconds", "300",
                     "--overlay", "file", "--config", str(config), *ALERTING) as run:
         stop, hang_over = threading.Event(), threading.Event()
 
@@ -84,7 +84,7 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
         slow_thread = threading.Thread(target=slow, daemon=True)
         slow_thread.start()
         first = _subscriber(run.endpoint)
-        _until(lambda: _count(run, "alert") >= 1)  # the exam is alerting: then the first client crashes
+        _until(lambda: _count(run, "alert") >= 1, timeout=120)  # the exam is alerting: then the first client crashes
         first.send_signal(signal.SIGKILL)  # a client crash: nothing on the monitor's side may notice
         first.wait()
 
@@ -108,6 +108,9 @@ def test_consumers_fail_and_the_monitor_and_its_alerts_do_not(tmp_path: Path) ->
         beats = _count(run, "heartbeat")
         _until(lambda: _count(run, "heartbeat") >= beats + 2)  # the monitor publishes on while the slow one hangs
         hang_over.set()  # the hung subscriber reads again while the monitor still publishes
+        beats = _count(run, "heartbeat")
+        _until(lambda: _count(run, "heartbeat") >= beats + 2 and _count(run, "alert") >= 3, timeout=120)
+        run.proc.send_signal(signal.SIGTERM)  # the end of the examination, once all of the above has happened
         run.wait()
         out, err = second.communicate(timeout=60)
         # the slow subscriber works through its backlog (the final heartbeat names the last alert)
