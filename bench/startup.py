@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,29 +28,23 @@ from typing import Any
 import zmq
 
 from bench.provenance import provenance, provenance_markdown
+from tests.helpers.streams import free_port_pair
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {"auto": [], "auto --no-compile": ["--no-compile"], "eager": ["--backend", "eager"]}
 SOURCE = "synthetic:seed=7,seconds=60,size=640x480,fps=30"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def first_score_seconds(bundle: Path, extra: list[str], run_dir: Path, timeout: float = 300) -> dict[str, Any]:
     """Start the monitor; seconds from spawn to its first published score, and what it chose."""
-    port = _free_port()
+    port = free_port_pair()  # and the replay socket on the next port
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RECONNECT_IVL, 10)
     sub.setsockopt(zmq.SUBSCRIBE, b"score")
     sub.connect(f"tcp://127.0.0.1:{port}")
     cmd = [sys.executable, "run_stream.py", "--bundle", str(bundle), "--source", SOURCE, "--max-seconds", "3",
-           "--publish", f"tcp://127.0.0.1:{port}", "--replay", f"tcp://127.0.0.1:{_free_port()}", "--dashboard", "off",
-           "--run-dir", str(run_dir), *extra]
+           "--publish", f"tcp://127.0.0.1:{port}", "--dashboard", "off", "--run-dir", str(run_dir), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = None

@@ -628,12 +628,17 @@ def _copy_shipped(bundle: Bundle, key: dict[str, Any], artifact: Path) -> bool:
     src = bundle.path / SHIPPED / artifact.name
     if src.parent == artifact.parent or stale_reason(src, sidecar_of(src), key) is not None:
         return False
-    artifact.parent.mkdir(parents=True, exist_ok=True)
-    for a, b in ((src, artifact), (sidecar_of(src), sidecar_of(artifact))):  # the sidecar last: it makes the pair valid
-        tmp = b.with_name(f".tmp-{os.getpid()}-{b.name}")
-        shutil.copyfile(a, tmp)
-        os.replace(tmp, b)
+    _copy_atomic(src, artifact)
+    _copy_atomic(sidecar_of(src), sidecar_of(artifact))  # the sidecar last: it makes the pair valid
     return True
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy to a temporary name beside ``dst``, then rename: a reader never sees half a file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def ship_onnx(bundle: Bundle, modality: str, batch: int = 1, log: Log = _quiet) -> Path:
@@ -642,10 +647,7 @@ def ship_onnx(bundle: Bundle, modality: str, batch: int = 1, log: Log = _quiet) 
     graph, _ = onnx_graph(bundle, modality, batch, log=log)
     key, target, target_sidecar = onnx_key(bundle, modality, batch, bundle.path / SHIPPED)
     stored = json.loads(sidecar_of(graph).read_text())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    shutil.copyfile(graph, tmp)
-    os.replace(tmp, target)
+    _copy_atomic(graph, target)
     atomic_write_json(target_sidecar, {k: stored[k] for k in ("key", "sha256", "compile_seconds", "built") if k in stored})
     removed = prune_superseded(target.parent, key, target_sidecar)
     if removed:
@@ -726,9 +728,8 @@ def _timings(scorers: dict[str, Scorer], frame: torch.Tensor, rounds: int = TIME
              warm: int = 2, gap_s: float = 0.05) -> dict[str, float]:
     """Median ms per call of each candidate, measured in interleaved blocks: ``rounds`` times, each
     candidate in turn gets a short pause (the previous runtime's threads go idle), ``warm`` untimed
-    calls, then ``calls`` timed ones. Interleaving spreads a noisy machine's slow spells over all
-    candidates; timing them one after the other let whichever ran first pay for the others'
-    start-up (measured: ONNX Runtime 12.2 ms timed first after loading, 8.0 ms after a pause)."""
+    calls, then ``calls`` timed ones. Interleaving spreads a shared machine's slow spells over all
+    candidates instead of letting them fall on whichever was timed then."""
     times: dict[str, list[float]] = {name: [] for name in scorers}
     for _ in range(rounds):
         for name, scorer in scorers.items():
