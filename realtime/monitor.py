@@ -40,6 +40,7 @@ from realtime.scoring.priority import RealtimeStep
 from realtime.states import SOURCE_FAULTS, MonitorState, SourceState
 from realtime.stats import RateMeter, StageLatencies
 from realtime.summary import run_summary, status_payload
+from realtime.supervisor import supervised_restarts
 
 Log = Callable[[str], None]
 _MAX_SCORER_FAILURES = 10
@@ -106,6 +107,7 @@ class Monitor:
         self._t_first_scored: int | None = None
         self._t_last_scored: int | None = None
         self.exit_code = 0
+        self.restarts = supervised_restarts()  # None unless started by `--supervise`
         self.spec: SourceSpec = parse_source(config.source.source)  # bad --source fails here, before anything loads
         self.run_dir = Path(config.run.run_dir or f"runs/stream-{time.strftime('%Y%m%d-%H%M%S')}")
         self.publisher: AlertPublisher | None = None
@@ -146,7 +148,8 @@ class Monitor:
                                               log=lambda s: self.log(f"  {s}"), build=sc.build_missing)
         for warning in self.scorer.warnings:
             self._warn(warning)
-        self.alerts = AlertLogic(self.thresholds, self.cfg.alerts)
+        self.alerts = AlertLogic(self.thresholds, self.cfg.alerts,
+                                 first_event_id=self.publisher.event_id_base if self.publisher else 0)
         self._start_workers()
 
     @property

@@ -43,6 +43,7 @@ def status_payload(m: Monitor, src: dict[str, Any]) -> dict[str, Any]:
                    "fps": round(live.fps_scored, 2), "frames_failed": live.frames_failed,
                    "inference_workers": m.inference_workers},
         "open_events": open_events,
+        **({"restarts": m.restarts} if m.restarts is not None else {}),
     }
 
 
@@ -74,6 +75,7 @@ def run_summary(m: Monitor, seconds: float, src: dict[str, Any]) -> dict[str, An
                       "boot_id": m.publisher.boot_id if m.publisher else None,
                       "log_errors": m.publisher.log_errors if m.publisher else 0},
         "display": m.display_summary,
+        "restarts": m.restarts,  # under --supervise: times the supervisor started the monitor again; else null
         "warnings": m.warnings, "state": live.state, "message": live.message,
         "versions": versions(), "config": m.cfg.to_json(),
     }

@@ -31,6 +31,9 @@ def build_parser(prog: str = "run_stream.py") -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML file that may hold every option "
                                                                "(docs/STREAMING.md); options given here win")
     p.add_argument("--print-config", action="store_true", help="print a config file with every default and exit")
+    p.add_argument("--supervise", action="store_true",
+                   help="run the monitor as a child process and start it again on the same endpoint and run folder "
+                        "when it dies (backing off in a crash loop); SIGTERM or Ctrl-C stops both")
     return p
 
 
@@ -83,6 +86,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return monitor.exit_code
 
 
+def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check the options here (a bad one fails once, not in a restart loop), then supervise a child."""
+    from realtime.capture.sources import parse_source
+    from realtime.supervisor import supervise
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    if cfg.source.source:
+        parse_source(cfg.source.source)
+    err = Console(stderr=True)
+    return supervise([a for a in argv if a != "--supervise"], cfg.run.run_dir,
+                     log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+
+
 def main(argv: list[str] | None = None, prog: str = "run_stream.py") -> int:
     from engine.malloc import tune_malloc
 
@@ -95,6 +112,8 @@ def main(argv: list[str] | None = None, prog: str = "run_stream.py") -> int:
         print(example_config())
         return 0
     try:
+        if args.supervise:
+            return _supervise(args, sys.argv[1:] if argv is None else argv)
         return run(args, console)
     except CemdError as exc:
         Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)

@@ -134,10 +134,12 @@ class MonitorClient:
     def _accept(self, message: dict[str, Any]) -> None:
         publisher, boot, topic, seq = message["publisher_id"], message["boot_id"], message["topic"], message["seq"]
         known = self._boot.get(publisher)
+        base = message.get("alert_seq_base", 0)  # a restart on the same run folder continues its alert seqs
+        base = base if isinstance(base, int) and not isinstance(base, bool) and base >= 0 else 0
         if known is None:
             self._boot[publisher] = boot
             if self.history and "alert" in self.topics:
-                self._expected[(publisher, boot, "alert")] = 0
+                self._expected[(publisher, boot, "alert")] = base
         elif boot != known:
             if (publisher, boot) in self._old_boots:
                 self.duplicates += 1  # a straggler from before the restart
@@ -146,8 +148,8 @@ class MonitorClient:
             self._recover_previous_boot(publisher, known)
             self._old_boots.add((publisher, known))
             self._boot[publisher] = boot
-            for name in self.topics:  # a restart: this boot's seqs all start at 0
-                self._expected[(publisher, boot, name)] = 0
+            for name in self.topics:  # a restart: this boot's seqs start at 0, its alerts at alert_seq_base
+                self._expected[(publisher, boot, name)] = base if name == "alert" else 0
 
         key = (publisher, boot, topic)
         expected = self._expected.setdefault(key, seq)

@@ -88,6 +88,17 @@ class AlertLog:
                 alerts.append(message)
         return alerts
 
+    def last_ids(self) -> tuple[int, int]:
+        """(highest alert seq, highest event id) over every boot in the log, -1 each when empty: a
+        monitor started again on this run folder (``--supervise`` restarts it there) continues both,
+        so that no seq or event id of the folder is used twice."""
+        seq = event = -1
+        for message in self.read(-1):
+            seq = max(seq, message["seq"])
+            if isinstance(message.get("event_id"), int) and not isinstance(message["event_id"], bool):
+                event = max(event, message["event_id"])
+        return seq, event
+
     def close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

@@ -164,6 +164,8 @@ class AlertPublisher:
         self.replay_errors = 0
         self.fault: str | None = None  # set if the publisher thread died: show "AI NOT ACTIVE"
         self.last_seq = {topic: -1 for topic in PIPELINE_TOPICS + ("heartbeat",)}
+        # First alert seq and event id of this boot: one past the highest in the run folder's log (start()).
+        self.alert_seq_base = self.event_id_base = 0
 
         self._ctx: zmq.Context | None = None
         self._auth: ThreadAuthenticator | None = None
@@ -202,6 +204,11 @@ class AlertPublisher:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CemdError(f"cannot create the run folder {self.run_dir}: {exc.strerror}; choose a writable one") from None
+        try:  # alert seqs continue the folder's log (a supervised restart): none is used twice
+            self.alert_seq_base, self.event_id_base = (n + 1 for n in self.alert_log.last_ids())
+        except OSError as exc:
+            raise CemdError(f"cannot read the alert log {self.alert_log.path}: {exc.strerror or exc}") from None
+        self._next_seq["alert"], self.last_seq["alert"] = self.alert_seq_base, self.alert_seq_base - 1
         keys = self._load_curve_keys()
         self._ctx = zmq.Context()
         try:
@@ -435,6 +442,7 @@ class AlertPublisher:
         message: dict[str, Any] = {
             "schema": SCHEMA, "topic": topic, "publisher_id": self.publisher_id, "boot_id": self.boot_id,
             "seq": seq, "t_wall_ns": time.time_ns(), "t_mono_ns": time.monotonic_ns(),
+            "alert_seq_base": self.alert_seq_base,
         }
         for key, value in payload.items():
             message.setdefault(key, value)

@@ -164,7 +164,8 @@ class Decision:
 class AlertLogic:
     """Turns a stream of (frame, modality, score, map) into alert events."""
 
-    def __init__(self, thresholds: Thresholds, config: AlertConfig | None = None) -> None:
+    def __init__(self, thresholds: Thresholds, config: AlertConfig | None = None, first_event_id: int = 0) -> None:
+        """``first_event_id``: where event ids start (a monitor restarted on its run folder continues them)."""
         self.thresholds = thresholds
         self.config = config or AlertConfig()
         self.config.validate()
@@ -172,7 +173,7 @@ class AlertLogic:
         n, m = self.n_of_m
         self._debounce = Debouncer(n, m, self.config.hold_ms)
         self._event: _Event | None = None
-        self._next_id = 0
+        self._next_id = first_event_id
         self.events_started = 0
 
     def threshold(self, modality: str) -> float:
