@@ -31,7 +31,7 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 # thresholds a third of plain_demo()'s calibrated ones: alerts keep flowing, so that check 3 has something to count
@@ -209,11 +209,18 @@ def transcode(src: Path, dst: Path, codec: str = "libx264", pix_fmt: str = "yuv4
     return dst
 
 
+GATE_WAIT_S = 1.0  # a damaged frame may never be scored: wait no longer (under the 2 s stall limit)
+
+
 def send_file(url: str, path: Path, noise: float = 0.0, realtime: bool = True,
               pause_after_s: float | None = None, pause_s: float = 0.0, max_seconds: float | None = None,
-              size: tuple[int, int] | None = None) -> int:
+              size: tuple[int, int] | None = None, gate: Callable[[int], None] | None = None) -> int:
     """Re-encode ``path`` to H.264/MPEG-TS at ``url``, paced at its frame rate (``size``: scaled to
     width × height; a ``tcp://…?listen=1`` URL waits for the monitor to connect).
+
+    ``gate(i)`` is called before frame ``i`` is sent and may block: a gated sender (``gated``
+    below) waits for the monitor to score the frames before it, so that how many frames are
+    scored (and so which alerts fire) does not depend on how fast this machine is.
 
     ``noise``: the fraction of packets (after the first keyframe) passed through FFmpeg's ``noise``
     bitstream filter (about 1 byte in 30 flipped), evenly spread so that even a short stream at 1 %
@@ -239,6 +246,8 @@ def send_file(url: str, path: Path, noise: float = 0.0, realtime: bool = True,
             if pause_after_s is not None and i == round(pause_after_s * fps):
                 time.sleep(pause_s)
                 t0 += pause_s
+            if gate is not None:
+                gate(i)
             frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
             frame.pts, frame.time_base = i, Fraction(1, round(fps))
             for packet in stream.encode(frame):
@@ -256,14 +265,65 @@ def send_file(url: str, path: Path, noise: float = 0.0, realtime: bool = True,
     return damaged
 
 
-def start_file_sender(url: str, path: Path, **kwargs: Any) -> subprocess.Popen:
-    """``send_file`` in its own process (encoding must not share the test's GIL or cores' timing)."""
+def start_file_sender(url: str, path: Path, gated: bool = False, **kwargs: Any) -> subprocess.Popen:
+    """``send_file`` in its own process (encoding must not share the test's GIL or cores' timing).
+
+    ``gated``: the sender reads the monitor's scored-frame count as lines on its stdin and keeps
+    in lock step with it (``feed_scores`` writes them)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "send-file", url, str(path)]
     for k, v in kwargs.items():
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
+    if gated:
+        cmd.append("--gated")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.PIPE if gated else None)
+
+
+def feed_scores(run: MonitorRun, sender: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """Tell a gated sender how many frames the monitor has scored (``run`` subscribes to ``score``)
+    until it exits; returns its (stdout, stderr)."""
+    end = time.monotonic() + timeout
+    told = -1
+    while sender.poll() is None and time.monotonic() < end:
+        scored = sum(1 for m in list(run.messages) if m["topic"] == "score")
+        if scored != told:
+            try:
+                sender.stdin.write(f"{scored}\n")
+                sender.stdin.flush()
+            except (BrokenPipeError, OSError):
+                break
+            told = scored
+        time.sleep(0.01)
+    return sender.communicate(timeout=max(1.0, end - time.monotonic()))
+
+
+def _stdin_gate() -> Callable[[int], None]:
+    """The sender's side of ``feed_scores``: lock step with the scoring. Each frame sent lets the
+    stream's pipeline (MPEG-TS demuxing holds one frame back) hand the monitor one frame, so the
+    next is sent once a frame more has been scored: none waits in the monitor's latest-frame slot
+    to be overwritten, however slow the machine. Ungated until the first score (opening the
+    stream reads a few frames), and a frame never scored (damaged) is waited for GATE_WAIT_S."""
+    scored = [0]
+    changed = threading.Condition()
+
+    def read() -> None:
+        for line in sys.stdin:
+            with changed:
+                scored[0] = int(line)
+                changed.notify_all()
+
+    threading.Thread(target=read, daemon=True).start()
+    last = [0]
+
+    def gate(_i: int) -> None:
+        with changed:
+            if last[0] > 0 and not changed.wait_for(lambda: scored[0] > last[0], timeout=GATE_WAIT_S):
+                gate.timeouts += 1
+            last[0] = scored[0]
+    gate.timeouts = 0
+    return gate
 
 
 def _main() -> None:
@@ -277,9 +337,11 @@ def _main() -> None:
     s.add_argument("--pause-s", type=float, default=0.0)
     s.add_argument("--max-seconds", type=float)
     s.add_argument("--size", type=lambda v: tuple(int(x) for x in v.split("x")), help="WIDTHxHEIGHT")
+    s.add_argument("--gated", action="store_true", help="keep pace with the scored-frame counts read on stdin")
     a = p.parse_args()
-    damaged = send_file(a.url, a.path, a.noise, True, a.pause_after_s, a.pause_s, a.max_seconds, a.size)
-    print(f"damaged {damaged}", flush=True)
+    gate = _stdin_gate() if a.gated else None
+    damaged = send_file(a.url, a.path, a.noise, True, a.pause_after_s, a.pause_s, a.max_seconds, a.size, gate)
+    print(f"gate-timeouts {gate.timeouts if gate else 0} damaged {damaged}", flush=True)
 
 
 if __name__ == "__main__":
