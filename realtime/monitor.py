@@ -150,6 +150,10 @@ class Monitor:
             self._warn(warning)
         self.alerts = AlertLogic(self.thresholds, self.cfg.alerts,
                                  first_event_id=self.publisher.event_id_base if self.publisher else 0)
+        for last in self.publisher.orphaned_events if self.publisher else []:
+            self.publisher.publish("alert", AlertLogic.end_orphan(last))  # a dead monitor left it open
+            self.log(f"event {last.get('event_id')} was left open by the previous monitor on this run folder: ended "
+                     "(monitor_restarted)")
         self._start_workers()
 
     @property

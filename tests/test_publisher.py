@@ -427,11 +427,36 @@ def test_publisher_restart_is_a_boot_change_not_a_gap(endpoint: str, run_dir: Pa
             connected(second, client)
             for event_id in range(2):
                 second.publish("alert", alert_payload(10 + event_id))
-            alerts = [m for m in recv_until(client, got("alert", seq=1))
+            alerts = [m for m in recv_until(client, got("alert", seq=4))
                       if m["topic"] == "alert"]
-            assert [(m["boot_id"], m["seq"]) for m in alerts] == [(second.boot_id, 0), (second.boot_id, 1)]
+            # the same run folder: alert seqs and event ids continue from its log (--supervise)
+            assert [(m["boot_id"], m["seq"]) for m in alerts] == [(second.boot_id, 3), (second.boot_id, 4)]
+            assert second.alert_seq_base == 3 and second.event_id_base == 3
+            assert all(m["alert_seq_base"] == 3 for m in alerts)
         assert client.boot_changes == 1 and client.gaps == 0 and client.replayed == 0
-    assert len(AlertLog(run_dir / "alerts.jsonl").read(-1)) == 5  # both boots in one log
+    log = AlertLog(run_dir / "alerts.jsonl")
+    assert [m["seq"] for m in log.read(-1)] == [0, 1, 2, 3, 4]  # both boots in one log, no seq twice
+    assert log.last_ids() == (4, 11)
+
+
+def test_events_a_dead_monitor_left_open_are_found_and_ended(tmp_path: Path) -> None:
+    from realtime.scoring.alerts import AlertLogic
+    from tests.helpers.jsonschema_check import JSON_SCHEMA, check
+
+    log = AlertLog(tmp_path / "alerts.jsonl")
+    boot = "0" * 32
+    lines = [("start", 0), ("end", 0), ("start", 1), ("update", 1), ("start", 2)]  # 1 and 2 never ended
+    for seq, (event, event_id) in enumerate(lines):
+        message = {"schema": "cemd.monitor/1", "topic": "alert", "publisher_id": "p", "boot_id": boot, "seq": seq,
+                   "t_wall_ns": 1, "t_mono_ns": 1, **alert_payload(event_id, event, frame_id=10 + seq)}
+        log.append(message)
+    open_ = log.open_events()
+    assert [(m["event_id"], m["event"], m["frame_id"]) for m in open_] == [(1, "update", 13), (2, "start", 14)]
+    end = AlertLogic.end_orphan(open_[0])
+    assert end["event"] == "end" and end["reason"] == "monitor_restarted" and end["end_frame_id"] == 13
+    stamped = {"schema": "cemd.monitor/1", "topic": "alert", "publisher_id": "p", "boot_id": "1" * 32, "seq": 5,
+               "t_wall_ns": 1, "t_mono_ns": 1, **end}
+    check(stamped, JSON_SCHEMA, where="orphan end")
 
 
 def test_replay_answers_garbage_with_an_error_and_keeps_serving(endpoint: str, run_dir: Path) -> None:

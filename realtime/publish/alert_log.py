@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ class AlertLog:
     def read(self, since_seq: int, boot_id: str | None = None) -> list[dict[str, Any]]:
         """Logged alert messages with seq > since_seq (of ``boot_id`` when given), in log order."""
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                return []  # /dev/full, a FIFO: nothing logged can be read back (and a device may never end)
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
@@ -98,6 +101,17 @@ class AlertLog:
             if isinstance(message.get("event_id"), int) and not isinstance(message["event_id"], bool):
                 event = max(event, message["event_id"])
         return seq, event
+
+    def open_events(self) -> list[dict[str, Any]]:
+        """The last logged message of each event that has no ``end`` in the log, in log order: a
+        monitor that died (SIGKILL, power) left them open; the next one on this folder ends them."""
+        last: dict[int, dict[str, Any]] = {}
+        for message in self.read(-1):
+            event_id = message.get("event_id")
+            if isinstance(event_id, int) and not isinstance(event_id, bool):
+                last.pop(event_id, None)  # re-insert: dict order follows each event's latest message
+                last[event_id] = message
+        return [m for m in last.values() if m.get("event") != "end"]
 
     def close(self) -> None:
         if self._fd is not None:

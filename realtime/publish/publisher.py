@@ -166,6 +166,7 @@ class AlertPublisher:
         self.last_seq = {topic: -1 for topic in PIPELINE_TOPICS + ("heartbeat",)}
         # First alert seq and event id of this boot: one past the highest in the run folder's log (start()).
         self.alert_seq_base = self.event_id_base = 0
+        self.orphaned_events: list[dict[str, Any]] = []  # events a previous boot on this folder left open
 
         self._ctx: zmq.Context | None = None
         self._auth: ThreadAuthenticator | None = None
@@ -206,6 +207,7 @@ class AlertPublisher:
             raise CemdError(f"cannot create the run folder {self.run_dir}: {exc.strerror}; choose a writable one") from None
         try:  # alert seqs continue the folder's log (a supervised restart): none is used twice
             self.alert_seq_base, self.event_id_base = (n + 1 for n in self.alert_log.last_ids())
+            self.orphaned_events = self.alert_log.open_events()
         except OSError as exc:
             raise CemdError(f"cannot read the alert log {self.alert_log.path}: {exc.strerror or exc}") from None
         self._next_seq["alert"], self.last_seq["alert"] = self.alert_seq_base, self.alert_seq_base - 1
@@ -578,7 +580,7 @@ class AlertPublisher:
             raise ValueError(f"a replay request is one JSON frame, got {len(body)} frames")
         try:
             request = json.loads(body[0].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: a RecursionError would end this thread
             raise ValueError('replay request is not UTF-8 JSON; send {"since_seq": N, "boot_id": "..."}') from None
         if not isinstance(request, dict):
             raise ValueError('replay request must be a JSON object {"since_seq": N, "boot_id": "..."}')

@@ -48,8 +48,14 @@ class AlertConfig:
                 raise CemdError(f"n_of_m must satisfy 1 ≤ N ≤ M ≤ 120, got {n} of {m}")
         if not (0.1 <= self.sensitivity <= 10):
             raise CemdError(f"sensitivity must be between 0.1 and 10 (1.0 = calibrated), got {self.sensitivity}")
-        if self.hold_ms < 0:
+        if not self.hold_ms >= 0:
             raise CemdError(f"hold_ms must be ≥ 0, got {self.hold_ms}")
+        if not self.update_hz > 0:  # the update interval is 1000 / update_hz ms
+            raise CemdError(f"update_hz must be > 0, got {self.update_hz}")
+        if not self.heartbeat_ms > 0:
+            raise CemdError(f"heartbeat_ms must be > 0, got {self.heartbeat_ms}")
+        if not 0 < self.location_level <= 1:
+            raise CemdError(f"location_level must be a fraction of the peak in (0, 1], got {self.location_level}")
 
 
 @dataclass
@@ -66,10 +72,17 @@ class Thresholds:
         """From the bundle's calibration; a branch without one gets the highest normal validation
         score of training, loudly flagged."""
         cal = bundle.calibration or {}
+        where = bundle.path / "calibration.json"
         mods = cal.get("modalities", {}) if isinstance(cal.get("modalities"), dict) else {}
-        values = {m: float(mods[m]["threshold"]) for m in bundle.modalities
-                  if isinstance(mods.get(m), dict) and "threshold" in mods[m]}
+        values = {m: _number(mods[m]["threshold"], f"{where}: the {m.upper()} threshold", "re-run cemd calibrate")
+                  for m in bundle.modalities if isinstance(mods.get(m), dict) and "threshold" in mods[m]}
         n_of_m = tuple(cal["n_of_m"]) if isinstance(cal.get("n_of_m"), list) and len(cal["n_of_m"]) == 2 else None
+        if n_of_m is not None and not (all(isinstance(v, int) and not isinstance(v, bool) for v in n_of_m)
+                                       and 1 <= n_of_m[0] <= n_of_m[1] <= 120):
+            from engine.errors import BundleError
+
+            raise BundleError(f"{where}: n_of_m must be two whole numbers 1 ≤ N ≤ M ≤ 120, got {list(n_of_m)!r}; "
+                              "re-run cemd calibrate")
         warnings = []
         made_for = cal.get("model_files")
         if values and made_for and made_for != bundle.meta.get("files"):
@@ -93,7 +106,9 @@ class Thresholds:
             raise BundleError(f"bundle {bundle.path} has neither a calibration nor score statistics for "
                               f"{', '.join(no_stats).upper()}; run: cemd calibrate --bundle {bundle.path} --normal VIDEO")
         for m in missing:
-            values[m] = float(stats[m]["max"])
+            values[m] = _number(stats[m].get("max") if isinstance(stats[m], dict) else None,
+                                f"bundle {bundle.path}: the {m.upper()} score_stats max in bundle.json",
+                                "restore bundle.json or retrain the bundle")
         shown = ", ".join(f"{m.upper()} {values[m]:.4f}" for m in missing)
         warnings.insert(0, (
             f"bundle {bundle.path} is not calibrated for {', '.join(m.upper() for m in missing)}: using default "
@@ -103,6 +118,15 @@ class Thresholds:
                   else f"calibration for {', '.join(m.upper() for m in values if m not in missing)}, default for "
                        f"{', '.join(m.upper() for m in missing)}")
         return cls(values, source, " ".join(warnings), n_of_m)
+
+
+def _number(value: Any, what: str, fix: str) -> float:
+    """A threshold read from a bundle: a finite number, else a BundleError naming it and the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        from engine.errors import BundleError
+
+        raise BundleError(f"{what} is not a finite number ({value!r}); {fix}")
+    return float(value)
 
 
 def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points: int = 48) -> dict[str, Any] | None:
@@ -194,6 +218,17 @@ class AlertLogic:
         }
         if reason:
             out["reason"] = reason
+        return out
+
+    @staticmethod
+    def end_orphan(last: dict[str, Any]) -> dict[str, Any]:
+        """The ``end`` of an event a previous monitor on this run folder left open (it died), from
+        that event's last logged message: its frame ids and duration are the old boot's, up to
+        the last frame that monitor reported; reason ``monitor_restarted``."""
+        keys = ("event_id", "modality", "frame_id", "pts", "start_frame_id", "score", "peak_score",
+                "peak_frame_id", "threshold", "duration_ms", "location")
+        out = {k: last.get(k) for k in keys}
+        out.update(event="end", end_frame_id=last.get("frame_id"), reason="monitor_restarted")
         return out
 
     def close(self, frame_id: int, pts: int | None, t_ns: int, reason: str) -> list[dict[str, Any]]:

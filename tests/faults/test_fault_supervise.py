@@ -124,6 +124,8 @@ def test_sigkilled_monitor_comes_back_on_the_same_endpoint(tmp_path: Path) -> No
         _until(lambda: any(m["topic"] == "alert" for m in messages), "the first boot's first alert")
         first_boot = messages[-1]["boot_id"]
         _until(lambda: shown.having("AI active"), "the display to show the AI active")
+        # kill with an event open (its last message a start or update): the next boot must end it
+        _until(lambda: of_boot(first_boot, "alert")[-1]["event"] != "end", "an open event")
         first_child = _children(run_dir)[-1]
         assert first_child["exit"] is None and _alive(first_child["pid"])
         os.kill(first_child["pid"], signal.SIGKILL)  # mid-examination: alerts were flowing
@@ -167,6 +169,12 @@ def test_sigkilled_monitor_comes_back_on_the_same_endpoint(tmp_path: Path) -> No
     assert got == [a["seq"] for a in logged], (got[-5:], len(logged))
     ids = [a["event_id"] for a in logged if a["event"] == "start"]
     assert len(ids) == len(set(ids)), "an event id was reused after the restart"
+    # every event ends once; the one the killed monitor left open is ended by the next boot
+    ends = [a["event_id"] for a in logged if a["event"] == "end"]
+    assert sorted(ends) == sorted(ids), (ids, ends)
+    orphans = [a for a in logged if a.get("reason") == "monitor_restarted"]
+    assert orphans and all(a["boot_id"] == second_boot and a["event_id"] in
+                           {b["event_id"] for b in first_alerts} for a in orphans), orphans
     assert client.unrecovered == 0 and client.boot_changes >= 1
 
     # the display showed AI NOT ACTIVE while the monitor was down, then recovered by itself
