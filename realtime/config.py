@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,11 @@ class PublishConfig:
     sndbuf: int | None = option(None, "kernel send buffer per connection in bytes (default: the OS's)")
     rt_send: bool = option(True, "decision → score message sent at real-time priority (Linux SCHED_FIFO 1) where the "
                            "OS allows it; the branch never runs at it")
+
+
+def run_dir_or_default(run_dir: str | None) -> Path:
+    """``--run-dir``, or ``runs/stream-TIMESTAMP`` (the time of this call) when none was given."""
+    return Path(run_dir or f"runs/stream-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from realtime.capture.process import CaptureProcess
 from realtime.capture.sources import SourceSpec, parse_source
 from realtime.clients.display_process import DisplayProcess
 from realtime.clients.overlay import encode_heatmap
-from realtime.config import MonitorConfig, auto_inference_workers
+from realtime.config import MonitorConfig, auto_inference_workers, run_dir_or_default
 from realtime.publish.publisher import AlertPublisher, CurveServerConfig
 from realtime.scoring.alerts import AlertLogic, Thresholds
 from realtime.scoring.frame_scorer import FrameScorer, check_modality, source_time_ns
@@ -109,7 +109,7 @@ class Monitor:
         self.exit_code = 0
         self.restarts = supervised_restarts()  # None unless started by `--supervise`
         self.spec: SourceSpec = parse_source(config.source.source)  # bad --source fails here, before anything loads
-        self.run_dir = Path(config.run.run_dir or f"runs/stream-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir = run_dir_or_default(config.run.run_dir)
         self.publisher: AlertPublisher | None = None
         self.capture: CaptureProcess | None = None
         # Set while loading the model; None/empty until then, which status and summary report as such.

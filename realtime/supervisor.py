@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from realtime.config import run_dir_or_default
+
 RESTARTS_ENV = "CEMD_SUPERVISOR_RESTARTS"
 STABLE_S = 30.0  # a child that ran this long was not crash-looping: its death is restarted at once
 BACKOFF_START_S = 0.5
@@ -137,8 +139,7 @@ class Supervisor:
 
 def supervise(argv: list[str], run_dir: str | None, log: Callable[[str], None]) -> int:
     """Run the monitor with ``argv`` under a Supervisor, with SIGTERM/SIGINT handled; blocks."""
-    folder = Path(run_dir) if run_dir else Path(f"runs/stream-{time.strftime('%Y%m%d-%H%M%S')}")
-    sup = Supervisor(argv, folder, log)
+    sup = Supervisor(argv, run_dir_or_default(run_dir), log)
     previous = {s: signal.signal(s, sup.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return sup.run()

@@ -436,7 +436,7 @@ def test_publisher_restart_is_a_boot_change_not_a_gap(endpoint: str, run_dir: Pa
         assert client.boot_changes == 1 and client.gaps == 0 and client.replayed == 0
     log = AlertLog(run_dir / "alerts.jsonl")
     assert [m["seq"] for m in log.read(-1)] == [0, 1, 2, 3, 4]  # both boots in one log, no seq twice
-    assert log.last_ids() == (4, 11)
+    assert log.resume()[:2] == (4, 11)
 
 
 def test_events_a_dead_monitor_left_open_are_found_and_ended(tmp_path: Path) -> None:
@@ -450,7 +450,7 @@ def test_events_a_dead_monitor_left_open_are_found_and_ended(tmp_path: Path) -> 
         message = {"schema": "cemd.monitor/1", "topic": "alert", "publisher_id": "p", "boot_id": boot, "seq": seq,
                    "t_wall_ns": 1, "t_mono_ns": 1, **alert_payload(event_id, event, frame_id=10 + seq)}
         log.append(message)
-    open_ = log.open_events()
+    open_ = log.resume()[2]
     assert [(m["event_id"], m["event"], m["frame_id"]) for m in open_] == [(1, "update", 13), (2, "start", 14)]
     end = AlertLogic.end_orphan(open_[0])
     assert end["event"] == "end" and end["reason"] == "monitor_restarted" and end["end_frame_id"] == 13

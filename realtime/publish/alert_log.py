@@ -91,27 +91,20 @@ class AlertLog:
                 alerts.append(message)
         return alerts
 
-    def last_ids(self) -> tuple[int, int]:
-        """(highest alert seq, highest event id) over every boot in the log, -1 each when empty: a
-        monitor started again on this run folder (``--supervise`` restarts it there) continues both,
-        so that no seq or event id of the folder is used twice."""
-        seq = event = -1
-        for message in self.read(-1):
-            seq = max(seq, message["seq"])
-            if isinstance(message.get("event_id"), int) and not isinstance(message["event_id"], bool):
-                event = max(event, message["event_id"])
-        return seq, event
-
-    def open_events(self) -> list[dict[str, Any]]:
-        """The last logged message of each event that has no ``end`` in the log, in log order: a
-        monitor that died (SIGKILL, power) left them open; the next one on this folder ends them."""
+    def resume(self) -> tuple[int, int, list[dict[str, Any]]]:
+        """What a monitor started again on this run folder (``--supervise`` restarts it there) must
+        continue, from one read of the log: the highest alert seq and the highest event id over
+        every boot (-1 each when empty), so that none is used twice; and the last logged message
+        of each event with no ``end``, in log order (a monitor that died left them open)."""
+        seq = -1
         last: dict[int, dict[str, Any]] = {}
         for message in self.read(-1):
+            seq = max(seq, message["seq"])
             event_id = message.get("event_id")
             if isinstance(event_id, int) and not isinstance(event_id, bool):
                 last.pop(event_id, None)  # re-insert: dict order follows each event's latest message
                 last[event_id] = message
-        return [m for m in last.values() if m.get("event") != "end"]
+        return seq, max(last, default=-1), [m for m in last.values() if m.get("event") != "end"]
 
     def close(self) -> None:
         if self._fd is not None:

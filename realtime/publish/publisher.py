@@ -206,8 +206,8 @@ class AlertPublisher:
         except OSError as exc:
             raise CemdError(f"cannot create the run folder {self.run_dir}: {exc.strerror}; choose a writable one") from None
         try:  # alert seqs continue the folder's log (a supervised restart): none is used twice
-            self.alert_seq_base, self.event_id_base = (n + 1 for n in self.alert_log.last_ids())
-            self.orphaned_events = self.alert_log.open_events()
+            last_seq, last_event_id, self.orphaned_events = self.alert_log.resume()
+            self.alert_seq_base, self.event_id_base = last_seq + 1, last_event_id + 1
         except OSError as exc:
             raise CemdError(f"cannot read the alert log {self.alert_log.path}: {exc.strerror or exc}") from None
         self._next_seq["alert"], self.last_seq["alert"] = self.alert_seq_base, self.alert_seq_base - 1

@@ -153,6 +153,14 @@ class MonitorRun:
         return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+def until(condition: Callable[[], Any], what: str = "the run", timeout: float = 60) -> None:
+    """Wait for ``condition()`` to be true (polled every 20 ms); fail naming ``what`` after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def check_no_alert_lost(run: MonitorRun, logged: list[dict[str, Any]] | None = None) -> int:
     """Every alert in the durable log reached the subscriber (live or replayed), once, with no hole
     in the log's seq; and every message the subscriber got is valid against the published JSON

@@ -20,12 +20,11 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from realtime.capture.process import BACKOFF_CAP_S
-from tests.faults.harness import ALERTING, MonitorRun, check_no_alert_lost, exam_video, start_file_sender
+from tests.faults.harness import ALERTING, MonitorRun, check_no_alert_lost, exam_video, start_file_sender, until
 from tests.helpers.streams import free_port_pair, free_udp_port
 
 pytestmark = pytest.mark.slow
@@ -40,13 +39,6 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exam_video(tmp_path_factory.mktemp("exam") / "exam.mp4", SECONDS, FPS)
 
 
-def _until(condition: Callable[[], bool], timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out waiting for the run"
-        time.sleep(0.02)
-
-
 def _scores(run: MonitorRun) -> list[dict]:
     return [m for m in list(run.messages) if m["topic"] == "score"]
 
@@ -58,17 +50,17 @@ def _source_states(run: MonitorRun, since: int) -> list[str]:
 def _die_and_come_back(run: MonitorRun, send_url: str, exam: Path, size: str | None,
                        first: subprocess.Popen | None = None) -> dict:
     first = first or start_file_sender(send_url, exam)
-    _until(lambda: len(_scores(run)) >= 3, timeout=120)  # scoring the first sender
+    until(lambda: len(_scores(run)) >= 3, timeout=120)  # scoring the first sender
     assert first.poll() is None, "the first sender ended before it could be killed"
     first.send_signal(signal.SIGKILL)  # the sender dies mid-stream, without a goodbye
     first.wait()
     mark = len(run.messages)
-    _until(lambda: "reconnecting" in _source_states(run, mark), timeout=30)
+    until(lambda: "reconnecting" in _source_states(run, mark), timeout=30)
     last_before = max(m["frame_id"] for m in _scores(run))
     t_back = time.monotonic_ns()
     second = start_file_sender(send_url, exam, size=size)
     # a frame captured after the second sender started is its own (scores of the first may still be in flight)
-    _until(lambda: any(m["t_capture_mono_ns"] > t_back for m in _scores(run)), timeout=60)
+    until(lambda: any(m["t_capture_mono_ns"] > t_back for m in _scores(run)), timeout=60)
     t_scored = next(m["t_mono_ns"] for m in _scores(run) if m["t_capture_mono_ns"] > t_back)
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err

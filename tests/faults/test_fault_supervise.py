@@ -15,13 +15,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from tests.faults.harness import ALERTING, BASE_ARGS, REPO, plain_demo
+from tests.faults.harness import ALERTING, BASE_ARGS, REPO, plain_demo, until
 from tests.helpers.process_tree import process_tree
 from tests.helpers.streams import free_port_pair
 
@@ -30,13 +28,6 @@ pytestmark = [pytest.mark.slow,
 
 SOURCE = "synthetic:seed=4,seconds=600,size=320x240,fps=10"  # live and long: only the kill ends a boot
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class Lines:
@@ -53,6 +44,12 @@ class Lines:
 
     def having(self, text: str) -> list[str]:
         return [line for line in list(self.lines) if text in line]
+
+    def recovered(self) -> bool:
+        """An "AI NOT ACTIVE" line, and an "AI active" line after it (the display's own log)."""
+        lines = list(self.lines)
+        down = next((i for i, line in enumerate(lines) if "AI NOT ACTIVE" in line), None)
+        return down is not None and any("AI active" in line for line in lines[down + 1:])
 
     def text(self) -> str:
         self._thread.join(timeout=5)
@@ -82,8 +79,8 @@ def _stop(proc: subprocess.Popen) -> int:
         for pid in process_tree(proc.pid):
             os.kill(pid, signal.SIGKILL)
         raise AssertionError("the supervisor did not stop on SIGTERM") from None
-    _until(lambda: not [p for p in tree if Path(f"/proc/{p}").exists() and _alive(p)],
-           "the monitor's processes to exit after the supervisor", timeout=60)
+    until(lambda: not [p for p in tree if Path(f"/proc/{p}").exists() and _alive(p)],
+          "the monitor's processes to exit after the supervisor", timeout=60)
     return code
 
 
@@ -121,22 +118,20 @@ def test_sigkilled_monitor_comes_back_on_the_same_endpoint(tmp_path: Path) -> No
         def of_boot(boot: str, topic: str) -> list[dict]:
             return [m for m in list(messages) if m["boot_id"] == boot and m["topic"] == topic]
 
-        _until(lambda: any(m["topic"] == "alert" for m in messages), "the first boot's first alert")
+        until(lambda: any(m["topic"] == "alert" for m in messages), "the first boot's first alert", timeout=120)
         first_boot = messages[-1]["boot_id"]
-        _until(lambda: shown.having("AI active"), "the display to show the AI active")
+        until(lambda: shown.having("AI active"), "the display to show the AI active", timeout=120)
         # kill with an event open (its last message a start or update): the next boot must end it
-        _until(lambda: of_boot(first_boot, "alert")[-1]["event"] != "end", "an open event")
+        until(lambda: of_boot(first_boot, "alert")[-1]["event"] != "end", "an open event", timeout=120)
         first_child = _children(run_dir)[-1]
         assert first_child["exit"] is None and _alive(first_child["pid"])
         os.kill(first_child["pid"], signal.SIGKILL)  # mid-examination: alerts were flowing
 
-        _until(lambda: any(m["boot_id"] != first_boot and m["topic"] == "score" for m in list(messages)),
-               "scores from a new boot on the same endpoint")
+        until(lambda: any(m["boot_id"] != first_boot and m["topic"] == "score" for m in list(messages)),
+              "scores from a new boot on the same endpoint", timeout=120)
         second_boot = next(m["boot_id"] for m in list(messages) if m["boot_id"] != first_boot)
-        _until(lambda: of_boot(second_boot, "alert"), "the new boot's first alert")
-        _until(lambda: [line for line in shown.having("AI active")
-                        if shown.lines.index(line) > shown.lines.index(shown.having("AI NOT ACTIVE")[0])]
-               if shown.having("AI NOT ACTIVE") else False, "the display to recover")
+        until(lambda: of_boot(second_boot, "alert"), "the new boot's first alert", timeout=120)
+        until(shown.recovered, "the display to show AI NOT ACTIVE, then AI active", timeout=120)
     finally:
         code = _stop(sup)
         display.send_signal(signal.SIGTERM)
@@ -178,9 +173,7 @@ def test_sigkilled_monitor_comes_back_on_the_same_endpoint(tmp_path: Path) -> No
     assert client.unrecovered == 0 and client.boot_changes >= 1
 
     # the display showed AI NOT ACTIVE while the monitor was down, then recovered by itself
-    text = shown.text()
-    down = text.index("AI NOT ACTIVE")
-    assert "AI active" in text[down:], text
+    assert shown.recovered(), shown.text()
 
 
 def test_crash_loop_backs_off_and_says_so_then_sigterm_stops_it(tmp_path: Path) -> None:
@@ -189,7 +182,7 @@ def test_crash_loop_backs_off_and_says_so_then_sigterm_stops_it(tmp_path: Path) 
     run_dir = tmp_path / "run"
     sup, out = _supervisor(run_dir, f"tcp://127.0.0.1:{free_port_pair()}", "--source", str(broken))
     try:
-        _until(lambda: len(_children(run_dir)) >= 4, "four starts of the failing monitor", timeout=240)
+        until(lambda: len(_children(run_dir)) >= 4, "four starts of the failing monitor", timeout=240)
     finally:
         code = _stop(sup)
     log = out.text()
