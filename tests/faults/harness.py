@@ -40,7 +40,10 @@ ALERTING = ("--sensitivity", "3")
 # that failing_branch.py wraps in this process (inference workers and their faults:
 # tests/test_infer_pool.py); it also spares each --fast run the workers' start-up
 BASE_ARGS = ("--dashboard", "off", "--backend", "eager", "--modality", "wli", "--inference-workers", "1")
+# as a user runs it: the shipped bundle, auto modality, the default backend (auto) and workers
+SHIPPED_ARGS = ("--dashboard", "off")
 _PLAIN_DEMO: Path | None = None
+_SHIPPED_DEMO: Path | None = None
 
 
 def plain_demo() -> Path:
@@ -63,20 +66,43 @@ def plain_demo() -> Path:
     return _PLAIN_DEMO
 
 
+def shipped_demo() -> Path:
+    """``models/demo`` as shipped (colour map, current calibration, exported ONNX graphs), copied
+    once per test process so that what the runs write into it (BUNDLE/compiled/: the backend
+    choice, compiled graphs) stays out of the checkout."""
+    global _SHIPPED_DEMO
+    if _SHIPPED_DEMO is None:
+        import shutil
+        import tempfile
+
+        _SHIPPED_DEMO = Path(tempfile.mkdtemp(prefix="cemd-shipped-demo-")) / "demo"
+        shutil.copytree(REPO / "models" / "demo", _SHIPPED_DEMO, ignore=shutil.ignore_patterns("compiled"))
+    return _SHIPPED_DEMO
+
+
+def alerting(shipped: bool) -> tuple[str, ...]:
+    """The extra arguments of a run that must alert: ALERTING for plain_demo(), none as shipped."""
+    return () if shipped else ALERTING
+
+
 
 class MonitorRun:
     """One monitor subprocess and one in-process subscriber; use as a context manager."""
 
     def __init__(self, run_dir: Path, *args: str, topics: tuple[str, ...] = ("alert", "status", "heartbeat"),
-                 wait_for: str = "opening source", entry: tuple[str, ...] = ("run_stream.py",)) -> None:
-        """``entry``: the script and its leading arguments (a fault-injecting wrapper of run_stream.py)."""
+                 wait_for: str = "opening source", entry: tuple[str, ...] = ("run_stream.py",),
+                 shipped: bool = False) -> None:
+        """``entry``: the script and its leading arguments (a fault-injecting wrapper of run_stream.py);
+        ``shipped``: the shipped bundle with the defaults (SHIPPED_ARGS) instead of the fast
+        plain_demo() set-up (BASE_ARGS)."""
         from tests.helpers.streams import free_port_pair
 
         self.run_dir = run_dir
         self.port = free_port_pair()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.replay_endpoint = f"tcp://127.0.0.1:{self.port + 1}"
-        self.cmd = [sys.executable, str(REPO / entry[0]), *entry[1:], *BASE_ARGS, "--bundle", str(plain_demo()),
+        self.cmd = [sys.executable, str(REPO / entry[0]), *entry[1:], *(SHIPPED_ARGS if shipped else BASE_ARGS),
+                    "--bundle", str(shipped_demo() if shipped else plain_demo()),
                     "--publish", self.endpoint,
                     "--run-dir", str(run_dir), *args]
         self.topics = topics

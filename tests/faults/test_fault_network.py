@@ -2,6 +2,9 @@
 
 Each case: the real monitor (subprocess) reading a UDP MPEG-TS stream sent by another process
 (PyAV, re-encoding a synthetic examination), a real subscriber; see harness.py for the checks.
+They run the shipped bundle as a user does (``shipped``: models/demo, auto modality, the default
+backend and workers); the damaged-packet case also runs the fast ``plain`` set-up (harness.plain_demo(),
+eager, WLI, one worker, ALERTING) at 1 %.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import ALERTING, MonitorRun, check_no_alert_lost, exam_video, feed_scores, start_file_sender
+from tests.faults.harness import MonitorRun, alerting, check_no_alert_lost, exam_video, feed_scores, start_file_sender
 from tests.helpers.streams import free_udp_port
 
 pytestmark = pytest.mark.slow
@@ -32,19 +35,27 @@ def exam(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exam_video(tmp_path_factory.mktemp("exam") / "exam.mp4", SECONDS, FPS)
 
 
+@pytest.fixture(scope="module")
+def long_exam(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 s: the shipped bundle's one lesion event on it is frames 50–77 (none in the 8 s one)."""
+    return exam_video(tmp_path_factory.mktemp("exam") / "exam12.mp4", 12, FPS)
+
+
 def _udp() -> str:
     return f"udp://127.0.0.1:{free_udp_port()}?overrun_nonfatal=1"
 
 
-@pytest.mark.parametrize("noise", [0.01, 0.05])
-def test_damaged_packets_are_counted_and_the_monitor_keeps_scoring(exam: Path, tmp_path: Path, noise: float) -> None:
+@pytest.mark.parametrize("noise, shipped", [(0.01, False), (0.05, True)], ids=["plain-1%", "shipped-5%"])
+def test_damaged_packets_are_counted_and_the_monitor_keeps_scoring(exam: Path, long_exam: Path, tmp_path: Path,
+                                                                   noise: float, shipped: bool) -> None:
     url = _udp()
     # gated: the sender keeps pace with the scoring, so most frames are scored however busy the
     # machine (idle: 58 of 58 read, 7 and 14 alerts; beside two busy loops: 39 and 57 of 58 and 68,
     # 6 and 13 alerts). Paced at 10 fps instead, a loaded machine dropped most frames and scored
     # no lesion long enough to alert, three runs in three, leaving check 3 nothing to count
-    with MonitorRun(tmp_path / "run", "--source", url, *ALERTING, topics=TOPICS) as run:
-        sender = start_file_sender(url.split("?")[0], exam, noise=noise, gated=True)
+    with MonitorRun(tmp_path / "run", "--source", url, *alerting(shipped), topics=TOPICS, shipped=shipped) as run:
+        video = long_exam if shipped else exam
+        sender = start_file_sender(url.split("?")[0], video, noise=noise, gated=True)
         out, err = feed_scores(run, sender)
         assert sender.returncode == 0, err
         run.proc.terminate()  # the stream has ended: stop the monitor (it would wait for a sender)
@@ -59,7 +70,7 @@ def test_damaged_packets_are_counted_and_the_monitor_keeps_scoring(exam: Path, t
 
 def test_stream_that_stalls_for_5_s_and_resumes(exam: Path, tmp_path: Path) -> None:
     url = _udp()
-    with MonitorRun(tmp_path / "run", "--source", url, "--max-seconds", str(SECONDS + 7), *ALERTING) as run:
+    with MonitorRun(tmp_path / "run", "--source", url, "--max-seconds", str(SECONDS + 7), shipped=True) as run:
         sender = start_file_sender(url.split("?")[0], exam, pause_after_s=3.0, pause_s=5.0)
         sender.communicate(timeout=60)
         run.wait()
@@ -76,7 +87,7 @@ def test_stream_that_stalls_for_5_s_and_resumes(exam: Path, tmp_path: Path) -> N
 
 def test_sender_restart_is_picked_up(exam: Path, tmp_path: Path) -> None:
     url = _udp()
-    with MonitorRun(tmp_path / "run", "--source", url, "--max-seconds", "14", *ALERTING) as run:
+    with MonitorRun(tmp_path / "run", "--source", url, "--max-seconds", "14", shipped=True) as run:
         first = start_file_sender(url.split("?")[0], exam, max_seconds=4)
         first.communicate(timeout=60)
         second = start_file_sender(url.split("?")[0], exam)  # new encoder: timestamps restart at 0
