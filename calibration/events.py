@@ -30,33 +30,43 @@ Definitions (all in source time, so they do not depend on how fast the replay ra
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.constants import MODALITIES
-from engine.errors import CemdError
+from engine.errors import CemdError, first_line, shown
 from engine.eval.metrics import auroc
+
+MAX_FRAMES = 10**9  # more than nine days of video at 1000 fps
 
 
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise CemdError(f"{what} must be a whole number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_FRAMES \
+            or value != int(value):  # abs() first: no int() of NaN, ±inf or an int too big for a float
+        raise CemdError(f"{what} must be a whole number from 0 to {MAX_FRAMES}, got {shown(value)}")
     return int(value)
 
 
 def load_events(path: Path | str) -> dict[str, Any]:
     """Read and validate an events file; raises ``CemdError`` naming the problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CemdError(f"events file {path} does not exist; write one with cemd synth-video --events-out, or "
                         f"annotate your video in that format (docs/DATA.md#2-video-events)")
+    if not path.is_file():
+        raise CemdError(f"events file {path} is not a file (a directory or a device?); pass the events JSON")
     try:
         ev = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CemdError(f"events file {path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CemdError(f"cannot read events file {path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError as exc:
+        raise CemdError(f"events file {path} is not UTF-8 JSON text (byte {exc.start})") from None
+    except RecursionError:
+        raise CemdError(f"events file {path} is not an events file: its JSON nests too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or a number past Python's digit limit
+        raise CemdError(f"events file {path} is not valid JSON ({first_line(exc)})") from None
     if not isinstance(ev, dict):
         raise CemdError(f"events file {path} must hold a JSON object with fps, frames and lesions")
     missing = [k for k in ("fps", "frames", "lesions") if k not in ev]
@@ -64,11 +74,16 @@ def load_events(path: Path | str) -> dict[str, Any]:
         raise CemdError(f"events file {path} lacks {', '.join(missing)} (format: docs/DATA.md#2-video-events)")
     where = f"events file {path}:"
     fps = ev["fps"]
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (0 < fps <= 1000) or not math.isfinite(fps):
-        raise CemdError(f"{where} fps must be a number in (0, 1000], got {fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (0.01 <= fps <= 1000):
+        raise CemdError(f"{where} fps must be a number from 0.01 to 1000, got {shown(fps)}")
     frames = _int(ev["frames"], f"{where} frames")
     if frames < 1:
         raise CemdError(f"{where} frames must be ≥ 1, got {frames}")
+    for key in ("width", "height"):
+        v = ev.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16):
+            raise CemdError(f"{where} {key} must be a whole number of pixels from 1 to 65536 (or absent), "
+                            f"got {shown(v)}")
     if not isinstance(ev["lesions"], list):
         raise CemdError(f"{where} lesions must be a list of {{start_frame, end_frame}} objects")
     lesions = []
@@ -81,12 +96,16 @@ def load_events(path: Path | str) -> dict[str, Any]:
             raise CemdError(f"{where} lesion {i} spans frames {a}–{b}, outside the video's 0–{frames - 1} "
                             f"(or end before start)")
         vis = les.get("visible_in", list(MODALITIES))
-        if not isinstance(vis, list) or not vis or any(m not in MODALITIES for m in vis):
-            raise CemdError(f"{where} lesion {i} visible_in must be a non-empty list of wli/nbi, got {vis!r}")
+        if not isinstance(vis, list) or not vis or any(not isinstance(m, str) or m not in MODALITIES for m in vis):
+            raise CemdError(f"{where} lesion {i} visible_in must be a non-empty list of wli/nbi, got {shown(vis)}")
         lesions.append({**les, "start_frame": a, "end_frame": b, "visible_in": list(vis)})
     segments = []
-    for i, seg in enumerate(ev.get("modality") or []):
-        if not isinstance(seg, dict) or seg.get("modality") not in MODALITIES:
+    modality = ev.get("modality")
+    if modality is not None and not isinstance(modality, list):
+        raise CemdError(f"{where} modality must be a list of {{start_frame, end_frame, modality}} segments, "
+                        f"got {shown(modality)}")
+    for i, seg in enumerate(modality or []):
+        if not isinstance(seg, dict) or not isinstance(seg.get("modality"), str) or seg["modality"] not in MODALITIES:
             raise CemdError(f"{where} modality segment {i} must be {{start_frame, end_frame, modality: wli|nbi}}")
         a, b = _int(seg.get("start_frame"), f"{where} modality segment {i} start_frame"), _int(
             seg.get("end_frame"), f"{where} modality segment {i} end_frame")

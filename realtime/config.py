@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CemdError
-from engine.options import check_choices, example_toml, option
+from engine.errors import CemdError, first_line, shown
+from engine.options import check_choices, example_toml, one_of, option
 from realtime.clients.overlay import OverlayOptions
 from realtime.publish.schema import DEFAULT_ENDPOINT
 from realtime.scoring.alerts import AlertConfig
@@ -143,7 +144,7 @@ class MonitorConfig:
                             "cemd display ENDPOINT --ring NAME --curve-secret … --curve-server-key …")
         w = self.scoring.inference_workers
         if w != "auto" and (not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 64):
-            raise CemdError(f"inference_workers must be auto or a whole number from 1 to 64, got {w!r}")
+            raise CemdError(f"inference_workers must be auto or a whole number from 1 to 64, got {shown(w)}")
         if self.scoring.switch_frames < 1:
             raise CemdError(f"switch_frames must be ≥ 1, got {self.scoring.switch_frames}")
         if not 8 <= self.publish.map_size <= 256:
@@ -153,6 +154,21 @@ class MonitorConfig:
         sndbuf = self.publish.sndbuf
         if sndbuf is not None and (not isinstance(sndbuf, int) or isinstance(sndbuf, bool) or sndbuf < 1024):
             raise CemdError(f"sndbuf must be at least 1024 bytes (or null for the OS default), got {self.publish.sndbuf}")
+        for name, value in (("[source] open_timeout_s", self.source.open_timeout_s),
+                            ("[source] read_timeout_s", self.source.read_timeout_s),
+                            ("[source] stall_after_s", self.source.stall_after_s),
+                            ("[publish] heartbeat_s", self.publish.heartbeat_s),
+                            ("[run] status_every_s", self.run.status_every_s),
+                            ("[run] max_seconds", self.run.max_seconds)):
+            if value is not None and not 0 < value < math.inf:
+                raise CemdError(f"{name} must be a number of seconds > 0, got {value}")
+        if not 0 <= self.scoring.switch_confidence <= 1:
+            raise CemdError(f"switch_confidence must be a classifier confidence from 0 to 1, "
+                            f"got {self.scoring.switch_confidence}")
+        if self.scoring.redetect_fov_every < 1:
+            raise CemdError(f"redetect_fov_every must be ≥ 1 frame, got {self.scoring.redetect_fov_every}")
+        if self.run.overlay_max_width is not None and self.run.overlay_max_width < 16:
+            raise CemdError(f"overlay_max_width must be at least 16 px (or unset), got {self.run.overlay_max_width}")
         if self.source.ring_slots < 2:
             raise CemdError(f"ring_slots must be ≥ 2, got {self.source.ring_slots}")
         if not 0 <= self.source.fresh_wait < 1:
@@ -162,10 +178,10 @@ class MonitorConfig:
         d = self.display
         if not 0.05 <= d.opacity <= 1:
             raise CemdError(f"[display] opacity must be between 0.05 and 1, got {d.opacity}")
-        if d.max_result_age_s <= 0:
+        if not 0 < d.max_result_age_s < math.inf:
             raise CemdError(f"[display] max_result_age_s must be > 0 s, got {d.max_result_age_s}")
         if d.cue and d.cue != "bell" and not Path(d.cue).is_file():
-            raise CemdError(f"[display] cue: no sound file {d.cue!r} (or use bell)")
+            raise CemdError(f"[display] cue: no sound file {shown(d.cue, 120)} (or use bell)")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,19 +190,51 @@ class MonitorConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(MonitorConfig)}
 
 
-def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+MAX_INT = 2**53  # whole numbers past this are not counts, sizes or times of any option
+
+
+def _kind(target: Any, key: str, default: Any) -> type | None:
+    """The type an option holds: its default's, or for an option without a default (None) its annotation's."""
+    if default is not None:
+        return type(default)
+    hint = next((str(f.type) for f in dataclasses.fields(target) if f.name == key), "")
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if name in hint.replace("None", ""):
+            return kind
+    return None
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, target: Any = None) -> Any:
     if key == "n_of_m":
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
-            raise CemdError(f"[{section}] n_of_m must be a pair of integers like [3, 5], got {value!r}")
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_INT for v in value)):
+            raise CemdError(f"[{section}] n_of_m must be a pair of integers like [3, 5], got {shown(value)}")
         return tuple(value)
     if key == "inference_workers":  # "auto" or a count; validate() says what is allowed
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise CemdError(f"[{section}] inference_workers must be auto or a whole number from 1 to 64, "
+                            f"got {shown(value)}")
         return value
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise CemdError(f"[{section}] {key} must be true or false, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    kind = _kind(target, key, default) if target is not None or default is not None else None
+    if kind is bool and not isinstance(value, bool):
+        raise CemdError(f"[{section}] {key} must be true or false, got {shown(value)}")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (abs(value) <= 1e300 and math.isfinite(value)):  # abs() first: an int too big for a float
+            raise CemdError(f"[{section}] {key} must be a finite number, got {shown(value)}")
         return float(value)
-    if default is not None and not isinstance(value, type(default)):
-        raise CemdError(f"[{section}] {key} must be a {type(default).__name__}, got {value!r}")
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_INT:
+            raise CemdError(f"[{section}] {key} must be a whole number up to {MAX_INT}, got {shown(value)}")
+        return value
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        raise CemdError(f"[{section}] {key} must be a {'number' if kind is float else kind.__name__}, "
+                        f"got {shown(value)}")
+    choices = next((f.metadata.get("choices") for f in dataclasses.fields(target) if f.name == key), None) \
+        if target is not None else None
+    if choices and value not in choices:
+        raise CemdError(f"[{section}] {key} must be {one_of(choices)}, not {shown(value)}")
+    if isinstance(value, str) and "\x00" in value:
+        raise CemdError(f"[{section}] {key} must not hold a NUL character, got {shown(value)}")
     return value
 
 
@@ -210,22 +258,30 @@ def load_config(path: Path | None) -> MonitorConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CemdError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CemdError(f"cannot read config file {path}: {exc}") from None
+    except IsADirectoryError:
+        raise CemdError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise CemdError(f"cannot read config file {path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError as exc:
+        raise CemdError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
-        raise CemdError(f"config file {path} is not valid TOML: {exc}") from None
+        raise CemdError(f"config file {path} is not valid TOML: {first_line(exc)}") from None
+    except RecursionError:
+        raise CemdError(f"config file {path} is not a config: its values nest too deeply") from None
+    except ValueError as exc:  # a number past Python's digit limit
+        raise CemdError(f"config file {path} is not valid TOML: {first_line(exc)}") from None
     for section, values in data.items():
         if section not in SECTIONS:
-            raise CemdError(f"config file {path}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
+            raise CemdError(f"config file {path}: unknown section [{shown(section)}]; valid: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise CemdError(f"config file {path}: {section} must be a [{section}] table")
         target = getattr(cfg, section)
         valid = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
             if key not in valid:
-                raise CemdError(f"config file {path}: unknown key {key!r} in [{section}]; "
+                raise CemdError(f"config file {path}: unknown key {shown(key)} in [{section}]; "
                                 f"valid keys: {', '.join(sorted(valid))}")
-            setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+            setattr(target, key, _coerce(section, key, value, getattr(target, key), target))
     return cfg
 
 

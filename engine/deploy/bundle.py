@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine import __version__
-from engine.errors import BundleError
+from engine.errors import BundleError, first_line, shown
 from engine.model.backbone import BackboneSpec, FrozenEncoder, file_sha256, get_backbone, lite0_weights_path, lite_weights_path
 from engine.model.branch import StudentBranch
 from engine.model.config import ModelConfig, TrainConfig, from_dict, to_dict
@@ -107,10 +107,21 @@ class Bundle:
         path = self.path / "calibration.json"
         if not path.is_file():
             return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{path} is not valid JSON ({exc}); re-run cemd calibrate") from exc
+        cal = _read_json(path, "re-run cemd calibrate")
+        if not isinstance(cal, dict):
+            raise BundleError(f"{path} is corrupt (not a JSON object); re-run cemd calibrate")
+        mods = cal.get("modalities")
+        for m, entry in (mods.items() if isinstance(mods, dict) else ()):
+            value = entry.get("threshold") if isinstance(entry, dict) else None
+            if isinstance(entry, dict) and "threshold" in entry and not _real(value):
+                raise BundleError(f"{path}: the {shown(m, 20)[1:-1].upper()} threshold is not a finite number "
+                                  f"({shown(value, 40)}); re-run cemd calibrate")
+        n_of_m = cal.get("n_of_m")
+        if isinstance(n_of_m, list) and len(n_of_m) == 2 and not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 120 for v in n_of_m):
+            raise BundleError(f"{path}: n_of_m must be two whole numbers 1 ≤ N ≤ M ≤ 120, got {shown(n_of_m, 40)}; "
+                              f"re-run cemd calibrate")
+        return cal
 
     def branch(self, modality: str) -> StudentBranch:
         if modality not in self.students:
@@ -150,6 +161,9 @@ def copy_without(src: Path, dst: Path, drop: str = "colour") -> Path:
     return dst
 
 
+NULLABLE = ("colour_skipped", "data", "history")  # bundle.json objects that may be null
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise BundleError(f"bundle {path} does not exist; train one with: cemd train --data DIR --out {path}")
@@ -158,13 +172,40 @@ def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / "bundle.json"
     if not meta_path.is_file():
         raise BundleError(f"{path} is not a model bundle: bundle.json is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{meta_path} is corrupt ({exc}); restore it or retrain the bundle") from exc
+    meta = _read_json(meta_path, "restore it or retrain the bundle")
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path} is corrupt (not a JSON object); restore it or retrain the bundle")
     if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path} has format {meta.get('format')!r}; this cemd reads {BUNDLE_FORMAT}")
+        raise BundleError(f"{meta_path} has format {shown(meta.get('format'))}; this cemd reads {BUNDLE_FORMAT}")
+    for key in ("model", "train", "files", "encoder", "score_stats", "colour_skipped", "data", "history"):
+        if key in meta and not isinstance(meta[key], dict) and not (meta[key] is None and key in NULLABLE):
+            raise BundleError(f"{meta_path} is corrupt ({key} is {shown(meta[key], 40)}, not an object); "
+                              f"restore it or retrain the bundle")
+    bad = [k for k, v in (meta.get("files") or {}).items() if not isinstance(v, str)]
+    if bad:
+        raise BundleError(f"{meta_path} is corrupt (the hash of {shown(bad[0], 40)} is not a string); "
+                          f"restore it or retrain the bundle")
+    width = meta.get("student_width", 128)
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 4096:
+        raise BundleError(f"{meta_path}: student_width must be a whole number from 1 to 4096, not {shown(width)}; "
+                          f"restore it or retrain the bundle")
     return meta
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    """The JSON in ``path``; a BundleError naming the file and ``fix`` when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise BundleError(f"{path} is a directory, not a JSON file; {fix}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path} is corrupt (not UTF-8 text at byte {exc.start}); {fix}") from None
+    except RecursionError:
+        raise BundleError(f"{path} is corrupt (its JSON nests too deeply); {fix}") from None
+    except ValueError as exc:  # JSONDecodeError, or a number past Python's digit limit
+        raise BundleError(f"{path} is corrupt ({first_line(exc)}); {fix}") from None
 
 
 def _load_state(path: Path, expected_sha: str | None, module: torch.nn.Module) -> None:
@@ -301,35 +342,63 @@ def _load_memory(path: Path, expected_sha: str | None, channels: int) -> dict[st
             out[str(m)] = {"bank": bank.float(), "weight": weight}
         return out
     except Exception as exc:  # unreadable pickle, missing keys, wrong shapes
-        raise BundleError(f"{path} is not a memory map ({_one_line(exc)}); {fix}") from None
+        raise BundleError(f"{path} is not a memory map ({first_line(exc)}); {fix}") from None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _real(value: Any) -> bool:
+    """A finite JSON number (``true`` is none)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e300
+
+
+def _colour_stats(m: str, stats: Any) -> None:
+    """One modality's colour statistics as ``fit_colour`` writes them, else a ValueError saying what is wrong."""
+    if not isinstance(stats, dict):
+        raise ValueError(f"{m}: not an object")
+    mean, inv_cov = stats.get("mean"), stats.get("inv_cov")
+    if not (isinstance(mean, list) and len(mean) == 2 and all(map(_real, mean))):
+        raise ValueError(f"{m}: mean must be 2 finite numbers")
+    if not (isinstance(inv_cov, list) and len(inv_cov) == 2 and all(
+            isinstance(row, list) and len(row) == 2 and all(map(_real, row)) for row in inv_cov)):
+        raise ValueError(f"{m}: inv_cov must be a 2×2 matrix of finite numbers")
+    (a, b), (c, d) = inv_cov
+    if not (a > 0 and a * d - b * c > 0):
+        raise ValueError(f"{m}: inv_cov is not positive definite")
+    if not (_real(stats.get("weight")) and stats["weight"] > 0):
+        raise ValueError(f"{m}: weight must be a finite number > 0")
+    for key in ("sigma", "background", "vessel_cut"):
+        if key in stats and not _real(stats[key]):
+            raise ValueError(f"{m}: {key} must be a finite number")
+    if "stride" in stats and (not isinstance(stats["stride"], int) or isinstance(stats["stride"], bool)):
+        raise ValueError(f"{m}: stride must be a whole number")
+    if not isinstance(stats.get("brownish", False), bool):
+        raise ValueError(f"{m}: brownish must be true or false")
 
 
 def _load_colour(path: Path, expected_sha: str | None, model: ModelConfig) -> dict[str, Any]:
     fix = _check_map_file(path, expected_sha, "colour (model.colour_score)", "colour")
+    data = _read_json(path, fix)
     try:
-        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("modalities"), dict):
+            raise ValueError("no modalities object")
         for m, stats in data["modalities"].items():
-            if len(stats["mean"]) != 2 or len(stats["inv_cov"]) != 2 or not float(stats["weight"]) > 0:
-                raise ValueError(f"{m}: bad mean, inv_cov or weight")
-            brown = bool(stats.get("brownish", False))
-            fitted = (float(stats.get("sigma", model.colour_sigma)), int(stats.get("stride", 1)),
-                      float(stats.get("background", 0.0)), brown, float(stats.get("vessel_cut", 0.0)) if brown else 0.0)
+            m = shown(m, 20)[1:-1]
+            _colour_stats(m, stats)
+            brown = stats.get("brownish", False)
+            fitted = {"sigma": float(stats.get("sigma", model.colour_sigma)), "stride": stats.get("stride", 1),
+                      "background": float(stats.get("background", 0.0)), "brownish": brown,
+                      "vessel cut": float(stats.get("vessel_cut", 0.0)) if brown else 0.0}
             want_brown = m in model.colour_brownish
-            wanted = (model.colour_sigma, model.colour_stride, model.colour_background, want_brown,
-                      model.colour_vessel_cut if want_brown else 0.0)
+            wanted = {"sigma": model.colour_sigma, "stride": model.colour_stride, "background": model.colour_background,
+                      "brownish": want_brown, "vessel cut": model.colour_vessel_cut if want_brown else 0.0}
             if fitted != wanted:
-                raise ValueError(f"{m}: fitted with colour sigma {fitted[0]:g}, stride {fitted[1]}, background "
-                                 f"{fitted[2]:g}, brownish {'yes' if fitted[3] else 'no'}, vessel cut {fitted[4]:g} "
-                                 f"but bundle.json asks for sigma {wanted[0]:g}, stride {wanted[1]}, background "
-                                 f"{wanted[2]:g}, brownish {'yes' if wanted[3] else 'no'}, vessel cut {wanted[4]:g}")
+                def say(v: Any) -> str:
+                    return ("yes" if v else "no") if isinstance(v, bool) else f"{v:g}"
+                diff = ", ".join(f"{k} {say(fitted[k])}" for k in fitted if fitted[k] != wanted[k])
+                asks = ", ".join(f"{k} {say(wanted[k])}" for k in fitted if fitted[k] != wanted[k])
+                raise ValueError(f"{m}: fitted with {diff} but bundle.json asks for {asks}")
         return data["modalities"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{path} is not a colour model ({exc}); {fix}") from None
+    except ValueError as exc:
+        raise BundleError(f"{path} is not a colour model ({first_line(exc)}); {fix}") from None
 
 
 def new_meta(model: ModelConfig, train: TrainConfig, encoder_sha: str, student_width: int) -> dict[str, Any]:

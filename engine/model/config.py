@@ -95,17 +95,17 @@ class ModelConfig:
     memory_gain: float = 4.0
 
     def validate(self) -> None:
-        from engine.errors import BundleError
+        from engine.errors import BundleError, shown
 
         if self.mask_mode not in ("complementary", "independent"):
-            raise BundleError(f"mask_mode must be complementary or independent, not {self.mask_mode!r}")
+            raise BundleError(f"mask_mode must be complementary or independent, not {shown(self.mask_mode)}")
         if self.student_loss not in ("global", "pixel"):
-            raise BundleError(f"student_loss must be global or pixel, not {self.student_loss!r}")
+            raise BundleError(f"student_loss must be global or pixel, not {shown(self.student_loss)}")
         if self.score_reduction not in SCORE_REDUCTIONS:
             raise BundleError(f"score_reduction must be one of {', '.join(SCORE_REDUCTIONS)}, "
-                              f"not {self.score_reduction!r}")
+                              f"not {shown(self.score_reduction)}")
         if not self.score_scales or any(k not in (0, 1, 2) for k in self.score_scales):
-            raise BundleError(f"score_scales must be a non-empty subset of (0, 1, 2), not {self.score_scales}")
+            raise BundleError(f"score_scales must be a non-empty subset of (0, 1, 2), not {shown(self.score_scales)}")
         if self.colour_stride not in COLOUR_STRIDES:
             raise BundleError(f"colour_stride must be one of {', '.join(map(str, COLOUR_STRIDES))}, "
                               f"not {self.colour_stride}")
@@ -113,7 +113,7 @@ class ModelConfig:
             raise BundleError(f"colour_background must be 0 (off) or a σ of up to input_size / 4 = "
                               f"{self.input_size / 4:g} px, not {self.colour_background:g}")
         if any(m not in MODALITIES for m in self.colour_brownish):
-            raise BundleError(f"colour_brownish must be a subset of {MODALITIES}, not {self.colour_brownish}")
+            raise BundleError(f"colour_brownish must be a subset of {MODALITIES}, not {shown(self.colour_brownish)}")
         if not 0 <= self.colour_vessel_cut <= 10:
             raise BundleError(f"colour_vessel_cut must be 0 (off) or up to 10 standard deviations, "
                               f"not {self.colour_vessel_cut:g}")
@@ -123,15 +123,30 @@ class ModelConfig:
             raise BundleError(f"memory_bank must be at least 1 patch, not {self.memory_bank}")
         if not self.memory_gain > 0:
             raise BundleError(f"memory_gain must be > 0, not {self.memory_gain:g}")
-        from engine.model.backbone import get_backbone
+        for name, low, high in (("input_size", 32, 4096), ("token_dim", 1, 4096), ("heads", 1, 64),
+                                ("max_kv_tokens", 1, 1 << 20), ("fov_window", 1, 1023), ("memory_bank", 1, 1 << 24)):
+            if not low <= getattr(self, name) <= high:
+                raise BundleError(f"{name} must be from {low} to {high}, not {getattr(self, name)}")
+        if self.token_dim % self.heads:
+            raise BundleError(f"token_dim ({self.token_dim}) must be a multiple of heads ({self.heads})")
+        for name, low, high in (("mask_ratio", 0.0, 1.0), ("topk_fraction", 1e-6, 1.0), ("fov_threshold", 0.0, 1.0),
+                                ("smoothing_sigma", 0.0, 1e3), ("colour_sigma", 0.0, 1e3), ("colour_gain", 0.0, 1e6),
+                                ("memory_gain", 0.0, 1e6)):
+            if not low <= getattr(self, name) <= high:
+                raise BundleError(f"{name} must be from {low:g} to {high:g}, not {getattr(self, name):g}")
+        if any(k not in (0, 1, 2) for k in self.cma_scales):
+            raise BundleError(f"cma_scales must be a subset of (0, 1, 2), not {shown(self.cma_scales)}")
+        from engine.model.backbone import BACKBONES, get_backbone
 
+        if self.backbone not in BACKBONES:
+            raise BundleError(f"unknown backbone {shown(self.backbone)}; known: {', '.join(sorted(BACKBONES))}")
         step = 2 * max(get_backbone(self.backbone).strides)  # the student's bottleneck halves the deepest map
         if self.input_size % step:
             raise BundleError(f"input_size must be a multiple of {step} for backbone {self.backbone}, "
                               f"not {self.input_size}")
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not self.modalities:
-            raise BundleError(f"modalities must be a non-empty subset of {MODALITIES}, not {self.modalities}")
+            raise BundleError(f"modalities must be a non-empty subset of {MODALITIES}, not {shown(self.modalities)}")
 
 
 @dataclass
@@ -177,16 +192,56 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    from engine.errors import BundleError
+MAX_WHOLE = 2**53  # a setting's whole number past this is no size, count or seed
 
+
+def _setting(name: str, value: Any, default: Any, hint: str, where: str) -> Any:
+    """``value`` as the type of the setting's ``default`` (a list for a tuple), else a BundleError."""
+    from engine.errors import BundleError, shown
+
+    def bad(kind: str) -> BundleError:
+        return BundleError(f"{where}: {name} must be {kind}, not {shown(value)}; restore bundle.json or retrain")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_WHOLE:
+            raise bad("a whole number")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= 1e300:
+            raise bad("a finite number")  # abs() first: an int too big for a float; NaN fails <=
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(default, tuple):
+        item = int if "tuple[int" in hint else str
+        if not isinstance(value, (list, tuple)) or len(value) > 16 or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise bad(f"a list of {'whole numbers' if item is int else 'strings'}")
+        if item is int and any(abs(v) > MAX_WHOLE for v in value):
+            raise bad("a list of small whole numbers")
+        return tuple(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls`` from the settings in ``data`` (a bundle.json section): every value of its setting's
+    type (``true`` is no number), numbers finite; else a BundleError naming the setting."""
+    from engine.errors import BundleError, shown
+
+    if not isinstance(data, dict):
+        raise BundleError(f"{where} must be an object of settings, not {shown(data)}; restore bundle.json or retrain")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise BundleError(f"{where}: unknown setting(s) {', '.join(unknown)}; written by a newer cemd?")
-    kwargs = {}
-    for name, value in data.items():
-        default = getattr(cls(), name) if known[name].default is not None else None
-        kwargs[name] = tuple(value) if isinstance(default, tuple) else value
+        raise BundleError(f"{where}: unknown setting(s) {shown(', '.join(unknown), 120)[1:-1]}; "
+                          f"written by a newer cemd?")
+    defaults = cls()
+    kwargs = {name: _setting(name, value, getattr(defaults, name), str(known[name].type), where)
+              for name, value in data.items()}
     return cls(**kwargs)
-

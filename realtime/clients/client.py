@@ -17,12 +17,31 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine.errors import CemdError
 from realtime.publish.keys import load_keypair, load_public_key
-from realtime.publish.schema import TOPICS, SchemaError, check_schema_version, decode, replay_endpoint_for, validate
+from realtime.publish.schema import (
+    REPLAY_MAX_REPLY,
+    TOPICS,
+    SchemaError,
+    check_schema_version,
+    decode,
+    replay_endpoint_for,
+    validate,
+)
 
 MAX_MESSAGE_BYTES = 1 << 20  # a SUB message larger than this is not ours: libzmq drops the peer
+# The SUB socket's connection events, read by the client (a dead connection is made again) and by WatchedClient's
+# diagnosis. libzmq allows one monitor per socket, so MonitorClient owns it and keeps the events it read.
+SUB_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+              | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+# libzmq retries a lost connection at once (CONNECT_RETRIED, then every reconnect_ivl), but never after a protocol
+# error such as a message over MAX_MESSAGE_BYTES: one hostile frame would leave us deaf for good. A disconnect with
+# no retry after this long is such a one, and the client connects again itself.
+REVIVE_AFTER_S = 1.0
+MAX_REPLAY_ROUNDS = 64  # replies followed per fetch while "more" is true: a hostile endless "more" must not hang us
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,8 @@ class MonitorClient:
         self.last_schema_error: str | None = None  # why the last one was skipped
         self.duplicates = 0  # repeated seqs (late-joiner status re-sends): skipped
         self.lost: collections.Counter[str] = collections.Counter()  # non-alert messages missed, per topic
+        self.revived = 0  # connections libzmq dropped for good (a protocol error, e.g. an oversized message), made again
+        self.connection_events: collections.deque[int] = collections.deque(maxlen=10_000)  # unread SUB events
 
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
@@ -83,6 +104,11 @@ class MonitorClient:
         self._secure(self._sub)
         for topic in self.topics:
             self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._events: zmq.Socket | None = self._sub.get_monitor_socket(SUB_EVENTS)  # before connect: none missed
+        self._dropped_at: float | None = None
+        self._poller = zmq.Poller()
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._events, zmq.POLLIN)
         self._sub.connect(endpoint)
         self._req: zmq.Socket | None = None
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
@@ -94,14 +120,17 @@ class MonitorClient:
     def recv(self, timeout_s: float | None = 1.0) -> dict[str, Any] | None:
         """The next message (replayed alerts first, flagged ``_replayed``), or None after ``timeout_s``."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        polled = False
         while not self._pending:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if polled and remaining == 0.0:
-                return None
-            polled = True
-            if not self._sub.poll(None if remaining is None else remaining * 1000):
-                return None
+            self.watch_connection()
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._dropped_at is not None:  # wake when a dropped connection is due to be made again
+                due = max(0.0, self._dropped_at + REVIVE_AFTER_S - time.monotonic())
+                wait_s = due if wait_s is None else min(wait_s, due)
+            ready = dict(self._poller.poll(None if wait_s is None else wait_s * 1000))
+            if self._sub not in ready:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
             frames = self._sub.recv_multipart(zmq.NOBLOCK)
             try:
                 message = decode(frames)
@@ -113,11 +142,39 @@ class MonitorClient:
             self._accept(message)
         return self._pending.popleft()
 
+    def watch_connection(self) -> None:
+        """Read the SUB socket's connection events (kept in ``connection_events``); connect again if libzmq gave up."""
+        while self._events is not None and self._events.poll(0):
+            try:
+                event = recv_monitor_message(self._events, zmq.NOBLOCK)["event"]
+            except (zmq.ZMQError, ValueError, KeyError):
+                break
+            self.connection_events.append(event)
+            if event == zmq.EVENT_DISCONNECTED:
+                self._dropped_at = time.monotonic()
+            elif event & (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECTED):
+                self._dropped_at = None  # libzmq is reconnecting by itself
+        if self._dropped_at is not None and time.monotonic() - self._dropped_at >= REVIVE_AFTER_S:
+            self._dropped_at = None
+            self.revived += 1
+            try:
+                self._sub.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass
+            self._sub.connect(self.endpoint)  # the SUB sends its subscriptions again on the new connection
+
     def silent_for_s(self) -> float:
         """Seconds since the last valid message of any topic; over 3 heartbeat intervals is an alarm."""
         return time.monotonic() - self._last_message
 
     def close(self) -> None:
+        if self._events is not None:
+            try:
+                self._sub.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._events.close(linger=0)
+            self._events = None
         self._sub.close(linger=0)
         if self._req is not None:
             self._req.close(linger=0)
@@ -169,7 +226,7 @@ class MonitorClient:
     def _check_last_alert(self, heartbeat: dict[str, Any]) -> None:
         """Alerts go out before the heartbeat on the same socket, so an unseen seq ≤ last_seq was lost."""
         last = heartbeat.get("last_seq", {}).get("alert")
-        if not isinstance(last, int):
+        if not isinstance(last, int) or isinstance(last, bool):
             return
         key = (heartbeat["publisher_id"], heartbeat["boot_id"], "alert")
         expected = self._expected.setdefault(key, last + 1)  # first contact: earlier alerts predate us
@@ -210,7 +267,9 @@ class MonitorClient:
     def _fetch(self, publisher: str, boot: str, since: int, upto: int | None) -> list[dict[str, Any]]:
         """Logged alerts of ``boot`` with since < seq (≤ upto), asking again while the reply says ``more``."""
         alerts: list[dict[str, Any]] = []
-        while upto is None or since < upto:
+        for _ in range(MAX_REPLAY_ROUNDS):
+            if upto is not None and since >= upto:
+                break
             reply = self._request({"since_seq": since, "boot_id": boot})
             if reply is None or reply.get("publisher_id") != publisher or not isinstance(reply.get("alerts"), list):
                 self.replay_failures += 1
@@ -225,9 +284,11 @@ class MonitorClient:
                 if alert["boot_id"] == boot and alert["seq"] > since:
                     chunk.append(alert)
             alerts.extend(chunk)
-            if not reply.get("more") or not chunk:
+            if reply.get("more") is not True or not chunk:
                 break
             since = max(alert["seq"] for alert in chunk)
+        else:  # still "more" after MAX_REPLAY_ROUNDS replies: a broken or hostile server; what came is kept
+            self.replay_failures += 1
         return alerts
 
     def _request(self, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -236,16 +297,20 @@ class MonitorClient:
             if self._req is None:
                 self._req = self._ctx.socket(zmq.REQ)
                 self._req.linger = 0
+                self._req.maxmsgsize = REPLAY_MAX_REPLY  # a larger reply drops the connection: a failed replay
                 self._secure(self._req)
                 self._req.connect(self.replay_endpoint)  # a bad endpoint: a failed replay, not a crash
             self._req.send(json.dumps(request).encode())
             if self._req.poll(self.replay_timeout_s * 1000):
-                reply = json.loads(self._req.recv().decode("utf-8"))
+                frames = self._req.recv_multipart()
+                if len(frames) != 1:
+                    return None  # a reply is one JSON frame
+                reply = json.loads(frames[0].decode("utf-8"))
                 if isinstance(reply, dict) and "error" not in reply:
                     check_schema_version(reply.get("schema"))
                     return reply
                 return None
-        except (zmq.ZMQError, ValueError):  # SchemaError is a ValueError
+        except (zmq.ZMQError, ValueError, RecursionError):  # SchemaError is a ValueError; deep nesting recurses
             pass
         if self._req is not None:
             self._req.close(linger=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import signal
@@ -25,7 +26,6 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
-from zmq.utils.monitor import recv_monitor_message
 
 from engine.errors import CemdError
 from realtime.clients.client import CurveClientConfig, MonitorClient
@@ -58,28 +58,19 @@ class WatchedClient(MonitorClient):
     libzmq's socket monitor can, so the user is told which one it is.
     """
 
-    _events: zmq.Socket | None = None
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self._events is None:  # _secure() below normally attached it before connect()
-            self._events = self._sub.get_monitor_socket(_CONNECTION_EVENTS)
         self.tcp_connected = False
         self.connection: tuple[str, str] | None = None  # (state, explanation), None until known
 
-    def _secure(self, sock: zmq.Socket) -> None:
-        super()._secure(sock)
-        if self._events is None and sock.type == zmq.SUB:  # before connect(): no event is missed
-            self._events = sock.get_monitor_socket(_CONNECTION_EVENTS)
-
     def connection_changes(self, curve: bool) -> list[tuple[str, str]]:
-        """New (state, explanation) diagnoses since the last call, from the socket's events."""
+        """New (state, explanation) diagnoses since the last call, from the socket's events (MonitorClient reads them)."""
         changes = []
-        while self._events is not None and self._events.poll(0):
-            try:
-                event = recv_monitor_message(self._events, zmq.NOBLOCK)["event"]
-            except (zmq.ZMQError, ValueError, KeyError):
-                break
+        self.watch_connection()
+        while self.connection_events:
+            event = self.connection_events.popleft()
+            if not event & _CONNECTION_EVENTS:
+                continue
             diagnosis = self._diagnose(event, curve)
             if diagnosis is not None and diagnosis != self.connection:
                 self.connection = diagnosis
@@ -112,16 +103,6 @@ class WatchedClient(MonitorClient):
             return "disconnected", f"connection to {where} lost; reconnecting"
         return None
 
-    def close(self) -> None:
-        if self._events is not None:
-            try:
-                self._sub.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._events.close(linger=0)
-            self._events = None
-        super().close()
-
 
 # ---------------------------------------------------------------- what the client received and noticed
 def notice(kind: str, level: str, message: str, **fields: Any) -> dict[str, Any]:
@@ -140,7 +121,7 @@ class Subscription:
         self.received: collections.Counter[str] = collections.Counter()  # messages received per topic
         self.replayed_alerts = 0
         self.boots: dict[str, str] = {}  # publisher_id -> current boot_id
-        self.state: Any = None  # the monitor's last status state (a string, unless the monitor misbehaves)
+        self.state: Any = None  # the monitor's last status state: a string (a junk one's text), or None
         self._counts = self.counters()
         self._reported_lost: collections.Counter[str] = collections.Counter()
         self._reported_schema = 0
@@ -193,12 +174,14 @@ class Subscription:
             if known is not None:  # replays may come from an old boot; they say nothing about the current one
                 return notices
         if known is None:
-            notices.append(notice("publisher", "info", f"receiving from monitor {publisher} (boot {boot[:8]})",
+            notices.append(notice("publisher", "info",
+                                  f"receiving from monitor {_short(publisher)} (boot {_short(boot[:8])})",
                                   publisher_id=publisher, boot_id=boot))
         elif known != boot:
             notices.append(notice("boot_change", "warning",
-                                  f"monitor {publisher} restarted: boot {known[:8]} → {boot[:8]}; its seqs start "
-                                  "again at 0 (not a gap)", publisher_id=publisher, old_boot_id=known, boot_id=boot))
+                                  f"monitor {_short(publisher)} restarted: boot {_short(known[:8])} → "
+                                  f"{_short(boot[:8])}; its seqs start again at 0 (not a gap)",
+                                  publisher_id=publisher, old_boot_id=known, boot_id=boot))
         self.boots[publisher] = boot
         if topic == "heartbeat":
             interval = message.get("interval_s")
@@ -206,10 +189,12 @@ class Subscription:
                 self.interval_s = float(interval)
         elif topic == "status":
             state = message.get("state")
+            if state is not None and not isinstance(state, str):  # a misbehaving monitor: compare and show its text
+                state = _short(state)
             if state != self.state:
-                text = f"monitor state {self.state or '?'} → {state}"
+                text = f"monitor state {_short(self.state or '?')} → {_short(state)}"
                 if message.get("message"):
-                    text += f": {message['message']}"
+                    text += f": {_short(message['message'], 300)}"
                 level = "info" if state in ("running", "starting", "stopped") else "warning"
                 notices.append(notice("state", level, text, state=state, previous=self.state))
                 self.state = state
@@ -238,8 +223,7 @@ class Subscription:
             self._reported_schema = after["schema_errors"]
             notices.append(notice("schema_error", "warning",
                                   f"skipped {n} message(s) that are not valid cemd.monitor/1 (last: "
-                                  f"{getattr(self.client, 'last_schema_error', None) or 'garbage bytes or another schema'}"
-                                  " version"
+                                  f"{getattr(self.client, 'last_schema_error', None) or 'garbage or another schema version'}"
                                   f"); {after['schema_errors']} so far",
                                   skipped=n, schema_errors=after["schema_errors"]))
         missed = {t: n - self._reported_lost[t] for t, n in after["lost"].items() if n > self._reported_lost[t]}
@@ -361,13 +345,30 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _text(value: Any) -> str:
     """A wire value for display: no terminal control codes or lone surrogates from the network."""
-    return "–" if value is None or value == "" else _CONTROL.sub("\ufffd", str(value))
+    if value is None or isinstance(value, str) and value == "":
+        return "–"
+    try:
+        text = str(value)
+    except (ValueError, RecursionError):  # a structure nested too deep to print
+        text = f"<{type(value).__name__}>"
+    return _CONTROL.sub("\ufffd", text)
 
 
-def _number(value: Any, spec: str = ".4f") -> str:
+def _short(value: Any, limit: int = 120) -> str:
+    """A wire value inside a notice: one line (no control codes), at most ``limit`` characters."""
+    text = "None" if value is None else _text(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _number(value: Any, spec: str = ".4f", scale: float = 1.0) -> str:
+    """A wire number for display (divided by ``scale``); "–" for a non-number, NaN, ±inf or an int too big for a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "–"
-    return format(value, spec)
+    try:
+        value = float(value) / scale
+    except OverflowError:  # JSON ints have no size limit: 10**400 is valid on the wire
+        return "–"
+    return format(value, spec) if math.isfinite(value) else "–"
 
 
 class LiveView:
@@ -499,7 +500,7 @@ class LiveView:
             duration = row.get("duration_ms")
             cells = (_text(row["id"]), _text(row.get("modality")).upper(), _text(row.get("start")),
                      _text(row.get("last")), _number(row.get("peak")),
-                     f"{duration / 1000:.1f} s" if _number(duration) != "–" else "–")
+                     seconds if (seconds := _number(duration, ".1f", 1000)) == "–" else f"{seconds} s")
             table.add_row(*(Text(cell) for cell in cells),  # Text: a wire value is never read as rich markup
                           Text(row["state"], style=_STATE_STYLE.get(row["state"], "")),
                           Text("yes", style="yellow") if row["replayed"] else Text("no"))

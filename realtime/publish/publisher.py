@@ -24,14 +24,24 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from engine.errors import CemdError
+from engine.errors import CemdError, shown
 from realtime.publish.alert_log import AlertLog
 from realtime.publish.keys import load_keypair
-from realtime.publish.schema import DEFAULT_ENDPOINT, PIPELINE_TOPICS, SCHEMA, dumps, encode, plain, replay_endpoint_for
+from realtime.publish.schema import (
+    DEFAULT_ENDPOINT,
+    PIPELINE_TOPICS,
+    REPLAY_MAX_REPLY,
+    SCHEMA,
+    dumps,
+    encode,
+    plain,
+    replay_endpoint_for,
+)
 
 ZAP_DOMAIN = "cemd"
 REPLAY_CHUNK = 256  # alerts per replay reply; the client asks again while "more" is true
 REPLAY_MAX_REQUEST = 64 * 1024
+REPLAY_PER_WAKE = 100  # requests answered before heartbeats and alerts get their turn again (a flood can't starve them)
 CLOSE_LINGER_MS = 100  # bounded: lets the last messages leave without ever hanging close()
 _STOP = b"\x00stop"
 # A client key the allow folder lacks (AUTH); a peer without CURVE or with a wrong server key
@@ -557,7 +567,7 @@ class AlertPublisher:
                         pass
 
     def _answer_replays(self, router: zmq.Socket) -> None:
-        while True:
+        for _ in range(REPLAY_PER_WAKE):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -585,11 +595,13 @@ class AlertPublisher:
         if not isinstance(request, dict):
             raise ValueError('replay request must be a JSON object {"since_seq": N, "boot_id": "..."}')
         since = request.get("since_seq")
-        boot = request.get("boot_id") or self.boot_id
+        boot = request.get("boot_id")
+        if boot is None or boot == "":  # absent, null or empty: the current boot
+            boot = self.boot_id
         if not isinstance(since, int) or isinstance(since, bool) or since < -1:
-            raise ValueError(f"since_seq must be an integer >= -1, got {since!r}")
+            raise ValueError(f"since_seq must be an integer >= -1, got {shown(since)}")
         if not isinstance(boot, str):
-            raise ValueError(f"boot_id must be a string, got {boot!r}")
+            raise ValueError(f"boot_id must be a string, got {shown(boot)}")
         if boot == self.boot_id and (not self._boot_alerts or self._boot_alerts[0]["seq"] <= since + 1):
             alerts = [m for m in self._boot_alerts if m["seq"] > since]  # includes alerts the log failed to record
         else:
@@ -597,9 +609,15 @@ class AlertPublisher:
                 alerts = self.alert_log.read(since, boot)
             except OSError as exc:
                 raise ValueError(f"alert log {self.alert_log.path} unreadable: {exc.strerror or exc}") from None
+        chunk, size = [], 4096  # room for the reply's own fields
+        for alert in alerts[:REPLAY_CHUNK]:  # and at most REPLAY_MAX_REPLY bytes, which the client accepts
+            size += len(dumps(alert)) + 1
+            if size > REPLAY_MAX_REPLY and chunk:
+                break
+            chunk.append(alert)
         return {
             "schema": SCHEMA, "publisher_id": self.publisher_id, "boot_id": self.boot_id, "replay_boot_id": boot,
-            "alerts": alerts[:REPLAY_CHUNK], "more": len(alerts) > REPLAY_CHUNK,
+            "alerts": chunk, "more": len(alerts) > len(chunk),
         }
 
 

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from engine.errors import CemdError
+from engine.errors import CemdError, shown
 
 SCHEMA = "cemd.monitor/1"
 SCHEMA_NAME, _, _MAJOR_TEXT = SCHEMA.partition("/")
@@ -20,6 +20,9 @@ SCHEMA_MAJOR = int(_MAJOR_TEXT)
 TOPICS = ("alert", "score", "status", "heartbeat", "map")
 PIPELINE_TOPICS = tuple(t for t in TOPICS if t != "heartbeat")  # heartbeats are the publisher's own
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"  # where the monitor publishes and clients connect by default
+# A replay reply holds at most this many bytes (the publisher cuts its chunk to fit and says "more");
+# the client's replay socket drops a larger one (ZMQ_MAXMSGSIZE), so a hostile server can't make it buffer more.
+REPLAY_MAX_REPLY = 16 << 20
 
 # Fields every message carries, with the Python types a reader may rely on.
 COMMON_FIELDS: dict[str, type] = {
@@ -110,37 +113,55 @@ def encode(topic: str, message: dict[str, Any]) -> list[bytes]:
 def check_schema_version(schema: object) -> None:
     """Accept any ``cemd.monitor/1[.minor]``; name another major explicitly, since that needs a new reader."""
     if not isinstance(schema, str):
-        raise SchemaError(f"field 'schema' must be a string like {SCHEMA!r}, got {schema!r}")
+        raise SchemaError(f"field 'schema' must be a string like {SCHEMA!r}, got {shown(schema)}")
     name, _, version = schema.partition("/")
     if name != SCHEMA_NAME:
-        raise SchemaError(f"not a {SCHEMA_NAME} message (schema {schema!r})")
+        raise SchemaError(f"not a {SCHEMA_NAME} message (schema {shown(schema)})")
     major_text = version.split(".", 1)[0]
-    if not major_text.isdigit():
-        raise SchemaError(f"schema {schema!r} has no major version number")
+    if not (major_text.isascii() and major_text.isdigit()) or len(major_text) > 9:  # int() of "²" or 5000 digits raises
+        raise SchemaError(f"schema {shown(schema)} has no major version number")
     if int(major_text) != SCHEMA_MAJOR:
         raise SchemaError(
-            f"message schema {schema!r} has major version {int(major_text)}; this reader understands "
+            f"message schema {shown(schema)} has major version {int(major_text)}; this reader understands "
             f"major {SCHEMA_MAJOR} only: upgrade the client (or run a monitor that speaks {SCHEMA})"
         )
+
+
+MAX_SEQ = 2**63 - 1  # seqs are 64-bit counters: a larger one is no monitor's (a gap of 10**400 is junk, not loss)
+MAX_DEPTH = 32  # JSON nesting a message may have (ours have under 8): a deeper one would recurse in a reader's code
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects/arrays deeper than ``limit`` (iterative: no recursion of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def validate(message: object, topic: str | None = None) -> dict[str, Any]:
     """Check the parts of a decoded message that readers rely on; return it unchanged."""
     if not isinstance(message, dict):
         raise SchemaError(f"a message must be a JSON object, got {type(message).__name__}")
+    if _depth_over(message, MAX_DEPTH):
+        raise SchemaError(f"message nests deeper than {MAX_DEPTH} levels")
     check_schema_version(message.get("schema"))
     for field, kind in COMMON_FIELDS.items():
         if field not in message:
             raise SchemaError(f"message lacks the common field {field!r}")
         value = message[field]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise SchemaError(f"field {field!r} must be {kind.__name__}, got {value!r}")
+            raise SchemaError(f"field {field!r} must be {kind.__name__}, got {shown(value)}")
     if message["topic"] not in TOPICS:
-        raise SchemaError(f"unknown topic {message['topic']!r}")
+        raise SchemaError(f"unknown topic {shown(message['topic'])}")
     if topic is not None and message["topic"] != topic:
-        raise SchemaError(f"frame topic {topic!r} differs from the JSON topic {message['topic']!r}")
-    if message["seq"] < 0:
-        raise SchemaError(f"seq must be >= 0, got {message['seq']}")
+        raise SchemaError(f"frame topic {topic!r} differs from the JSON topic {shown(message['topic'])}")
+    if not 0 <= message["seq"] <= MAX_SEQ:
+        raise SchemaError(f"seq must be from 0 to {MAX_SEQ}, got {shown(message['seq'])}")
     if message["topic"] == "heartbeat" and not isinstance(message.get("last_seq", {}), dict):
         raise SchemaError("heartbeat field 'last_seq' must be an object {topic: seq}")
     return message
@@ -155,7 +176,7 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SchemaError("topic frame is not ASCII") from None
     if topic not in TOPICS:
-        raise SchemaError(f"unknown topic {topic[:40]!r}")
+        raise SchemaError(f"unknown topic {shown(topic)}")
     try:
         message = json.loads(bytes(frames[1]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

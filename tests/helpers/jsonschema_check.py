@@ -32,7 +32,7 @@ _ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description"}
 
 
 def check(instance: Any, schema: dict[str, Any], root: dict[str, Any] = JSON_SCHEMA, where: str = "$") -> None:
-    """Draft 2020-12 semantics for: type enum const required properties items min/maxItems minimum
+    """Draft 2020-12 semantics for: type enum const required properties items min/maxItems minimum maximum
     minLength pattern oneOf allOf $ref. Any other keyword fails, so the schema can't use one unchecked."""
     for key, value in schema.items():
         if key in _ANNOTATIONS:
@@ -72,6 +72,9 @@ def check(instance: Any, schema: dict[str, Any], root: dict[str, Any] = JSON_SCH
         elif key == "minimum":
             if _TYPES["number"](instance) and instance < value:
                 raise Invalid(f"{where}: {instance} < {value}")
+        elif key == "maximum":
+            if _TYPES["number"](instance) and instance > value:
+                raise Invalid(f"{where}: {instance} > {value}")
         elif key == "minLength":
             if isinstance(instance, str) and len(instance) < value:
                 raise Invalid(f"{where}: shorter than {value}")
