@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from engine.constants import MODALITIES
-from engine.errors import CemdError, first_line, shown
+from engine.errors import CemdError, read_document, shown
 from engine.eval.metrics import auroc
 
 MAX_FRAMES = 10**9  # more than nine days of video at 1000 fps
@@ -57,16 +57,7 @@ def load_events(path: Path | str) -> dict[str, Any]:
                         f"annotate your video in that format (docs/DATA.md#2-video-events)")
     if not path.is_file():
         raise CemdError(f"events file {path} is not a file (a directory or a device?); pass the events JSON")
-    try:
-        ev = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CemdError(f"cannot read events file {path}: {exc.strerror or type(exc).__name__}") from None
-    except UnicodeDecodeError as exc:
-        raise CemdError(f"events file {path} is not UTF-8 JSON text (byte {exc.start})") from None
-    except RecursionError:
-        raise CemdError(f"events file {path} is not an events file: its JSON nests too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, or a number past Python's digit limit
-        raise CemdError(f"events file {path} is not valid JSON ({first_line(exc)})") from None
+    ev = read_document(path, json.loads, "events file", "JSON")
     if not isinstance(ev, dict):
         raise CemdError(f"events file {path} must hold a JSON object with fps, frames and lesions")
     missing = [k for k in ("fps", "frames", "lesions") if k not in ev]

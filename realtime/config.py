@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CemdError, first_line, shown
+from engine.errors import CemdError, read_document, shown
 from engine.options import check_choices, example_toml, one_of, option
 from realtime.clients.overlay import OverlayOptions
 from realtime.publish.schema import DEFAULT_ENDPOINT
@@ -254,22 +254,7 @@ def load_config(path: Path | None) -> MonitorConfig:
     if path is None:
         return cfg
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CemdError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise CemdError(f"config file {path} is a directory, not a TOML file") from None
-    except OSError as exc:
-        raise CemdError(f"cannot read config file {path}: {exc.strerror or type(exc).__name__}") from None
-    except UnicodeDecodeError as exc:
-        raise CemdError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CemdError(f"config file {path} is not valid TOML: {first_line(exc)}") from None
-    except RecursionError:
-        raise CemdError(f"config file {path} is not a config: its values nest too deeply") from None
-    except ValueError as exc:  # a number past Python's digit limit
-        raise CemdError(f"config file {path} is not valid TOML: {first_line(exc)}") from None
+    data = read_document(path, tomllib.loads, "config file", "TOML")
     for section, values in data.items():
         if section not in SECTIONS:
             raise CemdError(f"config file {path}: unknown section [{shown(section)}]; valid: {', '.join(SECTIONS)}")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine import __version__
-from engine.errors import BundleError, first_line, shown
+from engine.errors import BundleError, first_line, read_document, shown
 from engine.model.backbone import BackboneSpec, FrozenEncoder, file_sha256, get_backbone, lite0_weights_path, lite_weights_path
 from engine.model.branch import StudentBranch
 from engine.model.config import ModelConfig, TrainConfig, from_dict, to_dict
@@ -194,18 +194,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def _read_json(path: Path, fix: str) -> Any:
     """The JSON in ``path``; a BundleError naming the file and ``fix`` when it cannot be read or parsed."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except IsADirectoryError:
-        raise BundleError(f"{path} is a directory, not a JSON file; {fix}") from None
-    except OSError as exc:
-        raise BundleError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {fix}") from None
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"{path} is corrupt (not UTF-8 text at byte {exc.start}); {fix}") from None
-    except RecursionError:
-        raise BundleError(f"{path} is corrupt (its JSON nests too deeply); {fix}") from None
-    except ValueError as exc:  # JSONDecodeError, or a number past Python's digit limit
-        raise BundleError(f"{path} is corrupt ({first_line(exc)}); {fix}") from None
+    return read_document(path, json.loads, "", "JSON", BundleError, fix)
 
 
 def _load_state(path: Path, expected_sha: str | None, module: torch.nn.Module) -> None:
