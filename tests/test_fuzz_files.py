@@ -164,6 +164,18 @@ class Tally:
         assert self.accepted >= 5 and self.refused >= 5, (self.accepted, self.refused)
 
 
+def file_writer(folder: Path, prefix: str, suffix: str) -> Callable[[bytes | str], Path]:
+    """A function that writes its bytes (or text, lone surrogates kept) to a new file in ``folder``."""
+    count = iter(range(1, 1 << 30))
+
+    def write(data: bytes | str) -> Path:
+        path = folder / f"{prefix}{next(count)}{suffix}"
+        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
+        return path
+
+    return write
+
+
 def path_cases(tally: Tally, tmp_path: Path, load: Callable[[Path], Any]) -> None:
     """A missing file, a directory, /dev/null, an unreadable file."""
     (tmp_path / "a-dir").mkdir(exist_ok=True)
@@ -248,14 +260,7 @@ def test_fuzz_config_door(tmp_path: Path) -> None:
     base["run"]["overlay_max_width"] = 960
     base["display"]["cue"] = "bell"
     tally = Tally("config", tmp_path)
-    n = 0
-
-    def write(data: bytes | str) -> Path:
-        nonlocal n
-        n += 1
-        p = tmp_path / f"c{n}.toml"
-        p.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
-        return p
+    write = file_writer(tmp_path, "c", ".toml")
 
     tally.case("valid example", lambda: load_config(write(valid_text)), _check_config)
     tally.case("valid full", lambda: load_config(write(to_toml(base))), _check_config)
@@ -331,14 +336,7 @@ def test_fuzz_events_door(tmp_path: Path) -> None:
     rng = random.Random(2902)
     values = _hostile_values(rng)
     tally = Tally("events", tmp_path)
-    n = 0
-
-    def write(data: bytes | str) -> Path:
-        nonlocal n
-        n += 1
-        p = tmp_path / f"e{n}.json"
-        p.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
-        return p
+    write = file_writer(tmp_path, "e", ".json")
 
     valid = json_text(VALID_EVENTS)
     tally.case("valid", lambda: load_events(write(valid)), _check_events)
