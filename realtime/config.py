@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import CemdError, read_document, shown
+from engine.model.config import MAX_WHOLE
 from engine.options import check_choices, example_toml, one_of, option
 from realtime.clients.overlay import OverlayOptions
 from realtime.publish.schema import DEFAULT_ENDPOINT
@@ -190,9 +191,6 @@ class MonitorConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(MonitorConfig)}
 
 
-MAX_INT = 2**53  # whole numbers past this are not counts, sizes or times of any option
-
-
 def _kind(target: Any, key: str, default: Any) -> type | None:
     """The type an option holds: its default's, or for an option without a default (None) its annotation's."""
     if default is not None:
@@ -207,11 +205,11 @@ def _kind(target: Any, key: str, default: Any) -> type | None:
 def _coerce(section: str, key: str, value: Any, default: Any, target: Any = None) -> Any:
     if key == "n_of_m":
         if not (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_INT for v in value)):
+                and all(isinstance(v, int) and not isinstance(v, bool) and abs(v) <= MAX_WHOLE for v in value)):
             raise CemdError(f"[{section}] n_of_m must be a pair of integers like [3, 5], got {shown(value)}")
         return tuple(value)
     if key == "inference_workers":  # "auto" or a count; validate() says what is allowed
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_WHOLE:
             raise CemdError(f"[{section}] inference_workers must be auto or a whole number from 1 to 64, "
                             f"got {shown(value)}")
         return value
@@ -219,12 +217,12 @@ def _coerce(section: str, key: str, value: Any, default: Any, target: Any = None
     if kind is bool and not isinstance(value, bool):
         raise CemdError(f"[{section}] {key} must be true or false, got {shown(value)}")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (abs(value) <= 1e300 and math.isfinite(value)):  # abs() first: an int too big for a float
+        if not abs(value) <= 1e300:  # abs() first: an int too big for a float; NaN and ±inf fail it
             raise CemdError(f"[{section}] {key} must be a finite number, got {shown(value)}")
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) > MAX_INT:
-            raise CemdError(f"[{section}] {key} must be a whole number up to {MAX_INT}, got {shown(value)}")
+        if abs(value) > MAX_WHOLE:
+            raise CemdError(f"[{section}] {key} must be a whole number up to {MAX_WHOLE}, got {shown(value)}")
         return value
     if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
         raise CemdError(f"[{section}] {key} must be a {'number' if kind is float else kind.__name__}, "
