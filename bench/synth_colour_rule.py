@@ -14,7 +14,11 @@ kind the image AUROC (lesion kind vs test normals) of:
   (``FieldOfViewMask``) and reduced with ``reduce_score(..., "topk", 1 %)``;
 - **kNN features**: the texture-aware reference, the nearest-neighbour feature peer of
   ``bench.knn_bound`` (frozen EfficientNet-Lite0 stride-8/16 patches, a memory bank of normal
-  training patches, the same top-1 % reduction).
+  training patches, the same top-1 % reduction);
+- with ``--branch``, **the branch**: `cemd train` with its defaults on each dataset's training
+  normals (both modalities; bundles in ``ROOT/branch-s11`` and ``ROOT/branch-s20``, reused when
+  present), scored as shipped, and its learned distillation map and its memory map (no training)
+  alone, each with the branch's own image score.
 
 If the colour map alone scores as well as a learned model, the simulator is learnable by a colour
 rule and says little about real data, where that map is at chance. Everything here is SYNTHETIC.
@@ -40,7 +44,9 @@ from engine.model.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
 from engine.model.colour import ColourOutlier, fit_colour
 
 GENERATORS = ("1.1", "2.0")
-METHODS = ("mean_colour", "colour_map", "knn")
+METHODS = ("mean_colour", "colour_map", "knn", "branch", "branch_learned", "branch_memory")
+HEADERS = ("mean colour", "colour map alone", "kNN features", "branch (defaults)", "its learned map alone",
+           "its memory map alone")
 SIZE = 256
 
 
@@ -117,14 +123,36 @@ def per_kind_aurocs(labels: np.ndarray, kinds: np.ndarray, scores: np.ndarray) -
     return out
 
 
+@torch.no_grad()
+def branch_scores(bundle: Any, modality: str, part: str, test: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Image scores of the bundle's branch (``all``) or one of its maps alone, as bench.real_eval scores them."""
+    from bench.real_eval import branch_scorer
+
+    scorer = branch_scorer(bundle, modality, part)
+    return np.concatenate([scorer(_tensor(test[i:i + batch]))[1].numpy() for i in range(0, len(test), batch)])
+
+
 def evaluate_arrays(train: np.ndarray, test: np.ndarray, labels: np.ndarray, kinds: np.ndarray, modality: str,
-                    knn: KnnPeer | None) -> dict[str, dict[str, float]]:
-    """{method: {kind: image AUROC}} for one modality of one dataset."""
+                    knn: KnnPeer | None, bundle: Any = None) -> dict[str, dict[str, float]]:
+    """{method: {kind: image AUROC}} for one modality of one dataset (the branch's rows when ``bundle`` is given)."""
     res = {"mean_colour": per_kind_aurocs(labels, kinds, mean_colour_baseline(train, test)),
            "colour_map": per_kind_aurocs(labels, kinds, colour_map_scores(train, test, modality))}
     if knn is not None:
         res["knn"] = per_kind_aurocs(labels, kinds, knn.scores(train, test))
+    if bundle is not None:
+        res["branch"] = per_kind_aurocs(labels, kinds, branch_scores(bundle, modality, "all", test))
+        res["branch_learned"] = per_kind_aurocs(labels, kinds, branch_scores(bundle, modality, "distillation", test))
+        if bundle.model.memory_score and modality in bundle.memory:
+            res["branch_memory"] = per_kind_aurocs(labels, kinds, branch_scores(bundle, modality, "memory", test))
     return res
+
+
+def trained_bundle(data: Path, out: Path) -> tuple[Any, float]:
+    """`cemd train` with its defaults on ``data`` into ``out`` (reused when a bundle is there), and its train time."""
+    from bench.real_eval import _train
+    from engine.model.config import ModelConfig, TrainConfig
+
+    return _train(data, out, ModelConfig(), TrainConfig(), True, print)
 
 
 def ensure_dataset(root: Path, generator: str, seed: int, n_train: int, n_test: int) -> Path:
@@ -144,29 +172,33 @@ def ensure_dataset(root: Path, generator: str, seed: int, n_train: int, n_test: 
     return out
 
 
-def evaluate_dataset(path: Path, knn: KnnPeer | None) -> dict[str, Any]:
+def evaluate_dataset(path: Path, knn: KnnPeer | None, branch: bool = False) -> dict[str, Any]:
     index = ds.scan_dataset(path, require_train=True, require_test=True)
     res: dict[str, Any] = {"data": str(path), "synthetic": index.synthetic}
+    bundle = None
+    if branch:
+        bundle, res["branch_train_seconds"] = trained_bundle(path, path.parent / f"branch-{path.name}")
     for m, split in index.modalities.items():
         train = ds.load_images(split.train, SIZE)
         test = ds.load_images([it.path for it in split.test], SIZE)
         labels = np.array([it.label for it in split.test])
         kinds = np.array([it.kind for it in split.test])
-        res[m] = evaluate_arrays(train, test, labels, kinds, m, knn)
+        res[m] = evaluate_arrays(train, test, labels, kinds, m, knn, bundle)
         print(f"{path.name} {m.upper()}: " + "; ".join(f"{meth} " + ", ".join(f"{k[:10]} {v:.3f}" for k, v in r.items())
                                                   for meth, r in res[m].items()), flush=True)
     return res
 
 
 def markdown_table(results: dict[str, Any], visible: dict[str, list[str]]) -> str:
-    lines = ["| modality | lesion kind | visible | generator | mean colour | colour map alone | kNN features |",
-             "|---|---|---|---|---|---|---|"]
+    methods = [meth for meth in METHODS if any(meth in results[g].get(m, {}) for g in results for m in ("wli", "nbi"))]
+    lines = ["| modality | lesion kind | visible | generator | " + " | ".join(HEADERS[METHODS.index(m)] for m in methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]
     mods = [m for m in ("wli", "nbi") if all(m in results[g] for g in results)]
     for m in mods:
         for k in visible:
             for g in results:
                 r = results[g][m]
-                cells = [f"{r[meth][k]:.3f}" if meth in r else "—" for meth in METHODS]
+                cells = [f"{r[meth][k]:.3f}" if meth in r else "—" for meth in methods]
                 vis = "yes" if m in visible[k] else "no"
                 lines.append(f"| {m.upper()} | {k} | {vis} | {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -180,13 +212,16 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=40, help="test normals, and test images per lesion kind")
     ap.add_argument("--bank", type=int, default=30000, help="kNN memory-bank patches (random subset)")
     ap.add_argument("--no-knn", action="store_true", help="skip the kNN feature peer (colour rules only)")
+    ap.add_argument("--branch", action="store_true",
+                    help="also train the defaults on each dataset (ROOT/branch-s11, ROOT/branch-s20) and score the branch")
     ap.add_argument("--json", type=Path, default=None, help="results JSON (default ROOT/synth_colour_rule.json)")
     a = ap.parse_args()
     from engine.synth.stills import LESION_KINDS
 
     torch.manual_seed(0)
     knn = None if a.no_knn else KnnPeer(a.bank)
-    results = {g: evaluate_dataset(ensure_dataset(a.root, g, a.seed, a.train, a.test), knn) for g in GENERATORS}
+    results = {g: evaluate_dataset(ensure_dataset(a.root, g, a.seed, a.train, a.test), knn, a.branch)
+               for g in GENERATORS}
     visible = {k: list(v["visible_in"]) for k, v in LESION_KINDS.items()}
     table = markdown_table(results, visible)
     prov = provenance()
