@@ -17,7 +17,7 @@ kind the image AUROC (lesion kind vs test normals) of:
   training patches, the same top-1 % reduction);
 - with ``--branch``, **the branch**: `cemd train` with its defaults on each dataset's training
   normals (both modalities; bundles in ``ROOT/branch-s11`` and ``ROOT/branch-s20``, reused when
-  present), scored as shipped, and its learned distillation map and its memory map (no training)
+  trained on the same dataset), scored as shipped, and its learned distillation map and its memory map (no training)
   alone, each with the branch's own image score.
 
 If the colour map alone scores as well as a learned model, the simulator is learnable by a colour
@@ -44,9 +44,8 @@ from engine.model.anomaly_map import FieldOfViewMask, GaussianBlur, reduce_score
 from engine.model.colour import ColourOutlier, fit_colour
 
 GENERATORS = ("1.1", "2.0")
-METHODS = ("mean_colour", "colour_map", "knn", "branch", "branch_learned", "branch_memory")
-HEADERS = ("mean colour", "colour map alone", "kNN features", "branch (defaults)", "its learned map alone",
-           "its memory map alone")
+METHODS = {"mean_colour": "mean colour", "colour_map": "colour map alone", "knn": "kNN features",
+           "branch": "branch (defaults)", "branch_learned": "its learned map alone", "branch_memory": "its memory map alone"}
 SIZE = 256
 
 
@@ -148,10 +147,21 @@ def evaluate_arrays(train: np.ndarray, test: np.ndarray, labels: np.ndarray, kin
 
 
 def trained_bundle(data: Path, out: Path) -> tuple[Any, float]:
-    """`cemd train` with its defaults on ``data`` into ``out`` (reused when a bundle is there), and its train time."""
+    """`cemd train` with its defaults on ``data`` into ``out``, and its train time; a bundle already there is
+    reused only when it was trained on this dataset (same seed, counts and generator in its dataset.json)."""
+    import shutil
+
     from bench.real_eval import _train
     from engine.model.config import ModelConfig, TrainConfig
+    from engine.train.trainer import DATASET_JSON_KEYS
 
+    want = {k: v for k, v in json.loads((data / "dataset.json").read_text()).items() if k in DATASET_JSON_KEYS}
+    try:
+        trained_on = json.loads((out / "bundle.json").read_text())["data"].get("dataset_json")
+    except (OSError, ValueError, KeyError, AttributeError):
+        trained_on = None
+    if trained_on != want:
+        shutil.rmtree(out, ignore_errors=True)
     return _train(data, out, ModelConfig(), TrainConfig(), True, print)
 
 
@@ -191,7 +201,7 @@ def evaluate_dataset(path: Path, knn: KnnPeer | None, branch: bool = False) -> d
 
 def markdown_table(results: dict[str, Any], visible: dict[str, list[str]]) -> str:
     methods = [meth for meth in METHODS if any(meth in results[g].get(m, {}) for g in results for m in ("wli", "nbi"))]
-    lines = ["| modality | lesion kind | visible | generator | " + " | ".join(HEADERS[METHODS.index(m)] for m in methods) + " |",
+    lines = ["| modality | lesion kind | visible | generator | " + " | ".join(METHODS[m] for m in methods) + " |",
              "|---|---|---|---|" + "---|" * len(methods)]
     mods = [m for m in ("wli", "nbi") if all(m in results[g] for g in results)]
     for m in mods:

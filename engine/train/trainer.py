@@ -260,6 +260,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+# what of DATA/dataset.json a bundle records (bundle.json data.dataset_json): which synthetic set it was trained on
+DATASET_JSON_KEYS = ("format", "seed", "size", "generator", "counts")
+
+
 def dataset_fingerprint(paths: list[Path]) -> str:
     """Hash of file names and sizes: cheap provenance for the bundle (what it was trained on)."""
     h = hashlib.sha256()
@@ -788,8 +792,7 @@ class Trainer:
         src = self.data / "dataset.json"
         if src.is_file():
             try:
-                keep = ("format", "seed", "size", "generator", "counts")
-                info["dataset_json"] = {k: v for k, v in json.loads(src.read_text()).items() if k in keep}
+                info["dataset_json"] = {k: v for k, v in json.loads(src.read_text()).items() if k in DATASET_JSON_KEYS}
             except json.JSONDecodeError:
                 pass
         for m in self.caches:
