@@ -123,9 +123,14 @@ class DisplaySection:
     reads the same section from ``--config FILE``."""
 
     heatmap: bool = option(OverlayOptions.heatmap, "start with the heat map on (key h toggles)")
+    debug: bool = option(OverlayOptions.debug, "show the technical numbers: latencies, backend, score (key d toggles)",
+                         switches={"--debug-overlay": (True, "the overlay shows latencies, backend, score and "
+                                                             "threshold (key d toggles)")})
     opacity: float = option(OverlayOptions.opacity, "heat-map opacity, 0.05–1 (keys +/-)")
     max_result_age_s: float = option(OverlayOptions.max_result_age_s, "AI NOT ACTIVE when the newest score is older than this")
     cue: str | None = option(None, "at each alert start: bell (terminal bell) or a sound file to play")
+    draw_log: str | None = option(None, "the overlay writes what it drew on each frame (frame, result frame, box) "
+                                        "here, one JSON line per frame", flag="--overlay-draw-log", metavar="FILE")
 
 
 @dataclass

@@ -330,7 +330,7 @@ class Monitor:
         if self.cfg.publish.maps:  # after the score is out: the overlay's heat map, never in its way
             heat = encode_heatmap(amap[0, 0], self.cfg.publish.map_size, 2 * decision.threshold)
             self.publisher.publish("map", {"frame_id": job.frame_id, "modality": modality,
-                                           "box": [int(v) for v in job.box], **heat})
+                                           "box": [int(v) for v in job.box], "location": decision.location, **heat})
         for stage, ms in payload["timings_ms"].items():
             self.latency.add(stage, ms)
         if publish_ms is not None:  # sent: the frame's last two stages

@@ -117,7 +117,7 @@ def test_published_messages_round_trip_and_match_the_json_schema(endpoint: str, 
         pub.publish("status", status_payload())
         pub.publish("score", score_payload(0, score=float("nan")))
         pub.publish("alert", alert_payload(1))
-        pub.publish("map", {"frame_id": 0, "modality": "wli", "box": [-10, 0, 260],
+        pub.publish("map", {"frame_id": 0, "modality": "wli", "box": [-10, 0, 260], "location": location(),
                             **encode_heatmap(np.full((256, 256), 0.3, np.float32), 8, 0.6)})
         first: dict[str, dict[str, Any]] = {}
         for message in recv_until(client, lambda seen: {m["topic"] for m in seen} == set(TOPIC_FIELDS)

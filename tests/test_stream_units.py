@@ -179,10 +179,30 @@ def test_modality_switch_ends_the_event_and_updates_follow_peaks() -> None:
 def test_location_is_in_source_pixels() -> None:
     loc = locate(_blob_map(64), (100, 50, 128), level=0.6)
     x, y, w, h = loc["box"]
-    # map rows 10–19, cols 30–45 at 2 source px per map px, offset (100, 50)
-    assert abs(x - 160) <= 2 and abs(y - 70) <= 2 and abs(w - 32) <= 3 and abs(h - 20) <= 3
+    # map rows 10–19, cols 30–45 at 2 source px per map px, offset (100, 50): the cells' edges, exactly
+    assert (x, y, w, h) == (160, 70, 32, 20)
     assert loc["peak"][0] in range(160, 193) and len(loc["contour"]) >= 4
     assert locate(np.zeros((64, 64), np.float32), (0, 0, 64), 0.6) is None
+
+
+def test_an_open_event_locates_every_frame_where_the_lesion_is_now() -> None:
+    """Below threshold inside an open event, a frame still carries its own location (the lesion
+    moved), never the peak frame's; the event keeps its peak location for the alert log."""
+    logic = AlertLogic(Thresholds({"wli": 0.5}, "t"), AlertConfig(n_of_m=(2, 3), hold_ms=500))
+
+    def blob_at(col: int) -> np.ndarray:
+        m = np.zeros((64, 64), np.float32)
+        m[20:30, col:col + 8] = 1.0
+        return m
+
+    scores = [0.9, 1.2, 0.4, 0.3, 0.2]  # opens on frame 1 (its peak), then below but still open
+    decisions = [logic.update(i, i, int(i * 1e9 / 30), "wli", s, blob_at(4 + 10 * i), (0, 0, 64))
+                 for i, s in enumerate(scores)]
+    assert [d.event_state for d in decisions] == ["idle", "open", "open", "open", "open"]
+    assert decisions[0].location is None  # above, but no event yet: nothing is drawn
+    for i, d in enumerate(decisions[1:], start=1):
+        assert d.location is not None and d.location["box"][0] == 4 + 10 * i  # this frame's blob
+    assert logic.open_event is not None and logic.open_event.location["box"][0] == 14  # the peak frame's
 
 
 def test_default_thresholds_warn(tiny_bundle: Path) -> None:

@@ -63,6 +63,8 @@ def _add_synth_video(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--size", default="640x480", help="WIDTHxHEIGHT, even numbers (default 640x480)")
     v.add_argument("--events-out", type=Path, default=None,
                    help="events JSON path (default: beside the video, NAME.events.json)")
+    v.add_argument("--boxes-out", type=Path, default=None, metavar="FILE",
+                   help="also write ground-truth lesion boxes, one JSON line per frame (format: docs/DATA.md)")
     v.add_argument("--codec", default="libx264", help="PyAV encoder (default libx264)")
     v.add_argument("--no-lesions", action="store_true",
                    help="the same examination without lesions: normal video, e.g. for cemd calibrate")
@@ -164,8 +166,10 @@ def run_synth_video(args: argparse.Namespace) -> int:
         raise CemdError(f"--out {out} is a folder; give a file path such as {out / 'synth.mp4'}")
     events_out = args.events_out or _default_events_path(out)
     start = time.perf_counter()
+    boxes_out: Path | None = args.boxes_out
     events = render_video(out, args.seed, args.seconds, args.fps, size, events_out,
-                          progress=not args.no_progress, codec=args.codec, lesions=not args.no_lesions)
+                          progress=not args.no_progress, codec=args.codec, lesions=not args.no_lesions,
+                          boxes_out=boxes_out)
     seconds = time.perf_counter() - start
 
     n = events["frames"]
@@ -185,7 +189,7 @@ def run_synth_video(args: argparse.Namespace) -> int:
     console.print(
         f"{n} frames {size[0]}x{size[1]} @ {events['fps']:g} fps in {seconds:.1f} s "
         f"({n / max(seconds, 1e-9):.0f} frames/s); lesion present in {len(lesion_frames) / n:.0%} of frames; "
-        f"events → {events_out}"
+        f"events → {events_out}" + (f"; boxes → {boxes_out}" if boxes_out is not None else "")
     )
     return 0
 

@@ -8,6 +8,8 @@ half resolution, moving glints, vignetting, FOV, burnt-in text).
 Ground truth (``events``): a lesion is *present* in a frame when at least
 ``PRESENCE_FRACTION`` (50 %) of its area lies inside the circular field of view (and the
 frame). Its interval is each maximal run of such frames. Modality intervals tile all frames.
+Ground-truth boxes (``boxes``, ``render_video(boxes_out=...)``) follow the same rule: a frame has
+a box for a lesion exactly when it lies in one of that lesion's intervals.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -442,8 +445,56 @@ class VideoScene:
             cv2.fillConvexPoly(mask, hull, 1)
         return mask.astype(bool)
 
-    def events(self) -> dict[str, Any]:
-        vis = self.visible_fractions() >= PRESENCE_FRACTION
+    def fov_mask(self) -> np.ndarray:
+        """bool H×W: the lit circular field of view (pixels whose centre lies in the disc, as rendered)."""
+        gx = (np.arange(self.width, dtype=np.float64) - self.cx) ** 2
+        gy = (np.arange(self.height, dtype=np.float64) - self.cy) ** 2
+        return gy[:, None] + gx[None, :] <= self.radius**2
+
+    def lesion_box(self, i: int, lesion_id: int, fov: np.ndarray | None = None) -> list[int] | None:
+        """``[x, y, w, h]`` (screen px, top-left, inclusive size) of lesion ``lesion_id`` in frame ``i``:
+        the tight box of ``lesion_screen_mask`` within the field of view; None when none of it is lit.
+        ``fov`` is ``fov_mask()``, passed in to reuse it across calls."""
+        mask = self.lesion_screen_mask(i, lesion_id)
+        mask &= self.fov_mask() if fov is None else fov
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if not len(rows):
+            return None
+        x0, x1, y0, y1 = int(cols[0]), int(cols[-1]), int(rows[0]), int(rows[-1])
+        return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+    def boxes(self, fractions: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """Per frame ``{"frame_id", "boxes": [[x, y, w, h], ...], "ids": [lesion id, ...]}``: a box for each
+        lesion *present* in the frame (the events' rule), clipped to the frame and the field of view.
+        ``fractions`` is ``visible_fractions()`` when already computed."""
+        vis = (self.visible_fractions() if fractions is None else fractions) >= PRESENCE_FRACTION
+        fov = self.fov_mask()
+        out = []
+        for i in range(self.n_frames):
+            boxes, ids = [], []
+            for j in np.flatnonzero(vis[i]):
+                box = self.lesion_box(i, int(j), fov)
+                if box is None:  # ≥ half the samples are in the disc, so this is (nearly) impossible
+                    box = self._sample_box(i, int(j))
+                boxes.append(box)
+                ids.append(self.lesions[j].id)
+            out.append({"frame_id": i, "boxes": boxes, "ids": ids})
+        return out
+
+    def _sample_box(self, i: int, lesion_id: int) -> list[int]:
+        """Fallback box: the pixels of the lesion's sample points that fall in the disc and the frame."""
+        m = self.world_to_screen(i)
+        pts = self.lesions[lesion_id].samples @ m[:, :2].T + m[:, 2]
+        ok = (pts[:, 0] - self.cx) ** 2 + (pts[:, 1] - self.cy) ** 2 <= self.radius**2
+        ok &= (pts[:, 0] >= 0) & (pts[:, 0] < self.width) & (pts[:, 1] >= 0) & (pts[:, 1] < self.height)
+        p = pts[ok].astype(int)
+        x0, y0 = p.min(0)
+        x1, y1 = p.max(0)
+        return [int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1)]
+
+    def events(self, fractions: np.ndarray | None = None) -> dict[str, Any]:
+        """The events JSON (docs/DATA.md); ``fractions`` is ``visible_fractions()`` when already computed."""
+        vis = (self.visible_fractions() if fractions is None else fractions) >= PRESENCE_FRACTION
         lesions = []
         for j, les in enumerate(self.lesions):
             for a, b in _runs(vis[:, j]):
@@ -483,11 +534,14 @@ def render_video(
     progress: bool = True,
     codec: str = "libx264",
     lesions: bool = True,
+    boxes_out: Path | None = None,
 ) -> dict[str, Any]:
     """Write an H.264 (yuv420p) MP4 of a synthetic examination; return (and optionally write) its events.
 
     ``lesions=False`` renders the same examination without lesions (normal video, e.g. for
-    calibration); its events then list no lesions.
+    calibration); its events then list no lesions. ``boxes_out`` also writes the ground-truth
+    boxes, one JSON line per frame (``VideoScene.boxes``; format: docs/DATA.md); all empty
+    without lesions.
     """
     import av
 
@@ -496,10 +550,21 @@ def render_video(
         raise CemdError(f"{out} is a folder; give a file path for the video, e.g. {out / 'synth.mp4'}")
     if events_out is not None and Path(events_out).is_dir():
         raise CemdError(f"{events_out} is a folder; give a file path for the events JSON")
+    if boxes_out is not None:
+        boxes_out = Path(boxes_out)
+        if boxes_out.is_dir():
+            raise CemdError(f"{boxes_out} is a folder; give a file path for the boxes, e.g. "
+                            f"{boxes_out / (out.stem + '.boxes.jsonl')}")
+        taken = {out.resolve()} | ({Path(events_out).resolve()} if events_out is not None else set())
+        if boxes_out.resolve() in taken:
+            raise CemdError(f"{boxes_out}: the boxes file must differ from the video and the events file")
     scene = VideoScene(seed, seconds, fps, size, lesions=lesions)
-    events = scene.events()
+    fractions = scene.visible_fractions()  # one pass over the frames, shared by events and boxes
+    events = scene.events(fractions)
     if not lesions:
         events["lesions"] = []
+        fractions = np.zeros_like(fractions)
+    boxes = scene.boxes(fractions) if boxes_out is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(scene.fps).limit_denominator(1001)
     try:
@@ -530,7 +595,23 @@ def render_video(
         events_out = Path(events_out)
         events_out.parent.mkdir(parents=True, exist_ok=True)
         events_out.write_text(json.dumps(events, indent=2) + "\n", encoding="utf-8")
+    if boxes_out is not None and boxes is not None:
+        _write_lines_atomic(boxes_out, boxes)
     return events
+
+
+def _write_lines_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """JSON Lines to ``path`` via ``path.tmp`` and a rename: a crash never leaves a complete-looking half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CemdError(f"cannot write {path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- frame dataset

@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from engine.errors import CemdError
+from realtime.clients.layout import Layout
 from realtime.clients.overlay import OverlayOptions, ResultState, View, draw_overlay, scale_view
 from realtime.publish.schema import DEFAULT_ENDPOINT, TOPICS, SchemaError, decode
 from realtime.stats import latency_summary
@@ -316,6 +317,10 @@ class DisplayConfig:
     summary: Path | None = None
     max_seconds: float | None = None
     max_width: int | None = None  # frames wider than this are shown/written scaled down to it
+    draw_log: Path | None = None  # one JSON line per frame shown: what was drawn on it
+
+
+LAYOUT_EVERY = 30  # frames between two measurements of where labels may go (the scope's text, the lit area)
 
 
 class OverlayDisplay:
@@ -336,6 +341,9 @@ class OverlayDisplay:
         self.inactive_spans: list[list[int]] = []  # [first, last] frame ids shown with AI NOT ACTIVE
         self.alert_spans: list[list[int]] = []
         self.write_error: str | None = None
+        self.layout: Layout | None = None
+        self._layout_age = 0
+        self._draw_log: Any = None
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -351,6 +359,9 @@ class OverlayDisplay:
         was_active: bool | None = None
         try:
             receiver.start()
+            if cfg.draw_log:
+                cfg.draw_log.parent.mkdir(parents=True, exist_ok=True)
+                self._draw_log = open(cfg.draw_log, "w", encoding="utf-8")  # noqa: SIM115 — closed below
             if cfg.output == "window":
                 output = WindowOutput()
             while True:
@@ -377,6 +388,8 @@ class OverlayDisplay:
             feed.close()
             if output is not None:
                 output.close()
+            if self._draw_log is not None:
+                self._draw_log.close()
         return self._summary(feed, time.monotonic() - t0)
 
     def _open_feed(self, receiver: ResultReceiver) -> RingFeed | SourceFeed | None:
@@ -402,15 +415,23 @@ class OverlayDisplay:
         view = self.state.view()
         if self.latency:
             view.display_latency_ms = self.latency[-1]
+        if self._draw_log is not None:  # in source pixels, before any scaling
+            box = view.location.get("box") if view.location else None
+            self._draw_log.write(json.dumps({"frame_id": frame.frame_id, "result_frame_id": view.result_frame_id,
+                                             "box": box, "event_id": view.event_id, "active": view.active}) + "\n")
         image = frame.image
+        drawn = view
         if cfg.max_width and image.shape[1] > cfg.max_width:  # draw and show/write smaller
             factor = cfg.max_width / image.shape[1]
             size = (cfg.max_width, max(2, int(round(image.shape[0] * factor))))
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            view = scale_view(view, factor)
+            drawn = scale_view(view, factor)
         elif not image.flags.writeable:
             image = image.copy()
-        draw_overlay(image, view, self.options)
+        if self.layout is None or self.layout.shape != image.shape[:2] or self._layout_age >= LAYOUT_EVERY:
+            self.layout, self._layout_age = Layout.measure(image, self.layout), 0  # before anything is drawn on it
+        self._layout_age += 1
+        draw_overlay(image, drawn, self.options, self.layout)
         return image, view
 
     def _emit(self, output: Any, image: np.ndarray, frame: FeedFrame) -> tuple[Any, str | None]:
@@ -467,6 +488,8 @@ class OverlayDisplay:
     def _key(self, key: str | None) -> bool:
         if key == "h":
             self.options.heatmap = not self.options.heatmap
+        elif key == "d":
+            self.options.debug = not self.options.debug
         elif key in ("+", "="):
             self.options.change_opacity(+0.1)
         elif key in ("-", "_"):
@@ -530,7 +553,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=["window", "file", "none"], default="window")
     p.add_argument("--out", type=Path, help="annotated video for --output file (H.264)")
     p.add_argument("--fast", action="store_true", help="--source files: as fast as possible instead of paced")
-    p.add_argument("--no-heatmap", action="store_true", help="start with the heat map off (key h toggles)")
+    p.add_argument("--heatmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="start with the heat map on (default off; key h toggles)")
+    p.add_argument("--debug-overlay", action="store_true",
+                   help="show the technical numbers: latencies, backend, score and threshold (key d toggles)")
+    p.add_argument("--draw-log", type=Path, metavar="FILE",
+                   help="write one JSON line per frame shown: its frame id, the result frame drawn on it, the box "
+                        "(source pixels), the event and whether the AI was active")
     p.add_argument("--opacity", type=float, help="heat-map opacity 0.05–1 (keys +/-; default 0.45)")
     p.add_argument("--max-result-age", type=float, metavar="S",
                    help="AI NOT ACTIVE when the newest score is older than this (default 1 s)")
@@ -552,7 +581,9 @@ def config_from_args(args: argparse.Namespace) -> DisplayConfig:
     for key, value in (("opacity", look.opacity), ("max_result_age", look.max_result_age_s), ("cue", look.cue)):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.no_heatmap = args.no_heatmap or not look.heatmap
+    if args.heatmap is None:
+        args.heatmap = look.heatmap
+    args.debug_overlay = args.debug_overlay or look.debug
     if not 0.05 <= args.opacity <= 1:
         raise CemdError(f"--opacity must be between 0.05 and 1, got {args.opacity}")
     if args.max_width is not None and args.max_width < 64:
@@ -566,9 +597,11 @@ def config_from_args(args: argparse.Namespace) -> DisplayConfig:
     return DisplayConfig(
         endpoint=args.endpoint, source=args.source, ring=args.ring, output=args.output, out=args.out,
         paced=not args.fast,
-        options=OverlayOptions(heatmap=not args.no_heatmap, opacity=args.opacity, max_result_age_s=args.max_result_age),
+        options=OverlayOptions(heatmap=args.heatmap, debug=args.debug_overlay, opacity=args.opacity,
+                               max_result_age_s=args.max_result_age),
         curve=(args.curve_secret, args.curve_server_key) if args.curve_secret else None,
-        cue=args.cue, summary=args.summary, max_seconds=args.max_seconds, max_width=args.max_width)
+        cue=args.cue, summary=args.summary, max_seconds=args.max_seconds, max_width=args.max_width,
+        draw_log=args.draw_log)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -48,8 +48,11 @@ class DisplayProcess:
         if run.overlay_max_width:
             cmd += ["--max-width", str(run.overlay_max_width)]
         cmd += ["--opacity", str(look.opacity), "--max-result-age", str(look.max_result_age_s)]
-        if not look.heatmap:
-            cmd.append("--no-heatmap")
+        cmd.append("--heatmap" if look.heatmap else "--no-heatmap")
+        if look.debug:
+            cmd.append("--debug-overlay")
+        if look.draw_log:
+            cmd += ["--draw-log", str(look.draw_log)]
         if look.cue:
             cmd += ["--cue", look.cue]
         return cmd

@@ -5,6 +5,11 @@ status, heartbeat) and decides whether the AI is active; `draw_overlay` paints o
 from a `View` of it. Both are plain functions of their inputs, so the display process, the
 tests and anyone embedding the overlay elsewhere draw the same thing.
 
+The default look is the clinical one: one box around the lesion where the latest scored frame
+has it, a small status light, and AI NOT ACTIVE when results stop, all placed by `Layout` off
+the lit image and away from the scope's own text. The heat map (key h) and the technical
+numbers (``debug``: latencies, backend, score) are opt-in.
+
 Heat maps travel on the ``map`` topic as a small 8-bit grid (``encode_heatmap``): value / vmax,
 where vmax is twice the alert threshold, so 128 is the threshold itself.
 """
@@ -20,14 +25,21 @@ from typing import Any
 import cv2
 import numpy as np
 
+from realtime.clients.layout import CORNERS, Layout, Rect
+
 MAP_ENCODING = "u8-base64"
 
 # colours (RGB)
-ALERT_RED = (220, 30, 30)
+# The lesion box: Okabe–Ito sky blue. Blue is absent from white-light mucosa, this one is light
+# enough to show on the dark lumen, and it stays far from mucosa, blood, bile, glints and NBI
+# tones in normal vision and in simulated protanopia and deuteranopia (worst CIELAB ΔE 43,
+# against 6 for a green box and 35 for yellow; tests/test_display.py measures it).
+BOX_COLOUR = (86, 180, 233)
 INACTIVE_AMBER = (255, 170, 0)
 OK_GREEN = (40, 200, 80)
-CONTOUR_YELLOW = (255, 235, 0)
+ALERT_RED = (220, 30, 30)  # debug look: a score above the threshold
 WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
 
 
 def encode_heatmap(amap: Any, size: int, vmax: float) -> dict[str, Any]:
@@ -60,7 +72,8 @@ def decode_heatmap(message: dict[str, Any]) -> np.ndarray | None:
 
 @dataclass
 class OverlayOptions:
-    heatmap: bool = True
+    heatmap: bool = False  # key h
+    debug: bool = False  # the technical numbers (latencies, backend, score); key d
     opacity: float = 0.45
     max_result_age_s: float = 1.0  # a newer score than this must have arrived, else AI NOT ACTIVE
     heartbeat_timeout_s: float = 3.0  # no message at all for this long: AI NOT ACTIVE
@@ -192,7 +205,10 @@ class ResultState:
         if heat is not None and heat[0] == score.get("frame_id"):
             grid, box = heat[1], heat[2]
         event_open = event is not None and event.get("modality") == score.get("modality")
-        location = score.get("location") or (event.get("location") if event_open else None)
+        # the latest scored frame's own location (the monitor sets one on every frame of an open
+        # event), never the event's peak-frame location: with the camera moving, that is where the
+        # lesion was, not where it is
+        location = score.get("location")
         return View(active=True, score=_num(score.get("score")), threshold=_num(score.get("threshold")),
                     modality=score.get("modality"), backend=score.get("backend"),
                     event_id=event.get("event_id") if event_open else None, location=location,
@@ -226,37 +242,93 @@ def _num(value: Any) -> float | None:
 # ---------------------------------------------------------------------------- drawing
 
 
-def draw_overlay(image: np.ndarray, view: View, options: OverlayOptions) -> np.ndarray:
-    """Paint ``view`` onto an RGB frame in place and return it."""
+def draw_overlay(image: np.ndarray, view: View, options: OverlayOptions, layout: Layout | None = None) -> np.ndarray:
+    """Paint ``view`` onto an RGB frame in place and return it. ``layout``: where labels may go
+    (`Layout.measure` of this frame, before drawing, when not given; a display keeps one)."""
+    layout = layout if layout is not None and layout.shape == image.shape[:2] else Layout.measure(image)
     h, w = image.shape[:2]
     unit = max(h, w) / 1000.0  # sizes scale with the frame
-    thick = max(1, int(round(2 * unit)))
-    font = max(0.35, 0.7 * unit)
+    font = max(0.4, 0.6 * unit)
+    taken: list[Rect] = []
     if not view.active:
-        _banner(image, "AI NOT ACTIVE", view.reason or "", INACTIVE_AMBER, (0, 0, 0), font, thick)
-        _corner_text(image, view, font, thick)
+        lines = [("AI NOT ACTIVE", font * 1.4, BLACK, INACTIVE_AMBER)]
+        if view.reason:
+            lines.append((view.reason, font * 0.8, INACTIVE_AMBER, BLACK))
+        _put(image, _label(lines, unit, dot=INACTIVE_AMBER), layout, taken)
+        if options.debug:
+            _put(image, _label(_debug_lines(view, font), unit), layout, taken, CORNERS[::-1])
         return image
     if options.heatmap and view.heatmap is not None and view.heat_box is not None:
         _blend_heatmap(image, view.heatmap, view.heat_box, options.opacity)
-    if view.location:
-        pts = np.asarray(view.location.get("contour") or [], np.int32).reshape(-1, 1, 2)
-        if len(pts) >= 3:
-            cv2.polylines(image, [pts], True, CONTOUR_YELLOW, thick + 1, cv2.LINE_AA)
-        box = view.location.get("box")
-        if box and len(box) == 4:
-            x, y, bw, bh = (int(v) for v in box)
-            cv2.rectangle(image, (x, y), (x + bw, y + bh), ALERT_RED if view.event_id is not None else WHITE, thick)
-    if view.event_id is not None:
-        _banner(image, f"ANOMALY  #{view.event_id}", f"score {view.score:.3f}" if view.score is not None else "",
-                ALERT_RED, WHITE, font, thick)
-    _score_bar(image, view, unit, font, thick)
-    label = " · ".join(x for x in ((view.modality or "").upper(), view.backend or "") if x)
-    _text(image, label, (int(10 * unit) + 4, h - int(50 * unit) - 8), font, WHITE, thick)
-    _corner_text(image, view, font, thick)
+    if view.location and view.location.get("box") and len(view.location["box"]) == 4:
+        x, y, bw, bh = (int(v) for v in view.location["box"])
+        thick = max(2, int(round(2.5 * unit)))
+        cv2.rectangle(image, (x, y), (x + bw, y + bh), BLACK, thick + 2, cv2.LINE_AA)  # holds on glare
+        cv2.rectangle(image, (x, y), (x + bw, y + bh), BOX_COLOUR, thick, cv2.LINE_AA)
+    light = BOX_COLOUR if view.event_id is not None else OK_GREEN
+    _put(image, _label([("AI", font, WHITE, BLACK)], unit, dot=light), layout, taken)
+    if options.debug:
+        _put(image, _label(_debug_lines(view, font), unit), layout, taken, CORNERS[::-1])
     return image
 
 
+def _debug_lines(view: View, font: float) -> list[tuple[str, float, tuple[int, int, int], tuple[int, int, int]]]:
+    size = font * 0.75
+    out = []
+    if view.active:
+        out.append((" | ".join(x for x in ((view.modality or "").upper(), view.backend or "") if x), size, WHITE, BLACK))
+        if view.score is not None:
+            above = view.threshold is not None and view.score >= view.threshold
+            thr = f" / threshold {view.threshold:.3f}" if view.threshold is not None else ""
+            out.append((f"score {view.score:.3f}{thr}", size, ALERT_RED if above else OK_GREEN, BLACK))
+        if view.event_id is not None:
+            out.append((f"event #{view.event_id}", size, BOX_COLOUR, BLACK))
+    parts = []
+    if view.display_latency_ms is not None:
+        parts.append(f"display {view.display_latency_ms:.0f} ms")
+    if view.active and view.result_age_ms is not None:
+        parts.append(f"result {view.result_age_ms:.0f} ms old")
+    if parts:
+        out.append(("  ".join(parts), size, WHITE, BLACK))
+    return out
+
+
+def _label(lines: list[tuple[str, float, tuple[int, int, int], tuple[int, int, int]]], unit: float,
+           dot: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A label drawn on its own small canvas: lines of (text, font scale, ink, background), a status
+    dot before the first one. Pasted whole, it writes no pixel outside its rectangle."""
+    thick = max(1, int(round(1.6 * unit)))
+    pad = max(2, int(round(5 * unit)))
+    sizes = [cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick) for text, scale, _, _ in lines]
+    heights = [th + base + 2 * pad for (_, th), base in sizes]
+    r = (heights[0] // 2 - pad // 2) if dot is not None and lines else 0
+    dot_w = 2 * r + pad if dot is not None else 0
+    width = max(tw + 2 * pad + (dot_w if i == 0 else 0) for i, ((tw, _), _) in enumerate(sizes)) if lines else 1
+    canvas = np.zeros((max(1, sum(heights)), width, 3), np.uint8)
+    y = 0
+    for i, ((text, scale, ink, bg), ((tw, th), base), lh) in enumerate(zip(lines, sizes, heights)):
+        x = pad
+        if i == 0 and dot is not None:
+            cv2.circle(canvas, (pad + r, y + lh // 2), r + 1, BLACK, -1, cv2.LINE_AA)
+            cv2.circle(canvas, (pad + r, y + lh // 2), r, dot, -1, cv2.LINE_AA)
+            x += dot_w
+        if bg != BLACK:
+            canvas[y:y + lh, x - pad // 2:x + tw + pad] = bg
+        cv2.putText(canvas, text, (x, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, ink, thick, cv2.LINE_AA)
+        y += lh
+    return canvas
+
+
+def _put(image: np.ndarray, label: np.ndarray, layout: Layout, taken: list[Rect],
+         corners: tuple[str, ...] = CORNERS) -> None:
+    x, y, w, h = layout.place(label.shape[1], label.shape[0], taken, corners)
+    image[y:y + h, x:x + w] = label[:h, :w]
+
+
 def _blend_heatmap(image: np.ndarray, grid: np.ndarray, box: tuple[int, int, int], opacity: float) -> None:
+    """The grid over its crop square ``box`` (x0, y0, side): cell (i, j) of an n-grid covers source
+    pixels x0 + j·side/n … x0 + (j+1)·side/n, the same crop → source mapping as the box
+    (`realtime.scoring.preprocess.map_to_source`)."""
     h, w = image.shape[:2]
     x0, y0, side = box
     if side <= 0:
@@ -283,52 +355,3 @@ def _blend_heatmap(image: np.ndarray, grid: np.ndarray, box: tuple[int, int, int
     colours = cv2.applyColorMap((np.clip(big, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     region = image[ya:yb, xa:xb].astype(np.uint16)
     image[ya:yb, xa:xb] = ((region * (256 - alpha) + colours.astype(np.uint16) * alpha) >> 8).astype(np.uint8)
-
-
-def _banner(image: np.ndarray, title: str, detail: str, colour: tuple[int, int, int], ink: tuple[int, int, int],
-            font: float, thick: int) -> None:
-    h, w = image.shape[:2]
-    bar_h = max(18, int(h * 0.09))
-    cv2.rectangle(image, (0, 0), (w - 1, bar_h), colour, -1)
-    (tw, th), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, font * 1.2, thick + 1)
-    cv2.putText(image, title, (max(4, (w - tw) // 2), min(bar_h - 4, (bar_h + th) // 2)), cv2.FONT_HERSHEY_SIMPLEX,
-                font * 1.2, ink, thick + 1, cv2.LINE_AA)
-    if detail:
-        _text(image, detail, (6, bar_h + int(22 * font) + 4), font * 0.8, colour, thick)
-
-
-def _score_bar(image: np.ndarray, view: View, unit: float, font: float, thick: int) -> None:
-    h, w = image.shape[:2]
-    if view.score is None:
-        return
-    x0, bar_w = int(10 * unit) + 4, max(60, int(w * 0.3))
-    bar_h = max(6, int(18 * unit))
-    y0 = h - bar_h - int(10 * unit) - 4
-    vmax = 2 * view.threshold if view.threshold else max(view.score, 1e-6) * 2
-    fill = int(bar_w * min(1.0, max(0.0, view.score / vmax)))
-    above = view.threshold is not None and view.score >= view.threshold
-    cv2.rectangle(image, (x0, y0), (x0 + bar_w, y0 + bar_h), (40, 40, 40), -1)
-    if fill > 0:
-        cv2.rectangle(image, (x0, y0), (x0 + fill, y0 + bar_h), ALERT_RED if above else OK_GREEN, -1)
-    mark = x0 + bar_w // 2  # the threshold sits at half the bar
-    cv2.line(image, (mark, y0 - 3), (mark, y0 + bar_h + 3), WHITE, thick)
-    cv2.rectangle(image, (x0, y0), (x0 + bar_w, y0 + bar_h), WHITE, 1)
-
-
-def _corner_text(image: np.ndarray, view: View, font: float, thick: int) -> None:
-    h, w = image.shape[:2]
-    parts = []
-    if view.display_latency_ms is not None:
-        parts.append(f"display {view.display_latency_ms:.0f} ms")
-    if view.active and view.result_age_ms is not None:
-        parts.append(f"result {view.result_age_ms:.0f} ms old")
-    text = "  ".join(parts)
-    if text:
-        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font * 0.7, thick)
-        _text(image, text, (max(2, w - tw - 6), h - 6), font * 0.7, WHITE, thick)
-
-
-def _text(image: np.ndarray, text: str, org: tuple[int, int], font: float, colour: tuple[int, int, int],
-          thick: int) -> None:
-    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, colour, thick, cv2.LINE_AA)

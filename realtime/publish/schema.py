@@ -46,7 +46,7 @@ TOPIC_FIELDS: dict[str, tuple[str, ...]] = {
               "score", "peak_score", "peak_frame_id", "threshold", "duration_ms", "location"),
     "status": ("state", "source", "scorer", "open_events", "message"),
     "heartbeat": ("uptime_s", "state", "last_frame_id", "last_seq"),
-    "map": ("frame_id", "modality", "box", "size", "vmax", "encoding", "data"),
+    "map": ("frame_id", "modality", "box", "size", "vmax", "encoding", "data", "location"),
 }
 
 

@@ -130,7 +130,11 @@ def _number(value: Any, what: str, fix: str) -> float:
 
 
 def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points: int = 48) -> dict[str, Any] | None:
-    """Outline, box and peak of the hot region around the map's peak, in source-frame pixels."""
+    """Outline, box and peak of the hot region around the map's peak, in source-frame pixels.
+
+    The box covers the hot map cells whole (their edges, not their centres), through the same
+    crop → source mapping (`map_to_source`) the overlay uses to lay the heat map over the frame.
+    """
     amap = np.asarray(amap, np.float32).reshape(amap.shape[-2:])
     n = amap.shape[-1]
     peak_idx = int(np.argmax(amap))
@@ -150,11 +154,12 @@ def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points
         outline = cv2.approxPolyDP(outline, eps, True)
         eps *= 1.6
     pts = map_to_source(outline.reshape(-1, 2).astype(np.float64) + 0.5, box, n)
-    x, y = pts.min(axis=0)
-    x1, y1 = pts.max(axis=0)
+    ys, xs = np.nonzero(region)
+    (x, y), (x1, y1) = map_to_source(np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.max() + 1]], np.float64), box, n)
     peak_src = map_to_source(np.array([[px + 0.5, py + 0.5]]), box, n)[0]
+    x, y = math.floor(x), math.floor(y)
     return {
-        "box": [int(math.floor(x)), int(math.floor(y)), int(math.ceil(x1 - x)), int(math.ceil(y1 - y))],
+        "box": [x, y, int(math.ceil(x1)) - x, int(math.ceil(y1)) - y],
         "contour": [[int(round(a)), int(round(b))] for a, b in pts],
         "peak": [int(round(peak_src[0])), int(round(peak_src[1]))],
     }
@@ -270,6 +275,8 @@ class AlertLogic:
                 if score > ev.peak_score:
                     ev.peak_score, ev.peak_frame, ev.location = score, frame_id, location
                     ev.pending_peak = True
+        if ev is not None and location is None:  # open, this frame below: where the lesion is now, not the peak
+            location = locate(amap() if callable(amap) else amap, box, cfg.location_level)
         just_started = bool(alerts) and alerts[-1]["event"] == "start"
         if ev is not None and not just_started:
             since = (t_ns - ev.last_emit_ns) / 1e6

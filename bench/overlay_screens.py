@@ -1,0 +1,116 @@
+"""Screenshots of the overlay window from real runs under a virtual X server (docs/img).
+
+    python -m bench.overlay_screens --out docs/img [--sizes 640x480,1920x1080] [--seed 3]
+
+For each size it renders a SYNTHETIC examination video, runs the monitor on it paced
+(`run_stream.py --overlay window`, the demo bundle) under Xvfb, once with the default look and
+once with `--debug-overlay`, waits until the overlay's draw log shows the lesion box, and saves
+the overlay window as ``overlay-{default,debug}-{W}x{H}.png``. Needs Xvfb and xwd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+
+from engine.synth.video import parse_size, render_video
+from tests.helpers.streams import free_port_pair
+from tests.helpers.xvfb import screenshot, start_xvfb
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = "cemd overlay"
+
+
+def first_box(draw_log: Path, after: int, hold: int) -> int | None:
+    """The first frame from which the draw log has shown a box for ``hold`` frames in a row."""
+    if not draw_log.exists():
+        return None
+    run = 0
+    for line in draw_log.read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            break
+        run = run + 1 if d.get("box") and d["frame_id"] >= after else 0
+        if run >= hold:
+            return int(d["frame_id"])
+    return None
+
+
+def shoot(video: Path, size: tuple[int, int], debug: bool, out: Path, work: Path, timeout: float,
+          extra: list[str]) -> dict:
+    w, h = size
+    xvfb, screen = start_xvfb(f"{w + 200}x{h + 240}x24")
+    draw_log = work / f"draws-{'debug' if debug else 'default'}-{w}x{h}.jsonl"
+    draw_log.unlink(missing_ok=True)
+    port = free_port_pair()
+    cmd = [sys.executable, str(REPO / "run_stream.py"), "--dashboard", "off", "--source", str(video), "--realtime",
+           "--publish", f"tcp://127.0.0.1:{port}", "--run-dir", str(work / f"run-{w}x{h}-{int(debug)}"),
+           "--overlay", "window", "--overlay-draw-log", str(draw_log), *extra]
+    if debug:
+        cmd.append("--debug-overlay")
+    env = dict(os.environ, DISPLAY=f":{screen}", QT_QPA_PLATFORM="xcb", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        frame = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            frame = first_box(draw_log, 0, hold=8)
+            if frame is not None:
+                break
+            time.sleep(0.2)
+        if frame is None:
+            raise SystemExit(f"no lesion box drawn within {timeout:.0f} s ({'exited' if proc.poll() is not None else 'running'}"
+                             f"); try another --seed or --sensitivity 1.5")
+        shot = screenshot(screen, WINDOW)
+        cv2.imwrite(str(out), shot[..., ::-1])
+        return {"file": str(out), "frame_id": frame, "window": [int(shot.shape[1]), int(shot.shape[0])]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        xvfb.kill()
+        xvfb.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "img")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "overlay-screens")
+    p.add_argument("--sizes", default="640x480,1920x1080")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=40)
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for a box per run")
+    p.add_argument("--sensitivity", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if shutil.which("Xvfb") is None or shutil.which("xwd") is None:
+        print("error: needs Xvfb and xwd (apt-get install xvfb x11-apps)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    shots = []
+    for text in args.sizes.split(","):
+        size = parse_size(text)
+        video = args.work / f"synth-{size[0]}x{size[1]}-s{args.seed}.mp4"
+        if not video.exists():
+            render_video(video, args.seed, args.seconds, 30, size, progress=False)
+        for debug in (False, True):
+            out = args.out / f"overlay-{'debug' if debug else 'default'}-{size[0]}x{size[1]}.png"
+            shots.append(shoot(video, size, debug, out, args.work, args.timeout,
+                               ["--sensitivity", str(args.sensitivity)]))
+            print(f"{out}: frame {shots[-1]['frame_id']}, window {shots[-1]['window']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
