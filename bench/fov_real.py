@@ -27,7 +27,9 @@ what the old circle cuts off, and whether the banner is cut out; it does not tes
 assumption itself (the contact sheet does).
 
 Reported per image and in summary: the share of lit pixels kept (coverage), text pixels kept,
-whether all text is left out, banner pixels kept, the kept black border, and the detection time. The reference
+whether all text is left out, banner pixels kept, the kept black border, and the detection time;
+and where the overlay display's labels land (`Layout`: status light, AI NOT ACTIVE, debug
+numbers): the images where they cover any text, banner or field-of-view pixel. The reference
 was checked by eye on the contact sheet (``--overlay-dir``: ``sheet.png``, green = the lit field
 of view's hull, red = old circle, yellow = new outline, magenta = text kept by the new mask,
 cyan = lit pixels the new mask drops). Real data (Kvasir-SEG, Jha et al., MMM 2020, research
@@ -46,6 +48,8 @@ import cv2
 import numpy as np
 
 from bench.provenance import provenance
+from realtime.clients.layout import Layout
+from realtime.clients.overlay import OverlayOptions, View, draw_overlay
 from realtime.scoring.preprocess import FieldOfView, default_field_of_view, detect_disc, detect_field_of_view
 
 CITATION = "Kvasir-SEG (Jha et al., MMM 2020), research and education use only"
@@ -96,6 +100,42 @@ def score(kept: np.ndarray, lit_fov: np.ndarray, region: np.ndarray, text: np.nd
             "all_text_out": bool(n_text == 0 or not (kept & text).any()),
             "banner_kept": int((kept & banner).sum()),
             "border_kept": int((kept & ~region & ~text & ~banner).sum())}
+
+
+LABEL_VIEWS = [
+    (View(active=True, score=0.5, threshold=0.3, modality="wli", backend="onnxruntime", event_id=7,
+          result_age_ms=41, display_latency_ms=12), OverlayOptions()),
+    (View(active=False, reason="no results for 1.2 s", display_latency_ms=12), OverlayOptions()),
+    (View(active=True, score=0.5, threshold=0.3, modality="wli", backend="onnxruntime", event_id=7,
+          result_age_ms=41, display_latency_ms=12), OverlayOptions(debug=True)),
+    (View(active=False, reason="no results for 1.2 s", display_latency_ms=12), OverlayOptions(debug=True)),
+]
+
+
+LABEL_WIDTH = 640  # labels are measured on the frame scaled to this width: the smallest display the overlay targets
+
+
+def labels(rgb: np.ndarray, region: np.ndarray, text: np.ndarray, banner: np.ndarray) -> dict[str, Any]:
+    """The overlay's own labels (status light, AI NOT ACTIVE, the debug numbers; not the lesion box,
+    which belongs on the image) placed by `Layout` on this frame scaled to LABEL_WIDTH: the
+    reference text, banner and field-of-view pixels they cover (counted at that size)."""
+    h, w = rgb.shape[:2]
+    size = (LABEL_WIDTH, max(1, round(h * LABEL_WIDTH / w)))
+    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC if w < LABEL_WIDTH else cv2.INTER_AREA)
+    region, text, banner = (cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+                            for m in (region, text, banner))
+    t = time.perf_counter()
+    layout = Layout.measure(rgb)
+    ms = (time.perf_counter() - t) * 1e3
+    written = np.zeros(rgb.shape[:2], bool)
+    for view, opts in LABEL_VIEWS:
+        written |= (draw_overlay(rgb.copy(), view, opts, layout) != rgb).any(axis=2)
+    calm = np.zeros(rgb.shape[:2], bool)
+    for view, opts in LABEL_VIEWS[:2]:
+        calm |= (draw_overlay(rgb.copy(), view, opts, layout) != rgb).any(axis=2)
+    return {"text_px": int((written & text).sum()), "banner_px": int((written & banner).sum()),
+            "fov_px": int((written & region).sum()), "fov_px_default_look": int((calm & region).sum()),
+            "ms": round(ms, 3)}
 
 
 def tile(rgb: np.ndarray, fovs: dict[str, FieldOfView], kept: np.ndarray, lit_fov: np.ndarray, region: np.ndarray,
@@ -170,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             kept_new = kept if name == "new" else kept_new
             row[name] = {"detected": found, "shape": fov.shape, "overlays": len(fov.exclude), "ms": round(ms, 3)}
             row[name] |= score(kept, lit_fov, region, text, banner)
+        row["labels"] = labels(rgb, region, text, banner)
         rows.append(row)
         print(f"{path.name}: lit {row['lit_px']}, text {row['text_px']} | " + " | ".join(
             f"{n} {row[n]['shape']} cov {row[n]['coverage']:.4f} text kept {row[n]['text_kept']}" for n in DETECTORS))
@@ -177,8 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             t = tile(rgb, fovs, kept_new, lit_fov, region, text, args.tile)
             cv2.putText(t, str(len(rows) - 1), (3, args.tile - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1)
             tiles.append(t)
-    summary = {n: summarise(rows, n) for n in DETECTORS}
-    for n, s in summary.items():
+    summary: dict[str, Any] = {n: summarise(rows, n) for n in DETECTORS}
+    summary["labels"] = {f"images_over_{k}": int(sum(r["labels"][f"{k}_px"] > 0 for r in rows))
+                         for k in ("text", "banner", "fov")}
+    summary["labels"]["images_over_fov_default_look"] = int(sum(r["labels"]["fov_px_default_look"] > 0 for r in rows))
+    summary["labels"]["layout_ms_median"] = round(float(np.median([r["labels"]["ms"] for r in rows])), 3)
+    print(f"overlay labels over the scope's text in {summary['labels']['images_over_text']}/{len(rows)} images, "
+          f"over its banner in {summary['labels']['images_over_banner']}, over the field of view in "
+          f"{summary['labels']['images_over_fov']} ({summary['labels']['images_over_fov_default_look']} in the default "
+          f"look); layout {summary['labels']['layout_ms_median']} ms")
+    for n, s in ((n, summary[n]) for n in DETECTORS):
         print(f"{n}: coverage mean {s['coverage_mean']:.4f} median {s['coverage_median']:.4f}"
               f" min {s['coverage_min']:.4f}; ≥97 % in {s['images_coverage_ge_0.97']}/{len(rows)};"
               f" text px kept {s['text_px_kept']};"

@@ -79,9 +79,11 @@ class Layout:
         """(text, lit) work-grid pixels under a rectangle of the frame."""
         return self._count(self._text_ii, rect), self._count(self._lit_ii, rect)
 
-    def place(self, w: int, h: int, taken: list[Rect], corners: tuple[str, ...] = CORNERS) -> Rect:
-        """A free w×h rectangle (frame pixels) off the lit image and the text, clear of ``taken``; it is
-        added to ``taken``."""
+    def place(self, w: int, h: int, taken: list[Rect], corners: tuple[str, ...] = CORNERS,
+              free_only: bool = False) -> Rect | None:
+        """A w×h rectangle (frame pixels) clear of ``taken``, off the lit image and the text where one
+        is free, else (unless ``free_only``: None) the one covering the least text, then the least
+        image; it is added to ``taken``."""
         fh, fw = self.shape
         w, h = min(w, fw), min(h, fh)
         best: tuple[tuple[int, int], Rect] | None = None
@@ -94,6 +96,8 @@ class Layout:
                 break
             if best is None or cover < best[0]:
                 best = (cover, rect)
+        if free_only and (best is None or best[0] != (0, 0)):
+            return None
         rect = best[1] if best is not None else (0, 0, w, h)
         taken.append(rect)
         return rect

@@ -251,10 +251,13 @@ def draw_overlay(image: np.ndarray, view: View, options: OverlayOptions, layout:
     font = max(0.4, 0.6 * unit)
     taken: list[Rect] = []
     if not view.active:
-        lines = [("AI NOT ACTIVE", font * 1.4, BLACK, INACTIVE_AMBER)]
-        if view.reason:
-            lines.append((view.reason, font * 0.8, INACTIVE_AMBER, BLACK))
-        _put(image, _label(lines, unit, dot=INACTIVE_AMBER), layout, taken)
+        title = ("AI NOT ACTIVE", font * 1.4, BLACK, INACTIVE_AMBER)
+        reason = [(view.reason, font * 0.8, INACTIVE_AMBER, BLACK)] if view.reason else []
+        # with its reason where that fits off the image and the text, else without, else smaller;
+        # where nothing fits (a frame lit nearly edge to edge) the full label where it covers least
+        _put(image, [_label([title, *reason], unit, dot=INACTIVE_AMBER), _label([title], unit, dot=INACTIVE_AMBER),
+                     _label([(title[0], font * 0.9, BLACK, INACTIVE_AMBER)], unit, dot=INACTIVE_AMBER)],
+             layout, taken)
         if options.debug:
             _put(image, _label(_debug_lines(view, font), unit), layout, taken, CORNERS[::-1])
         return image
@@ -319,9 +322,20 @@ def _label(lines: list[tuple[str, float, tuple[int, int, int], tuple[int, int, i
     return canvas
 
 
-def _put(image: np.ndarray, label: np.ndarray, layout: Layout, taken: list[Rect],
+def _put(image: np.ndarray, labels: np.ndarray | list[np.ndarray], layout: Layout, taken: list[Rect],
          corners: tuple[str, ...] = CORNERS) -> None:
-    x, y, w, h = layout.place(label.shape[1], label.shape[0], taken, corners)
+    """Paste the first of ``labels`` (largest first) that has a free spot, else the first one where
+    it covers least."""
+    options = labels if isinstance(labels, list) else [labels]
+    for label in options:
+        rect = layout.place(label.shape[1], label.shape[0], taken, corners, free_only=True)
+        if rect is not None:
+            break
+    else:
+        label = options[0]
+        rect = layout.place(label.shape[1], label.shape[0], taken, corners)
+    assert rect is not None
+    x, y, w, h = rect
     image[y:y + h, x:x + w] = label[:h, :w]
 
 
