@@ -5,7 +5,7 @@
 For each size it renders a SYNTHETIC examination video, runs the monitor on it paced
 (`run_stream.py --overlay window`, the demo bundle) under Xvfb, once with the default look and
 once with `--debug-overlay`, waits until the overlay's draw log shows the lesion box, and saves
-the overlay window as ``overlay-{default,debug}-{W}x{H}.png``. Needs Xvfb and xwd.
+the overlay window as ``overlay-{default,debug}-{W}x{H}.jpg``. Needs Xvfb and xwd.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from engine.synth.video import parse_size, render_video
+from realtime.clients.overlay import BOX_COLOUR
 from tests.helpers.streams import free_port_pair
 from tests.helpers.xvfb import screenshot, start_xvfb
 
@@ -43,6 +45,11 @@ def first_box(draw_log: Path, after: int, hold: int) -> int | None:
         if run >= hold:
             return int(d["frame_id"])
     return None
+
+
+def box_pixels(shot: np.ndarray) -> int:
+    """Pixels of the lesion box's colour on a screenshot."""
+    return int((np.abs(shot.astype(np.int16) - np.array(BOX_COLOUR)).max(axis=-1) < 30).sum())
 
 
 def shoot(video: Path, size: tuple[int, int], debug: bool, out: Path, work: Path, timeout: float,
@@ -67,11 +74,24 @@ def shoot(video: Path, size: tuple[int, int], debug: bool, out: Path, work: Path
             if frame is not None:
                 break
             time.sleep(0.2)
-        if frame is None:
-            raise SystemExit(f"no lesion box drawn within {timeout:.0f} s ({'exited' if proc.poll() is not None else 'running'}"
-                             f"); try another --seed or --sensitivity 1.5")
-        shot = screenshot(screen, WINDOW)
-        cv2.imwrite(str(out), shot[..., ::-1])
+        shot = last = None
+        while frame is not None and time.monotonic() < deadline and proc.poll() is None:
+            try:  # the box is in the log: take the screen once it shows it too
+                shot = screenshot(screen, WINDOW)
+            except subprocess.CalledProcessError:  # the window is being mapped or redrawn
+                shot = None
+            if shot is not None and box_pixels(shot) >= 2 * min(w, h) // 4:
+                break
+            last = shot if shot is not None else last
+            shot = None
+            time.sleep(0.1)
+        if shot is None:
+            if last is not None:
+                cv2.imwrite(str(work / f"failed-{out.name}"), last[..., ::-1])
+            state = "exited" if proc.poll() is not None else "running"
+            raise SystemExit(f"no lesion box on screen within {timeout:.0f} s (monitor {state}); "
+                             "try another --seed or --sensitivity 1.5")
+        cv2.imwrite(str(out), shot[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
         return {"file": str(out), "frame_id": frame, "window": [int(shot.shape[1]), int(shot.shape[0])]}
     finally:
         proc.terminate()
@@ -105,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not video.exists():
             render_video(video, args.seed, args.seconds, 30, size, progress=False)
         for debug in (False, True):
-            out = args.out / f"overlay-{'debug' if debug else 'default'}-{size[0]}x{size[1]}.png"
+            out = args.out / f"overlay-{'debug' if debug else 'default'}-{size[0]}x{size[1]}.jpg"
             shots.append(shoot(video, size, debug, out, args.work, args.timeout,
                                ["--sensitivity", str(args.sensitivity)]))
             print(f"{out}: frame {shots[-1]['frame_id']}, window {shots[-1]['window']}", flush=True)

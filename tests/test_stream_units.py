@@ -195,13 +195,14 @@ def test_an_open_event_locates_every_frame_where_the_lesion_is_now() -> None:
         m[20:30, col:col + 8] = 1.0
         return m
 
-    scores = [0.9, 1.2, 0.4, 0.3, 0.2]  # opens on frame 1 (its peak), then below but still open
+    scores = [0.9, 1.2, 0.45, 0.41, 0.39]  # opens on frame 1 (its peak), then below but still open
     decisions = [logic.update(i, i, int(i * 1e9 / 30), "wli", s, blob_at(4 + 10 * i), (0, 0, 64))
                  for i, s in enumerate(scores)]
     assert [d.event_state for d in decisions] == ["idle", "open", "open", "open", "open"]
     assert decisions[0].location is None  # above, but no event yet: nothing is drawn
-    for i, d in enumerate(decisions[1:], start=1):
+    for i, d in enumerate(decisions[1:4], start=1):
         assert d.location is not None and d.location["box"][0] == 4 + 10 * i  # this frame's blob
+    assert decisions[4].location is None  # below 0.8 of the threshold: the branch no longer sees it
     assert logic.open_event is not None and logic.open_event.location["box"][0] == 14  # the peak frame's
 
 

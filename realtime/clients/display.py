@@ -223,12 +223,16 @@ class WindowOutput:
             raise CemdError("--output window needs a screen (DISPLAY is not set); use --output file --out FILE.mp4, "
                             "or run under a virtual X server (xvfb-run)")
         self.cv2, self.title = cv2, title
-        try:
-            cv2.namedWindow(title, cv2.WINDOW_NORMAL)
+        self.size: tuple[int, int] | None = None
+        try:  # resizable, aspect kept, no toolbar or status bar (a clinical screen, not an image viewer)
+            cv2.namedWindow(title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
         except cv2.error as exc:
             raise CemdError(f"cannot open a window: {exc}") from None
 
     def show(self, image: np.ndarray) -> str | None:
+        if self.size != image.shape[:2]:  # the frame's own size at first, and when the source changes size
+            self.size = image.shape[:2]
+            self.cv2.resizeWindow(self.title, image.shape[1], image.shape[0])
         self.cv2.imshow(self.title, image[..., ::-1])
         return self.pump()
 

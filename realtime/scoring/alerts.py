@@ -38,6 +38,8 @@ class AlertConfig:
     update_hz: float = option(5.0, "at most this many `update` alerts per second while an event is open")
     heartbeat_ms: float = option(1000.0, "an open event sends an `update` at least this often")
     location_level: float = option(0.6, "the lesion outline: the map ≥ this fraction of its peak, around the peak")
+    location_min: float = option(0.8, "inside an open event, a frame scoring below this fraction of the threshold "
+                                      "has no location (no box drawn): the branch no longer sees the lesion there")
 
     def validate(self) -> None:
         from engine.errors import CemdError
@@ -56,6 +58,8 @@ class AlertConfig:
             raise CemdError(f"heartbeat_ms must be > 0, got {self.heartbeat_ms}")
         if not 0 < self.location_level <= 1:
             raise CemdError(f"location_level must be a fraction of the peak in (0, 1], got {self.location_level}")
+        if not 0 <= self.location_min <= 1:
+            raise CemdError(f"location_min must be a fraction of the threshold in [0, 1], got {self.location_min}")
 
 
 @dataclass
@@ -275,7 +279,10 @@ class AlertLogic:
                 if score > ev.peak_score:
                     ev.peak_score, ev.peak_frame, ev.location = score, frame_id, location
                     ev.pending_peak = True
-        if ev is not None and location is None:  # open, this frame below: where the lesion is now, not the peak
+        if ev is not None and location is None and score >= cfg.location_min * thr:
+            # open, this frame below but near the threshold: where the lesion is now, not at the peak; further
+            # below, the map has no lesion to outline (measured on synthetic video: the outline then spreads
+            # over a sixth of the crop, IoU with the lesion ~0.1) and no box is better than a wrong one
             location = locate(amap() if callable(amap) else amap, box, cfg.location_level)
         just_started = bool(alerts) and alerts[-1]["event"] == "start"
         if ev is not None and not just_started:
