@@ -185,6 +185,19 @@ def test_location_is_in_source_pixels() -> None:
     assert locate(np.zeros((64, 64), np.float32), (0, 0, 64), 0.6) is None
 
 
+def test_the_outline_is_cut_at_the_threshold_on_a_diffuse_map() -> None:
+    """A real-looking map: a broad warm region (0.7 of the peak) around a small hot core; 0.6 of the
+    peak outlines the whole warm region, the threshold floor only the core."""
+    m = np.zeros((64, 64), np.float32)
+    m[8:56, 8:56] = 0.7
+    m[30:36, 20:28] = 1.0
+    assert locate(m, (0, 0, 64), 0.6)["box"] == [8, 8, 48, 48]
+    assert locate(m, (0, 0, 64), 0.6, floor=0.9)["box"] == [20, 30, 8, 6]
+    assert locate(m, (0, 0, 64), 0.6, floor=5.0)["box"] == [20, 30, 8, 6]  # above the peak: capped, the core stays
+    logic = AlertLogic(Thresholds({"wli": 1.0}, "t"), AlertConfig(n_of_m=(1, 1)))  # floor 0.9 × threshold 1.0
+    assert logic.update(0, 0, 0, "wli", 1.5, m, (0, 0, 64)).location["box"] == [20, 30, 8, 6]
+
+
 def test_an_open_event_locates_every_frame_where_the_lesion_is_now() -> None:
     """Below threshold inside an open event, a frame still carries its own location (the lesion
     moved), never the peak frame's; the event keeps its peak location for the alert log."""

@@ -38,6 +38,9 @@ class AlertConfig:
     update_hz: float = option(5.0, "at most this many `update` alerts per second while an event is open")
     heartbeat_ms: float = option(1000.0, "an open event sends an `update` at least this often")
     location_level: float = option(0.6, "the lesion outline: the map ≥ this fraction of its peak, around the peak")
+    location_floor: float = option(0.9, "the lesion outline is also cut at this fraction of the threshold (the map is "
+                                        "in the score's units): on real maps 0.6 of the peak alone outlines a diffuse "
+                                        "region (docs/STREAMING.md)")
     location_min: float = option(0.8, "inside an open event, a frame scoring below this fraction of the threshold "
                                       "has no location (no box drawn): the branch no longer sees the lesion there")
 
@@ -58,6 +61,8 @@ class AlertConfig:
             raise CemdError(f"heartbeat_ms must be > 0, got {self.heartbeat_ms}")
         if not 0 < self.location_level <= 1:
             raise CemdError(f"location_level must be a fraction of the peak in (0, 1], got {self.location_level}")
+        if not 0 <= self.location_floor <= 10:
+            raise CemdError(f"location_floor must be a fraction of the threshold in [0, 10], got {self.location_floor}")
         if not 0 <= self.location_min <= 1:
             raise CemdError(f"location_min must be a fraction of the threshold in [0, 1], got {self.location_min}")
 
@@ -133,8 +138,11 @@ def _number(value: Any, what: str, fix: str) -> float:
     return float(value)
 
 
-def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points: int = 48) -> dict[str, Any] | None:
-    """Outline, box and peak of the hot region around the map's peak, in source-frame pixels.
+def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points: int = 48,
+           floor: float = 0.0) -> dict[str, Any] | None:
+    """Outline, box and peak of the hot region around the map's peak, in source-frame pixels: the
+    connected part of the map at or above ``level`` × its peak and above ``floor`` (map units;
+    capped at 0.95 × the peak so that a weak peak still has a region).
 
     The box covers the hot map cells whole (their edges, not their centres), through the same
     crop → source mapping (`map_to_source`) the overlay uses to lay the heat map over the frame.
@@ -146,7 +154,7 @@ def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points
     peak = float(amap[py, px])
     if not math.isfinite(peak) or peak <= 0:
         return None
-    hot = (amap >= level * peak).astype(np.uint8)
+    hot = (amap >= max(level * peak, min(floor, 0.95 * peak))).astype(np.uint8)
     _, labels = cv2.connectedComponents(hot, connectivity=8)
     region = (labels == labels[py, px]).astype(np.uint8)
     contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -264,7 +272,8 @@ class AlertLogic:
         ev = self._event
         location = None
         if step.counts:
-            location = locate(amap() if callable(amap) else amap, box, cfg.location_level)
+            location = locate(amap() if callable(amap) else amap, box, cfg.location_level,
+                              floor=cfg.location_floor * thr)
             if step.opened:
                 ev = self._event = _Event(self._next_id, modality, frame_id, t_ns)
                 self._next_id += 1
@@ -283,7 +292,8 @@ class AlertLogic:
             # open, this frame below but near the threshold: where the lesion is now, not at the peak; further
             # below, the map has no lesion to outline (measured on synthetic video: the outline then spreads
             # over a sixth of the crop, IoU with the lesion ~0.1) and no box is better than a wrong one
-            location = locate(amap() if callable(amap) else amap, box, cfg.location_level)
+            location = locate(amap() if callable(amap) else amap, box, cfg.location_level,
+                              floor=cfg.location_floor * thr)
         just_started = bool(alerts) and alerts[-1]["event"] == "start"
         if ev is not None and not just_started:
             since = (t_ns - ev.last_emit_ns) / 1e6
