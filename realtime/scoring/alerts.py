@@ -142,7 +142,7 @@ def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points
            floor: float = 0.0) -> dict[str, Any] | None:
     """Outline, box and peak of the hot region around the map's peak, in source-frame pixels: the
     connected part of the map at or above ``level`` × its peak and above ``floor`` (map units;
-    capped at 0.95 × the peak so that a weak peak still has a region).
+    capped at 0.8 × the peak so that a weak peak still outlines a region, not a point).
 
     The box covers the hot map cells whole (their edges, not their centres), through the same
     crop → source mapping (`map_to_source`) the overlay uses to lay the heat map over the frame.
@@ -154,7 +154,7 @@ def locate(amap: np.ndarray, box: tuple[int, int, int], level: float, max_points
     peak = float(amap[py, px])
     if not math.isfinite(peak) or peak <= 0:
         return None
-    hot = (amap >= max(level * peak, min(floor, 0.95 * peak))).astype(np.uint8)
+    hot = (amap >= max(level * peak, min(floor, 0.8 * peak))).astype(np.uint8)
     _, labels = cv2.connectedComponents(hot, connectivity=8)
     region = (labels == labels[py, px]).astype(np.uint8)
     contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
