@@ -616,7 +616,7 @@ def test_window_mode_under_a_virtual_x_server(tmp_path: Path) -> None:
             import cv2
 
             cv2.imwrite(str(tmp_path / "overlay-window.png"), shot[..., ::-1])
-            if os.environ.get("CEMD_SCREENSHOT_DIR"):  # keep it (docs/img/overlay-window.png came from here)
+            if os.environ.get("CEMD_SCREENSHOT_DIR"):  # keep it (docs/img has real runs' from bench.overlay_screens)
                 shutil.copy(tmp_path / "overlay-window.png", os.environ["CEMD_SCREENSHOT_DIR"])
             disp.send_signal(signal.SIGTERM)
             assert disp.wait(timeout=30) == 0, "".join(log)
