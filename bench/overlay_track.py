@@ -75,6 +75,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from engine.data.slideshow import letterbox_geometry
+
 REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_SEED = 4  # 60 s at 640x480: seven lesion intervals, five mostly in a modality that shows them
@@ -666,25 +668,11 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- real (slideshow)
 
 
-def letterbox_geometry(src: tuple[int, int], dst: tuple[int, int]) -> tuple[float, float, int, int]:
-    """How ``engine.data.slideshow.letterbox`` places a ``src`` (W, H) image in a ``dst`` (W, H) frame:
-    (x scale, y scale, x offset, y offset), so a source pixel edge x lands at ``x0 + x · sx``."""
-    iw, ih = src
-    w, h = dst
-    if (iw, ih) == (w, h):
-        return 1.0, 1.0, 0, 0
-    if 0 <= w - iw <= 1 and 0 <= h - ih <= 1:  # an odd size rounded up to even: padded, not rescaled
-        nw, nh = iw, ih
-    else:
-        s = min(w / iw, h / ih)
-        nw, nh = min(w, max(1, round(iw * s))), min(h, max(1, round(ih * s)))
-    return nw / iw, nh / ih, (w - nw) // 2, (h - nh) // 2
-
-
-def map_box(box: Box, geometry: tuple[float, float, int, int], frame: tuple[int, int]) -> Box:
-    """A ``[x, y, w, h]`` box in image pixels → video pixels through ``letterbox_geometry`` (outward
-    to whole pixels, clipped to the frame)."""
-    sx, sy, x0, y0 = geometry
+def map_box(box: Box, src: tuple[int, int], frame: tuple[int, int]) -> Box:
+    """A ``[x, y, w, h]`` box in the pixels of a ``src`` (W, H) image → video pixels, through the
+    slideshow's letterbox into ``frame`` (W, H) (outward to whole pixels, clipped to the frame)."""
+    nw, nh, x0, y0 = letterbox_geometry(src, frame)
+    sx, sy = nw / src[0], nh / src[1]
     fw, fh = frame
     a, b = math.floor(x0 + box[0] * sx + 1e-9), math.floor(y0 + box[1] * sy + 1e-9)
     c, d = math.ceil(x0 + (box[0] + box[2]) * sx - 1e-9), math.ceil(y0 + (box[1] + box[3]) * sy - 1e-9)
@@ -745,8 +733,7 @@ def slideshow_truth(meta: dict[str, Any], masks: Path, mode: str = "components",
         if mask.shape[:2] != (ih, iw):  # a mask of another size than its image: to image pixels first
             mx, my = iw / mask.shape[1], ih / mask.shape[0]
             boxes = [map_box(b, (mx, my, 0, 0), (iw, ih)) for b in boxes]
-        geo = letterbox_geometry((iw, ih), (w, h))
-        boxes = [b for b in (map_box(b, geo, (w, h)) for b in boxes) if b[2] > 0 and b[3] > 0]
+        boxes = [b for b in (map_box(b, (iw, ih), (w, h)) for b in boxes) if b[2] > 0 and b[3] > 0]
         if not boxes:
             continue
         for f in range(slide["first_frame"], slide["last_frame"] + 1):

@@ -75,20 +75,31 @@ def _check_video_size(w: int, h: int, what: str, origin: str = "") -> None:
                         f"{_MAX_W}x{_MAX_H} (--size WxH)")
 
 
+def letterbox_geometry(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where `letterbox` puts a ``src`` (W, H) image in a ``dst`` (W, H) frame: its size there and
+    offset, (nw, nh, x0, y0); an image pixel edge x lands at ``x0 + x · nw / W``."""
+    iw, ih = src
+    w, h = dst
+    if 0 <= w - iw <= 1 and 0 <= h - ih <= 1:  # the same size, or an odd size rounded up to even: pad, do not rescale
+        nw, nh = iw, ih
+    else:
+        s = min(w / iw, h / ih)
+        nw, nh = min(w, max(1, round(iw * s))), min(h, max(1, round(ih * s)))
+    return nw, nh, (w - nw) // 2, (h - nh) // 2
+
+
 def letterbox(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``img`` scaled to fit ``size`` (W, H) with its aspect kept, centred on black."""
     w, h = size
     ih, iw = img.shape[:2]
     if (iw, ih) == (w, h):
         return np.ascontiguousarray(img)
-    canvas = np.zeros((h, w, 3), np.uint8)
-    if 0 <= w - iw <= 1 and 0 <= h - ih <= 1:  # an odd size rounded up to even: pad, do not rescale
-        nw, nh, fitted = iw, ih, img
+    nw, nh, x0, y0 = letterbox_geometry((iw, ih), (w, h))
+    if 0 <= w - iw <= 1 and 0 <= h - ih <= 1:  # padded, as letterbox_geometry says
+        fitted = img
     else:
-        s = min(w / iw, h / ih)
-        nw, nh = min(w, max(1, round(iw * s))), min(h, max(1, round(ih * s)))
-        fitted = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    x0, y0 = (w - nw) // 2, (h - nh) // 2
+        fitted = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if min(w / iw, h / ih) < 1 else cv2.INTER_LINEAR)
+    canvas = np.zeros((h, w, 3), np.uint8)
     canvas[y0:y0 + nh, x0:x0 + nw] = fitted
     return canvas
 
