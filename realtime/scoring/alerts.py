@@ -271,9 +271,14 @@ class AlertLogic:
             alerts += self._end(frame_id, pts, t_ns, reason)
         ev = self._event
         location = None
-        if step.counts:
+        # a frame of the event (new or open) above the threshold, or an open event's frame below it but
+        # near: where the lesion is now, not at the peak. Further below, the map has no lesion to outline
+        # (measured on synthetic video: the outline then spreads over a sixth of the crop, IoU with the
+        # lesion ~0.1) and no box is better than a wrong one
+        if step.counts or (ev is not None and score >= cfg.location_min * thr):
             location = locate(amap() if callable(amap) else amap, box, cfg.location_level,
                               floor=cfg.location_floor * thr)
+        if step.counts:
             if step.opened:
                 ev = self._event = _Event(self._next_id, modality, frame_id, t_ns)
                 self._next_id += 1
@@ -288,12 +293,6 @@ class AlertLogic:
                 if score > ev.peak_score:
                     ev.peak_score, ev.peak_frame, ev.location = score, frame_id, location
                     ev.pending_peak = True
-        if ev is not None and location is None and score >= cfg.location_min * thr:
-            # open, this frame below but near the threshold: where the lesion is now, not at the peak; further
-            # below, the map has no lesion to outline (measured on synthetic video: the outline then spreads
-            # over a sixth of the crop, IoU with the lesion ~0.1) and no box is better than a wrong one
-            location = locate(amap() if callable(amap) else amap, box, cfg.location_level,
-                              floor=cfg.location_floor * thr)
         just_started = bool(alerts) and alerts[-1]["event"] == "start"
         if ev is not None and not just_started:
             since = (t_ns - ev.last_emit_ns) / 1e6
