@@ -55,7 +55,7 @@ def frames_of(path: Path) -> list[av.VideoFrame]:
         return list(c.decode(c.streams.video[0]))
 
 
-def cyanish(image: np.ndarray) -> np.ndarray:
+def box_hue(image: np.ndarray) -> np.ndarray:
     """Pixels of the lesion box's hue: green and blue well above red (mucosa is red, its glints white,
     NBI teal-grey). A hue test, not a colour distance: H.264 halves the chroma of thin lines."""
     rgb = image.astype(np.int16)
@@ -68,7 +68,7 @@ def box_on(image: np.ndarray, box: list[int]) -> float:
     hh, ww = image.shape[:2]
     xs = np.clip(np.arange(x, x + w + 1), 0, ww - 1)
     ys = np.clip(np.arange(y, y + h + 1), 0, hh - 1)
-    c = cyanish(image)
+    c = box_hue(image)
     edge = np.concatenate([c[np.clip(y, 0, hh - 1), xs], c[np.clip(y + h, 0, hh - 1), xs],
                            c[ys, np.clip(x, 0, ww - 1)], c[ys, np.clip(x + w, 0, ww - 1)]])
     return float(edge.mean())
@@ -364,8 +364,8 @@ def test_overlay_file_marks_exactly_the_alert_frames(lesion_video: tuple[Path, d
         if d["box"]:
             assert box_on(image, d["box"]) > 0.5, d
         elif d["active"] and d["event_id"] is None:
-            assert cyanish(image).sum() < 20, d
-    assert all(cyanish(f.to_ndarray(format="rgb24")).sum() < 20 for f in src), "the input has no such box"
+            assert box_hue(image).sum() < 20, d
+    assert all(box_hue(f.to_ndarray(format="rgb24")).sum() < 20 for f in src), "the input has no such box"
     lat = shown["display_latency_ms"]
     assert lat["n"] == truth["frames"] and 0 < lat["p50"] <= lat["max"]
 
