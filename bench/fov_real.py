@@ -128,11 +128,12 @@ def labels(rgb: np.ndarray, region: np.ndarray, text: np.ndarray, banner: np.nda
     layout = Layout.measure(rgb)
     ms = (time.perf_counter() - t) * 1e3
     written = np.zeros(rgb.shape[:2], bool)
+    calm = np.zeros(rgb.shape[:2], bool)  # the default look's labels only (no debug numbers)
     for view, opts in LABEL_VIEWS:
-        written |= (draw_overlay(rgb.copy(), view, opts, layout) != rgb).any(axis=2)
-    calm = np.zeros(rgb.shape[:2], bool)
-    for view, opts in LABEL_VIEWS[:2]:
-        calm |= (draw_overlay(rgb.copy(), view, opts, layout) != rgb).any(axis=2)
+        changed = (draw_overlay(rgb.copy(), view, opts, layout) != rgb).any(axis=2)
+        written |= changed
+        if not opts.debug:
+            calm |= changed
     return {"text_px": int((written & text).sum()), "banner_px": int((written & banner).sum()),
             "fov_px": int((written & region).sum()), "fov_px_default_look": int((calm & region).sum()),
             "ms": round(ms, 3)}
